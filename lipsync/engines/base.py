@@ -1,0 +1,78 @@
+"""The interface both lip-sync engines implement.
+
+An engine never touches the whole frame: ``prepare`` picks the region of the
+avatar it will redraw (once per avatar) and ``render`` yields that region for
+every video frame. Pasting the region back (``lipsync.video.composite``) and
+encoding are shared by all engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from lipsync.faces.box import FaceBox
+from lipsync.tts.base import Speech
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of the avatar in pixels, half-open (x2, y2 excluded)."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
+
+
+@dataclass(frozen=True)
+class PreparedAvatar:
+    """Everything an engine computes once per avatar.
+
+    image:  (H, W, 3) uint8 BGR avatar at output size; never modified.
+    box:    the face box on ``image``.
+    region: the rectangle ``render`` redraws.
+    mask:   (region.height, region.width, 1) float32 in [0, 1]: how much of
+            the rendered patch replaces the avatar at each pixel (feathered
+            edges, so no seam shows).
+    state:  engine-private data (reference crop, mouth geometry, ...).
+    """
+
+    image: np.ndarray
+    box: FaceBox
+    region: Region
+    mask: np.ndarray
+    state: Any = None
+
+
+class Engine(Protocol):
+    """A lip-sync engine shared by all requests; must not mutate itself per request."""
+
+    name: str
+
+    def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
+        """Precompute per-avatar data. ``image``: (H, W, 3) uint8 BGR."""
+        ...
+
+    def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
+        """Yield the redrawn region for each video frame, in batches.
+
+        Each item is (n, region.height, region.width, 3) uint8 BGR; together
+        they hold exactly ``lipsync.audio.frame_count(len(speech.samples), fps)``
+        frames.
+        """
+        ...
+
+    def describe(self) -> dict:
+        """What health reports: ``{"engine", "checkpoint", "version", "device"}``."""
+        ...
