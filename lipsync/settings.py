@@ -53,6 +53,13 @@ class Settings:
     max_text_chars: int = 5000
     max_upload_bytes: int = 25 * 1024 * 1024
     max_audio_seconds: float = 300.0
+    # --- jobs (asynchronous API)
+    job_queue_size: int = 16                # queued jobs beyond this are refused with 429
+    job_ttl_seconds: float = 24 * 3600.0    # finished results are deleted after this
+    job_disk_cap_bytes: int = 2 * 1024**3   # oldest results go first above this
+    webhook_secret: str | None = None       # HMAC-SHA256 key for callback signatures
+    webhook_retries: int = 5
+    webhook_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -1,0 +1,37 @@
+# `make run` and `make test` set everything up on first use (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Machines that keep wheels on disk (e.g. the pinned CPU torch) expose them here.
+WHEELS := $(wildcard /opt/wheels)
+PIP    := $(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
+
+.PHONY: install install-dev run test test-fast bench clean
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+run: install
+	$(PY) app.py
+
+test: install-dev
+	$(PY) -m pytest
+
+test-fast: install-dev
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) bench/bench_builtin.py
+	$(PY) bench/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) .cache outputs/tmp .pytest_cache

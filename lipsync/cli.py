@@ -1,0 +1,117 @@
+"""Command line: the same pipeline as the web service.
+
+    python -m lipsync generate --text "Привет" --language ru --out hello.mp4
+    python -m lipsync generate --audio speech.wav --avatar me.jpg --out me.mp4
+    python -m lipsync health
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from lipsync.errors import LipsyncError
+from lipsync.settings import Settings, SettingsError
+from lipsync.tts.base import LANGUAGES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lipsync", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make an MP4 of the avatar speaking")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text to speak (needs --language)")
+    source.add_argument("--audio", help="a recording to lip-sync instead of TTS (any format ffmpeg reads)")
+    gen.add_argument("--language", choices=LANGUAGES, default="ru", help="language of --text (default ru)")
+    gen.add_argument("--avatar", help="avatar image (default: AVATAR_PATH, else the built-in portrait)")
+    gen.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: CHECKPOINT_PATH)")
+    gen.add_argument("--engine", choices=("auto", "wav2lip", "builtin"), help="lip-sync engine (default: ENGINE)")
+    gen.add_argument("--out", required=True, help="output .mp4 path")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("health", help="load everything and print what the service would report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "health":
+        return _health(settings)
+    return _generate(args, settings)
+
+
+def _load(settings: Settings):
+    from lipsync.service import LipsyncService
+
+    service = LipsyncService(settings).load()
+    if service.status != "ready":
+        print(f"error: {service.error}", file=sys.stderr)
+    return service
+
+
+def _health(settings: Settings) -> int:
+    service = _load(settings)
+    print(json.dumps(service.describe(), indent=2, ensure_ascii=False))
+    return 0 if service.status == "ready" else 1
+
+
+def _generate(args, settings: Settings) -> int:
+    overrides = {}
+    if args.avatar:
+        overrides["avatar_path"] = args.avatar
+    if args.checkpoint:
+        overrides["checkpoint_path"] = args.checkpoint
+    if args.engine:
+        overrides["engine"] = args.engine
+    settings = replace(settings, **overrides)
+    service = _load(settings)
+    if service.status != "ready":
+        return 1
+
+    recording = None
+    if args.audio:
+        try:
+            with open(args.audio, "rb") as f:
+                recording = f.read()
+        except OSError as exc:
+            print(f"error: cannot read {args.audio}: {exc.strerror}", file=sys.stderr)
+            return 2
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=100, unit="%", bar_format="{desc:<8} {bar} {percentage:3.0f}% {elapsed}")
+
+    def progress(stage: str, fraction: float) -> None:
+        if bar is not None:
+            bar.set_description_str(stage)
+            bar.n = round(100 * fraction)
+            bar.refresh()
+
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    try:
+        result = service.generate(out, text=args.text, language=args.language, recording=recording,
+                                  progress=progress)
+    except LipsyncError as exc:
+        if bar is not None:
+            bar.close()
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    if bar is not None:
+        bar.close()
+    stages = ", ".join(f"{k} {v / 1000:.2f} s" for k, v in result.timings.items())
+    print(f"{out}: {result.duration:.2f} s, {result.frames} frames, engine {result.engine} ({stages})")
+    return 0
