@@ -1,0 +1,88 @@
+"""The built-in lip-sync engine: no weights, numpy/OpenCV only, fast on a CPU.
+
+``prepare`` finds the mouth on the still avatar (``mouth.locate_mouth``) and
+precomputes the lower-face region, sampling grids, displacement fields,
+feathered mask and mouth-interior colours (``mouth.MouthRenderer``).
+``render`` turns the speech into a per-frame mouth state (``drive.mouth_track``:
+the phoneme timeline when the synthesiser gave one, the audio otherwise) and
+draws each frame by warping the lower lip and jaw and painting the opening.
+
+Frames with the same quantised mouth state are drawn once per request (a
+cache local to the ``render`` call), so the engine instance itself is never
+mutated and can be shared by concurrent requests.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from lipsync.audio import frame_count
+from lipsync.engines.base import PreparedAvatar
+from lipsync.engines.drive import MouthTrack, mouth_track
+from lipsync.engines.mouth import MouthRenderer, locate_mouth
+from lipsync.errors import InvalidInputError
+from lipsync.faces.box import FaceBox
+from lipsync.tts.base import Speech
+
+VERSION = "1.0"
+BATCH = 32            # frames per yielded batch
+OPEN_LEVELS = 64      # quantisation of ``open`` (< 1 px steps on a 512 px face)
+WIDE_LEVELS = 24      # quantisation of ``wide`` over [-1, 1]
+CACHE_BYTES = 96 << 20  # per render call
+
+
+class BuiltinEngine:
+    """Audio/phoneme-driven mouth animation of a still photo (see module doc)."""
+
+    name = "builtin"
+
+    def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise InvalidInputError("the avatar must be a colour (H, W, 3) image", code="invalid_image")
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        h, w = image.shape[:2]
+        clipped = box.clip(w, h)
+        if clipped.width < 16 or clipped.height < 16:
+            raise InvalidInputError("the face is too small to animate", code="invalid_image")
+        geometry = locate_mouth(image, clipped)
+        renderer = MouthRenderer(image, clipped, geometry)
+        return PreparedAvatar(image=image, box=box, region=renderer.region,
+                              mask=renderer.mask[..., None].copy(), state=renderer)
+
+    def track(self, speech: Speech, fps: int) -> MouthTrack:
+        """The per-frame mouth state ``render`` draws (exposed for tests and tools)."""
+        return mouth_track(speech, fps, frame_count(len(speech.samples), fps))
+
+    def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
+        renderer: MouthRenderer = avatar.state
+        if not isinstance(renderer, MouthRenderer):
+            raise TypeError("avatar was not prepared by the builtin engine")
+        track = self.track(speech, fps)
+        n = len(track)
+        rh, rw = renderer.region.height, renderer.region.width
+        cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        max_items = max(8, CACHE_BYTES // max(1, rh * rw * 3))
+        qo = np.rint(np.clip(track.open, 0, 1) * OPEN_LEVELS).astype(np.int64)
+        qw = np.rint(np.clip(track.wide, -1, 1) * (WIDE_LEVELS / 2)).astype(np.int64)
+        qw[qo == 0] = 0  # a shut mouth is the untouched avatar
+        for start in range(0, n, BATCH):
+            stop = min(n, start + BATCH)
+            batch = np.empty((stop - start, rh, rw, 3), np.uint8)
+            for i in range(start, stop):
+                key = (int(qo[i]), int(qw[i]))
+                patch = cache.get(key)
+                if patch is None:
+                    patch = renderer.render(key[0] / OPEN_LEVELS, key[1] / (WIDE_LEVELS / 2))
+                    cache[key] = patch
+                    if len(cache) > max_items:
+                        cache.popitem(last=False)
+                else:
+                    cache.move_to_end(key)
+                batch[i - start] = patch
+            yield batch
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "checkpoint": None, "version": VERSION, "device": "cpu"}

@@ -1,0 +1,510 @@
+"""Finding the mouth on a still face and drawing it open, spread or rounded.
+
+``locate_mouth(image, box)`` looks for the lips inside the lower face: the dark
+lip-parting line (a horizontal valley of lightness) and the lips' redness (Lab
+a*, useless on greyscale photos, where the valley alone is used), restricted to
+the band where a mouth can be in an S3FD-framed box. When the evidence is weak
+or implausible it falls back to a geometric prior.
+
+``MouthRenderer(image, box, geometry)`` precomputes everything for one avatar:
+the lower-face region, base sampling grids, unit displacement fields (jaw and
+lower lip down, upper lip up, lips in or out sideways), the feathered mask and
+the mouth-interior colours. ``render(open, wide)`` then only combines fields
+linearly, runs one ``cv2.remap`` and paints the opening; it never mutates the
+renderer, so one instance can serve concurrent requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from lipsync.engines.base import Region
+from lipsync.faces.box import FaceBox
+
+# Where the mouth is in an S3FD box (forehead to chin), as fractions of it.
+PRIOR_LINE_Y = 0.79
+PRIOR_HALF_WIDTH = 0.145
+PRIOR_UPPER_LIP = 0.045
+PRIOR_LOWER_LIP = 0.055
+
+# Motion range, as fractions of the box height / mouth half-width.
+MAX_DROP = 0.075        # lower lip drop at open=1
+UPPER_LIFT = 0.14       # upper lip lift, as a fraction of the drop
+JAW_FOLLOW = 0.8        # how much of the lip drop the chin follows
+MAX_SPREAD = 0.12       # horizontal stretch of the lips at wide=+1
+MAX_ROUND = 0.24        # horizontal squeeze of the lips at wide=-1
+
+
+@dataclass(frozen=True)
+class MouthGeometry:
+    """The closed mouth on the avatar, in image pixels.
+
+    ``cx``, ``cy``: middle of the lip-parting line; ``half_width``: centre to a
+    corner; ``curve``: (a, b) with the line at y = cy + b*(x-cx) + a*(x-cx)**2;
+    ``upper``/``lower``: lip thicknesses above/below the line; ``lip_bgr``,
+    ``skin_bgr``: mean colours; ``method``: "analysis" or "prior".
+    """
+
+    cx: float
+    cy: float
+    half_width: float
+    curve: tuple[float, float]
+    upper: float
+    lower: float
+    lip_bgr: tuple[float, float, float]
+    skin_bgr: tuple[float, float, float]
+    method: str
+    profile: tuple = field(default=(), repr=False)  # ((x, y), ...) the traced line, corner to corner
+    blur: float = 1.0    # the photo's own blur around the mouth (Gaussian sigma, px)
+
+    def line_y(self, x: np.ndarray) -> np.ndarray:
+        """The lip line at columns ``x``; flat beyond the corners."""
+        d = np.clip(np.asarray(x, dtype=np.float64) - self.cx, -self.half_width, self.half_width)
+        if len(self.profile) >= 2:
+            xs = np.array([p[0] for p in self.profile])
+            ys = np.array([p[1] for p in self.profile])
+            return np.interp(self.cx + d, xs, ys)
+        a, b = self.curve
+        return self.cy + b * d + a * d * d
+
+
+# --------------------------------------------------------------------------
+# localisation
+
+_CANON_W = 200.0  # analysis scale: box width in pixels
+
+
+def _prior(box: FaceBox) -> tuple[float, float, float, float, float]:
+    cx = box.x1 + 0.5 * box.width
+    cy = box.y1 + PRIOR_LINE_Y * box.height
+    return cx, cy, PRIOR_HALF_WIDTH * box.width, PRIOR_UPPER_LIP * box.height, PRIOR_LOWER_LIP * box.height
+
+
+def _mean_color(image: np.ndarray, x1, y1, x2, y2) -> tuple[float, float, float]:
+    h, w = image.shape[:2]
+    x1, x2 = int(np.clip(x1, 0, w - 1)), int(np.clip(x2, 1, w))
+    y1, y2 = int(np.clip(y1, 0, h - 1)), int(np.clip(y2, 1, h))
+    if x2 <= x1 or y2 <= y1:
+        return (128.0, 128.0, 128.0)
+    patch = image[y1:y2, x1:x2].reshape(-1, 3).astype(np.float64)
+    return tuple(float(v) for v in np.median(patch, axis=0))
+
+
+def locate_mouth(image: np.ndarray, box: FaceBox) -> MouthGeometry:
+    """Find the closed mouth in ``box`` on a BGR ``image`` (see module doc)."""
+    h_img, w_img = image.shape[:2]
+    box = box.clip(w_img, h_img)
+    pcx, pcy, phw, pup, plo = _prior(box)
+    bw, bh = float(box.width), float(box.height)
+    found = _analyse(image, box)
+    method = "prior"
+    cx, cy, hw, curve, up, lo = pcx, pcy, phw, (0.0, 0.0), pup, plo
+    profile: tuple = ()
+    if found is not None:
+        fcx, fcy, fhw, fcurve, fup, flo, fprofile = found
+        plausible = (abs(fcx - pcx) < 0.2 * bw and abs(fcy - pcy) < 0.17 * bh
+                     and 0.08 * bw <= fhw <= 0.24 * bw)
+        if plausible:
+            cx, cy, hw, curve, method = fcx, fcy, fhw, fcurve, "analysis"
+            profile = fprofile
+            cy = float(np.interp(cx, [p[0] for p in profile], [p[1] for p in profile]))
+            up = fup if fup is not None else pup
+            lo = flo if flo is not None else plo
+    up = float(np.clip(up, 0.025 * bh, 0.075 * bh))
+    lo = float(np.clip(lo, 0.03 * bh, 0.085 * bh))
+    lip = _mean_color(image, cx - 0.5 * hw, cy + 0.25 * lo, cx + 0.5 * hw, cy + 0.75 * lo)
+    skin = _mean_color(image, cx - 0.45 * hw, cy + lo + 0.03 * bh, cx + 0.45 * hw, cy + lo + 0.08 * bh)
+    return MouthGeometry(cx=float(cx), cy=float(cy), half_width=float(hw), curve=curve,
+                         upper=up, lower=lo, lip_bgr=lip, skin_bgr=skin, method=method,
+                         profile=profile, blur=_blur_sigma(image, box))
+
+
+def _blur_sigma(image: np.ndarray, box: FaceBox) -> float:
+    """How blurred the lower face is (Gaussian sigma in px), from its strong edges.
+
+    A step edge blurred by sigma and measured at scale s has a gradient peak
+    proportional to 1/sqrt(sigma^2 + s^2); the ratio of peaks at two scales
+    gives sigma. Used to make the painted mouth exactly as soft as the photo.
+    """
+    bw, bh = box.width, box.height
+    h, w = image.shape[:2]
+    x1, x2 = int(max(0, box.x1 + 0.25 * bw)), int(min(w, box.x2 - 0.25 * bw))
+    y1, y2 = int(max(0, box.y1 + 0.62 * bh)), int(min(h, box.y1 + 0.95 * bh))
+    if x2 - x1 < 12 or y2 - y1 < 12:
+        return 1.0
+    grey = cv2.cvtColor(image[y1:y2, x1:x2], cv2.COLOR_BGR2GRAY).astype(np.float32)
+
+    def grad(sig):
+        b = cv2.GaussianBlur(grey, (0, 0), sig)
+        return np.hypot(cv2.Sobel(b, cv2.CV_32F, 1, 0), cv2.Sobel(b, cv2.CV_32F, 0, 1)) / 8.0
+
+    a, b = 0.7, 2.5
+    fine = cv2.dilate(grad(a), np.ones((5, 5), np.uint8))
+    coarse = grad(b)
+    sel = coarse > np.percentile(coarse, 97)
+    if sel.sum() < 5:
+        return 1.0
+    r = float(np.clip(np.median(coarse[sel] / np.maximum(fine[sel], 1e-6)), 0.05, 0.97))
+    sig2 = (r * r * b * b - a * a) / (1.0 - r * r)
+    return float(np.clip(np.sqrt(max(sig2, 0.0)), 0.5, 0.02 * bh))
+
+
+def _analyse(image: np.ndarray, box: FaceBox):
+    """Lip line, corners and thicknesses from the pixels, or None when unsure.
+
+    Works at a canonical scale (box width 200 px). Candidates are long dark
+    horizontal valleys (the lip parting) in the lower face, weighted by where
+    a mouth sits in an S3FD box (loosely: detector boxes are off by 10-15 %)
+    and, on colour photos, by redness above and below the line. The best few
+    are traced sideways to the corners; the one that looks most like a mouth
+    (strong, long enough, near the expected place) wins.
+    """
+    bw, bh = float(box.width), float(box.height)
+    if bw < 24 or bh < 24:
+        return None
+    s = _CANON_W / bw  # analysis scale
+    h_img, w_img = image.shape[:2]
+    X1, X2 = int(max(0, box.x1 + 0.08 * bw)), int(min(w_img, box.x1 + 0.92 * bw))
+    Y1, Y2 = int(max(0, box.y1 + 0.55 * bh)), int(min(h_img, box.y1 + 1.02 * bh))
+    if X2 - X1 < 8 or Y2 - Y1 < 8:
+        return None
+    crop = cv2.resize(image[Y1:Y2, X1:X2],
+                      (max(8, int(round((X2 - X1) * s))), max(8, int(round((Y2 - Y1) * s)))),
+                      interpolation=cv2.INTER_AREA)
+    lab = cv2.cvtColor(crop, cv2.COLOR_BGR2LAB).astype(np.float32)
+    L = cv2.GaussianBlur(lab[..., 0], (0, 0), 1.2)
+    A = cv2.GaussianBlur(lab[..., 1], (0, 0), 2.0)
+    ch, cw = L.shape
+    if ch < 12 or cw < 12:
+        return None
+    # Dark horizontal line: lighter 4 px above and below than on the line.
+    k = 4
+    valley = np.zeros_like(L)
+    valley[k:-k] = 0.5 * (L[:-2 * k] + L[2 * k:]) - L[k:-k]
+    valley = np.maximum(valley, 0)
+    # Redness: lips against the skin (the band is mostly skin).
+    red = np.clip(A - float(np.median(A)), 0, None)
+    red_top = float(np.percentile(red, 98))
+    colourful = red_top > 4.0  # greyscale photos have none
+    # Long horizontal support: the valley averaged over a fifth of the face width.
+    win = int(0.2 * _CANON_W) | 1
+    support = cv2.blur(valley, (win, 3))
+    if colourful:
+        d = int(max(2, 0.03 * bh * s))
+        red_w = cv2.blur(red, (win, 3))
+        near = np.zeros_like(red_w)
+        near[d:-d] = np.minimum(red_w[:-2 * d], red_w[2 * d:])
+        support = support * (0.4 + near / (near.max() + 1e-6))
+    # Where a mouth sits in the box (loose: boxes are off by 10-15 %).
+    px = (box.x1 + 0.5 * bw - X1) * s
+    py = (box.y1 + PRIOR_LINE_Y * bh - Y1) * s
+    yy = np.arange(ch, dtype=np.float32)[:, None]
+    xx = np.arange(cw, dtype=np.float32)[None, :]
+    prior = np.exp(-0.5 * (((yy - py) / (0.1 * bh * s)) ** 2 + ((xx - px) / (0.15 * _CANON_W)) ** 2))
+    score = support * prior
+    noise = float(np.median(support)) + 1e-3
+    best = None
+    work = score.copy()
+    for _ in range(4):  # the strongest few candidates, far enough apart
+        yi, xi = np.unravel_index(int(np.argmax(work)), work.shape)
+        if work[yi, xi] <= 0 or support[yi, xi] < 2.0 * noise or support[yi, xi] < 0.8:
+            break
+        work[max(0, yi - 6):yi + 7, :] = 0
+        traced = _trace(valley, red if colourful else None, red_top, int(yi), int(xi))
+        if traced is None:
+            continue
+        pts = traced
+        xl, xr = pts[0, 0], pts[-1, 0]
+        half = 0.5 * (xr - xl)
+        if not (0.08 * _CANON_W <= half <= 0.24 * _CANON_W):
+            continue
+        strength = float(np.mean(pts[:, 2]))
+        quality = strength * float(prior[yi, xi]) * min(1.0, half / (0.12 * _CANON_W))
+        if best is None or quality > best[0]:
+            best = (quality, pts)
+    if best is None:
+        return None
+    pts = best[1]
+    xl, xr = pts[0, 0], pts[-1, 0]
+    cx_c = 0.5 * (xl + xr)
+    hw_c = 0.5 * (xr - xl)
+    # y = c + b*d + a*d^2 fitted through the traced line (weighted by strength).
+    d = pts[:, 0] - cx_c
+    A_ = np.stack([np.ones_like(d), d, d * d], axis=1) * pts[:, 2:3]
+    coef, *_ = np.linalg.lstsq(A_, pts[:, 1] * pts[:, 2], rcond=None)
+    c0, b1, a2 = (float(v) for v in coef)
+    # Keep the curve modest: a smile, not a parabola gone wild.
+    a2 = float(np.clip(a2, -0.15 / max(hw_c, 1), 0.15 / max(hw_c, 1)))
+    b1 = float(np.clip(b1, -0.1, 0.1))
+    up = lo = None
+    if colourful:
+        # Lip thickness from the redness profile along the centre column.
+        centre = red[:, max(0, int(cx_c) - 3): int(cx_c) + 4].mean(axis=1)
+        yc = int(np.clip(round(c0), 0, ch - 1))
+        thr = 0.4 * max(centre[max(0, yc - int(0.06 * bh * s)): yc + int(0.08 * bh * s)].max(), 1e-3)
+        top = yc
+        while top > 0 and centre[top - 1] > thr and yc - top < 0.09 * bh * s:
+            top -= 1
+        bot = yc
+        while bot < ch - 1 and centre[bot + 1] > thr and bot - yc < 0.1 * bh * s:
+            bot += 1
+        if yc - top >= 2:
+            up = (yc - top) / s
+        if bot - yc >= 2:
+            lo = (bot - yc) / s
+    # The line itself, column by column (follows asymmetric mouths), lightly smoothed.
+    k_ = min(7, len(pts) // 2 * 2 - 1)
+    ys = pts[:, 1]
+    if k_ >= 3:
+        padded = np.pad(ys, k_ // 2, mode="edge")
+        ys = np.convolve(padded, np.ones(k_) / k_, mode="valid")
+    profile = tuple((float(X1 + x / s), float(Y1 + y / s)) for x, y in zip(pts[:, 0], ys))
+    return (X1 + cx_c / s, Y1 + c0 / s, hw_c / s, (a2 * s, b1), up, lo, profile)
+
+
+def _trace(valley: np.ndarray, red: np.ndarray | None, red_top: float, yi: int, xi: int):
+    """Follow a dark line from (xi, yi) left and right while it stays dark (and
+    red on colour photos). Returns (n, 3) [x, y, strength] sorted by x, or None."""
+    ch, cw = valley.shape
+    ref = float(valley[yi, max(0, xi - 8):xi + 9].mean()) + 1e-6
+
+    def walk(step: int):
+        pts = []
+        y = float(yi)
+        weak = 0
+        x = xi
+        while 0 <= x < cw:
+            lo_, hi_ = int(max(0, y - 2)), int(min(ch, y + 3))
+            seg = valley[lo_:hi_, x]
+            j = int(np.argmax(seg))
+            v = float(seg[j])
+            # Sub-pixel position of the valley (parabola through 3 samples).
+            off = 0.0
+            if 0 < j < seg.size - 1:
+                den = seg[j - 1] - 2 * seg[j] + seg[j + 1]
+                if den < 0:
+                    off = float(np.clip(0.5 * (seg[j - 1] - seg[j + 1]) / den, -0.5, 0.5))
+            strong = v > 0.35 * ref
+            if red is not None:
+                strong = strong and red[int(lo_ + j), x] > 0.2 * red_top
+            if strong:
+                y = lo_ + j
+                pts.append((x, y + off, v))
+                weak = 0
+            else:
+                weak += 1
+                if weak > 3:
+                    break
+            x += step
+        return pts
+
+    left, right = walk(-1), walk(+1)
+    if len(left) < 3 or len(right) < 3:
+        return None
+    return np.array(left[::-1] + right[1:], dtype=np.float64)  # both walks start at xi
+
+
+# --------------------------------------------------------------------------
+# rendering
+
+
+def _smoothstep(e0, e1, x):
+    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _cos_window(d: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """1 for |d| <= inner, raised-cosine down to 0 at |d| >= outer."""
+    a = np.abs(d)
+    t = np.clip((a - inner) / max(outer - inner, 1e-6), 0.0, 1.0)
+    return 0.5 + 0.5 * np.cos(np.pi * t)
+
+
+def _lens(t: np.ndarray) -> np.ndarray:
+    """Opening profile across the mouth (t = -1 .. 1 corner to corner)."""
+    u = t / 0.9  # the inner corners sit a little inside the lip corners
+    return np.clip(1.0 - u * u, 0.0, 1.0) ** 0.8
+
+
+class MouthRenderer:
+    """Per-avatar precomputation and the per-frame mouth drawing (see module doc)."""
+
+    def __init__(self, image: np.ndarray, box: FaceBox, geometry: MouthGeometry):
+        h_img, w_img = image.shape[:2]
+        self.geometry = g = geometry
+        bw, bh = float(box.width), float(box.height)
+        self.max_drop = MAX_DROP * bh
+        self.max_lift = UPPER_LIFT * self.max_drop
+        hw = g.half_width
+        # The redrawn region: the lower face from under the nose to below the chin.
+        jaw_half = max(0.42 * bw, 2.2 * hw)
+        chin = max(float(box.y2), g.cy + g.lower + 2.0 * self.max_drop)
+        x1 = int(np.floor(max(0, g.cx - jaw_half - 0.06 * bw)))
+        x2 = int(np.ceil(min(w_img, g.cx + jaw_half + 0.06 * bw)))
+        y1 = int(np.floor(max(0, g.cy - g.upper - 0.16 * bh)))
+        y2 = int(np.ceil(min(h_img, chin + 0.2 * bh)))
+        self.region = Region(x1, y1, x2, y2)
+        rh, rw = y2 - y1, x2 - x1
+        self.source = np.ascontiguousarray(image[y1:y2, x1:x2])
+        X, Y = np.meshgrid(np.arange(rw, dtype=np.float32), np.arange(rh, dtype=np.float32))
+        self.base_x, self.base_y = X, Y
+        cx, cy = g.cx - x1, g.cy - y1
+        self.cx, self.cy = cx, cy
+        cols = np.arange(rw, dtype=np.float64)
+        self.line = (g.line_y(cols + x1) - y1).astype(np.float32)  # lip line per column
+        dx = X - cx
+        dyl = Y - self.line[None, :]  # > 0 below the lip line
+        t = dx / hw
+        lens = _lens(t)
+        # Vertical room below the chin before the region ends: fields fade there.
+        chin_r = chin - y1
+        fade_end = min(chin_r + 0.12 * bh, rh - 0.05 * bh)
+        fade_start = min(chin_r - 0.04 * bh, fade_end - 0.04 * bh)
+        fade = 1.0 - _smoothstep(fade_start, fade_end, Y)
+        # Lower lip + jaw (downwards, unit = max drop).
+        T = max(2.2 * g.lower, 2.2 * self.max_drop)
+        s = _smoothstep(0.0, T, dyl)
+        jawx = _cos_window(dx, 1.25 * hw, max(jaw_half, 1.25 * hw + 0.1 * bw))
+        low = (lens * (1.0 - s) + JAW_FOLLOW * jawx * s) * fade
+        low = np.where(dyl >= 0, low, lens)
+        # Upper lip (upwards, unit = max lift); fades out before the nose.
+        # (the nose starts about 0.11 of the box height above the lip line)
+        Tu = min(2.5 * g.upper, 0.08 * bh)
+        up = lens * (1.0 - _smoothstep(0.0, Tu, -dyl))
+        up = np.where(dyl < 0, up, lens)
+        # Smooth kinks (the lens has a vertical tangent at the corners).
+        sig = max(0.6, 0.006 * bh)
+        self.low = cv2.GaussianBlur(low.astype(np.float32), (0, 0), sig)
+        self.up = cv2.GaussianBlur(up.astype(np.float32), (0, 0), sig)
+        # Sideways field: lips pulled out (spread) or pushed in (rounded).
+        sy = np.where(dyl < 0, min(1.2 * g.upper, 0.032 * bh),
+                      1.2 * g.lower + 0.5 * self.max_drop).astype(np.float32)
+        side = np.exp(-0.5 * ((dx / (0.9 * hw)) ** 2 + (dyl / sy) ** 2))
+        side *= _cos_window(dx, 1.7 * hw, 2.6 * hw) * _cos_window(dyl / sy, 1.5, 2.5)
+        self.side = (side * dx).astype(np.float32)  # map_x = X + k * side
+        # Where anything can move (more than a third of a pixel at the
+        # extremes): the mask, feathered outwards and zero on the border.
+        below = (dyl >= 0).astype(np.float32)
+        reach = np.maximum.reduce([self.max_drop * self.low * below,
+                                   self.max_lift * self.up * (1 - below),
+                                   max(MAX_SPREAD, MAX_ROUND) * np.abs(dx) * side])
+        mask = np.clip(reach / 0.33, 0.0, 1.0).astype(np.float32)
+        feather = max(2.0, 0.01 * bh)
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(2 * feather) | 1,) * 2))
+        mask = np.clip(cv2.GaussianBlur(mask, (0, 0), feather) * 1.1, 0.0, 1.0)
+        edge = max(3.0, 0.02 * bh)
+        border = (_cos_window(X - (rw - 1) / 2.0, (rw - 1) / 2.0 - edge, (rw - 1) / 2.0)
+                  * _cos_window(Y - (rh - 1) / 2.0, (rh - 1) / 2.0 - edge, (rh - 1) / 2.0))
+        self.mask = (mask * border).astype(np.float32)
+        # Columns of the mouth (for painting the opening).
+        self.mx1 = int(max(0, np.floor(cx - hw * (1 + MAX_SPREAD) - 2)))
+        self.mx2 = int(min(rw, np.ceil(cx + hw * (1 + MAX_SPREAD) + 3)))
+        # Colours of the inside of the mouth, from the lips.
+        lip = np.array(g.lip_bgr, dtype=np.float32)
+        skin = np.array(g.skin_bgr, dtype=np.float32)
+        grey = float(lip.mean())
+        self.dark = np.clip(0.2 * lip + 3.0, 0, 255)                 # throat
+        self.inner = np.clip(0.5 * lip, 0, 255)                       # wet inner lip
+        # Teeth: a little lighter than the skin, with a trace of its hue (grey
+        # on a greyscale photo), never glossy white.
+        level = float(np.clip(1.08 * max(grey, float(skin.mean())) + 12.0, 60.0, 225.0))
+        warm = np.array([-6.0, 0.0, 5.0]) * float(np.ptp(skin) > 12)  # ivory, not blue-white
+        self.teeth = np.clip(level + 0.55 * (skin - skin.mean()) + warm, 0, 255).astype(np.float32)
+        self.tongue = np.clip(0.62 * lip, 0, 255)
+        # Softness of the painted lip edges: as blurred as the photo itself.
+        self.aa = float(np.clip(2.0 * g.blur, 1.0, max(1.0, 0.015 * bh)))
+        self.teeth_h = 0.03 * bh
+        # Shared by concurrent requests: nothing may write to these.
+        for value in vars(self).values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+
+    # ------------------------------------------------------------------
+
+    def render(self, open_: float, wide: float) -> np.ndarray:
+        """The region with the mouth ``open_`` in [0, 1] and ``wide`` in [-1, 1]."""
+        o = float(np.clip(open_, 0.0, 1.0))
+        w = float(np.clip(wide, -1.0, 1.0))
+        if o <= 0.0 and w == 0.0:
+            return self.source.copy()
+        drop = o * self.max_drop
+        lift = o * self.max_lift
+        k = -w * (MAX_SPREAD if w > 0 else MAX_ROUND)  # > 0 squeezes (rounded), < 0 spreads
+        map_x = self.base_x + k * self.side if k != 0.0 else self.base_x
+        if k != 0.0:
+            low = cv2.remap(self.low, map_x, self.base_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            up = cv2.remap(self.up, map_x, self.base_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        else:
+            low, up = self.low, self.up
+        # Opening edges per column, in output coordinates.
+        cols = np.arange(self.mx1, self.mx2, dtype=np.float32)
+        line_row = np.clip(np.round(self.line[self.mx1:self.mx2]).astype(np.int64), 0, self.base_y.shape[0] - 1)
+        src_x = cols + k * self.side[line_row, np.arange(self.mx1, self.mx2)] if k != 0.0 else cols
+        lens = _lens((src_x - self.cx) / self.geometry.half_width).astype(np.float32)
+        line = np.interp(src_x, np.arange(self.line.size), self.line).astype(np.float32)
+        yu = line - lift * lens
+        yl = line + drop * lens
+        ys = 0.5 * (yu + yl)
+        # One remap: above the middle of the opening the upper-lip field, below it the jaw.
+        below = self.base_y >= self._split(ys)
+        map_y = np.where(below, self.base_y - drop * low, self.base_y + lift * up)
+        out = cv2.remap(self.source, map_x, map_y.astype(np.float32), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        if o > 0.0:
+            self._paint_opening(out, yu, yl, lens, o, w)
+        return out
+
+    def _split(self, ys: np.ndarray) -> np.ndarray:
+        split = self.line.copy()
+        split[self.mx1:self.mx2] = ys
+        return split[None, :]
+
+    def _paint_opening(self, out: np.ndarray, yu, yl, lens, o: float, w: float = 0.0) -> None:
+        gap = yl - yu
+        if float(gap.max()) <= 0.05:
+            return
+        r1 = int(max(0, np.floor(yu.min() - 2)))
+        r2 = int(min(out.shape[0], np.ceil(yl.max() + 3)))
+        if r2 <= r1:
+            return
+        Y = np.arange(r1, r2, dtype=np.float32)[:, None]
+        aa = self.aa
+        du = Y - yu[None, :]  # px below the upper lip edge
+        dl = yl[None, :] - Y  # px above the lower lip edge
+        g = gap[None, :]
+        # Coverage of the opening (soft lip edges); thin slits only darken.
+        alpha = np.clip(du / aa + 0.5, 0, 1) * np.clip(dl / aa + 0.5, 0, 1)
+        alpha *= np.clip(g / (2.0 * aa), 0.0, 1.0) ** 0.5
+        t = (np.arange(self.mx1, self.mx2, dtype=np.float32) - self.cx) / self.geometry.half_width
+        at = np.abs(t)[None, :]
+        # Dark throat, the wet inner side of the lips towards both edges.
+        band = 1.0 * aa + 0.12 * g
+        wl = np.exp(-np.clip(dl, 0, None) / band)[..., None]
+        wu = np.exp(-np.clip(du, 0, None) / (0.7 * band))[..., None]
+        col = self.dark[None, None, :] * (1 - wl) + self.inner[None, None, :] * wl
+        col = col * (1 - wu) + (0.7 * self.inner)[None, None, :] * wu
+        # Tongue: a rounded reddish mass low in a wide opening, lit from the front.
+        tongue_amt = _smoothstep(0.35, 0.85, o) * 0.75
+        if tongue_amt > 0:
+            th = 0.42 * g * np.clip(1.0 - (t / 0.75) ** 2, 0.0, 1.0)[None, :] ** 0.5
+            tg = _smoothstep(-aa, 1.5 * aa + 0.1 * g, th - dl) * tongue_amt
+            shade = (0.65 + 0.35 * _smoothstep(0.0, 1.0, 1.0 - dl / np.maximum(th, 1e-3)))[..., None]
+            col = col * (1 - tg[..., None]) + (self.tongue[None, None, :] * shade) * tg[..., None]
+        # Upper teeth: a band right under the upper lip, receding at the sides.
+        teeth_amt = _smoothstep(0.3, 0.8, o) * (1.0 - 0.6 * max(0.0, -w))  # rounded lips hide them
+        if teeth_amt > 0:
+            tb = np.minimum(self.teeth_h * (0.4 + 0.6 * teeth_amt), 0.4 * g) \
+                * np.clip(1.0 - (t / 0.72) ** 4, 0.0, 1.0)[None, :] ** 0.5
+            ta = (1.0 - _smoothstep(tb - aa, tb + aa, du)) * (tb > 0.5)
+            ta = ta * teeth_amt * 0.7
+            light = (0.8 + 0.2 * np.clip(1.0 - at / 0.72, 0, 1)) \
+                * (1.0 - 0.25 * _smoothstep(0.0, 1.0, du / np.maximum(tb, 1e-3)))
+            light = light * (0.75 + 0.25 * _smoothstep(0.0, 1.5 * aa, du))  # lip shadow
+            col = col * (1 - ta[..., None]) + (self.teeth[None, None, :] * light[..., None]) * ta[..., None]
+        col = col * (1.0 - 0.45 * np.clip(at, 0, 1) ** 2)[..., None]  # darker towards the corners
+        sub = out[r1:r2, self.mx1:self.mx2].astype(np.float32)
+        a = alpha[..., None]
+        out[r1:r2, self.mx1:self.mx2] = np.clip(sub * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
