@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
-import shutil
-import tempfile
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from lipsync import audio, video
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.settings import Settings
+from lipsync.text import split_sentences
 from lipsync.tts.base import LANGUAGES, Speech
 
 log = logging.getLogger("lipsync")
@@ -200,12 +201,17 @@ class LipsyncService:
     # -------------------------------------------------------------- pipeline
     def generate(self, out_path: str, *, text: str | None = None, language: str | None = None,
                  recording: bytes | None = None, avatar_image: bytes | None = None,
-                 progress: ProgressCallback | None = None) -> GenerationResult:
+                 progress: ProgressCallback | None = None, live_path: str | None = None) -> GenerationResult:
         """Make the MP4 at ``out_path`` from ``text`` (+ ``language``) or a ``recording``.
 
-        ``avatar_image`` optionally replaces the preloaded avatar for this
-        request only. Raises ``LipsyncError`` subclasses for bad input; on any
-        failure nothing is left at ``out_path``.
+        Long texts are spoken sentence by sentence: the next sentence is
+        synthesised while the current one is lip-synced and encoded, and all
+        go into one MP4. ``avatar_image`` optionally replaces the preloaded
+        avatar for this request only. ``live_path``, when given, receives a
+        fragmented MP4 that grows while rendering (for streaming playback).
+        Raises ``LipsyncError`` subclasses for bad input; an exception raised
+        by ``progress`` aborts the render. On any failure nothing is left at
+        ``out_path`` or ``live_path``.
         """
         if self.status != "ready":
             raise LipsyncError(f"the service is not ready ({self.status})", code="not_ready", status=503)
@@ -220,59 +226,59 @@ class LipsyncService:
             avatar = self.prepare_avatar(video.decode_image(avatar_image))
             timings["avatar"] = _ms_since(started)
 
-        t = time.perf_counter()
         report("tts", 0.0)
         if recording is not None:
-            speech = self.speech_from_recording(recording)
+            t = time.perf_counter()
+            pieces: SpeechPieces = SpeechPieces.single(self.speech_from_recording(recording))
             timings["decode"] = _ms_since(t)
         else:
-            speech = self.tts.synthesize(text, language)
-            timings["tts"] = _ms_since(t)
-        report("tts", 1.0)
-
-        work_dir = tempfile.mkdtemp(prefix="req-", dir=self.temp_root())
+            pieces = SpeechPieces.synthesised(self.tts, split_sentences(text), language)
         try:
-            result = self._render(speech, avatar, out_path, work_dir, timings, report)
+            frames, duration = self._render(pieces, avatar, out_path, live_path, timings, report)
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            pieces.close()
+        if recording is None:
+            timings["tts"] = pieces.tts_seconds * 1000.0
         timings["total"] = _ms_since(started)
-        return GenerationResult(path=out_path, duration=speech.duration, frames=result,
+        return GenerationResult(path=out_path, duration=duration, frames=frames,
                                 engine=self.engine.name, timings=timings)
 
-    def _render(self, speech: Speech, avatar: PreparedAvatar, out_path: str, work_dir: str,
-                timings: dict[str, float], report: ProgressCallback) -> int:
-        fps = self.settings.fps
-        t = time.perf_counter()
-        wav_path = os.path.join(work_dir, "speech.wav")
-        audio.write_wav(wav_path, speech.samples, speech.sample_rate)
-        timings["audio"] = _ms_since(t)
-
-        total = audio.frame_count(len(speech.samples), fps)
+    def _render(self, pieces: "SpeechPieces", avatar: PreparedAvatar, out_path: str, live_path: str | None,
+                timings: dict[str, float], report: ProgressCallback) -> tuple[int, float]:
+        """Lip-sync and encode every piece of speech into one MP4; returns (frames, seconds)."""
+        fps, rate = self.settings.fps, audio.SAMPLE_RATE
         height, width = avatar.image.shape[:2]
-        engine_seconds = composite_seconds = 0.0
-        with video.Mp4Writer(out_path, width, height, fps, wav_path, preset=self.settings.x264_preset,
-                             crf=self.settings.x264_crf, timeout=self.settings.ffmpeg_timeout) as writer:
-            patches = self.engine.render(avatar, speech, fps)
-            while True:
-                t = time.perf_counter()
-                batch = next(patches, None)
-                engine_seconds += time.perf_counter() - t
-                if batch is None:
-                    break
-                t = time.perf_counter()
-                encode_before = writer.encode_seconds
-                for frame in video.composite(avatar, [batch]):
-                    writer.write(frame)
-                composite_seconds += time.perf_counter() - t - (writer.encode_seconds - encode_before)
-                report("lipsync", min(1.0, writer.frames / max(1, total)))
-            if writer.frames != total:  # inside the block: the writer then discards the file
-                raise LipsyncError(f"the engine produced {writer.frames} frames, expected {total}")
+        engine_s = composite_s = 0.0
+        with video.Mp4Writer(out_path, width, height, fps, sample_rate=rate, preset=self.settings.x264_preset,
+                             crf=self.settings.x264_crf, timeout=self.settings.ffmpeg_timeout,
+                             live_path=live_path) as writer:
+            for index, speech in enumerate(pieces):
+                # Pad each piece with silence to a whole number of frames, so
+                # sound and picture stay in step across pieces and at the end.
+                samples = pad_to_frames(speech.samples, fps, rate)
+                writer.write_audio(samples)
+                wanted = len(samples) * fps // rate
+                done = 0
+                patches = self.engine.render(avatar, Speech(samples, rate, speech.phonemes), fps)
+                try:
+                    while done < wanted:
+                        t = time.perf_counter()
+                        batch = next(patches)[: wanted - done]
+                        engine_s += time.perf_counter() - t
+                        t, encode_before = time.perf_counter(), writer.encode_seconds
+                        for frame in video.composite(avatar, [batch]):
+                            writer.write(frame)
+                        composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
+                        done += len(batch)
+                        report("lipsync", min(1.0, (index + done / wanted) / pieces.count))
+                finally:
+                    patches.close()
             report("encode", 0.0)
         report("encode", 1.0)
-        timings["lipsync"] = engine_seconds * 1000.0
-        timings["composite"] = composite_seconds * 1000.0
+        timings["lipsync"] = engine_s * 1000.0
+        timings["composite"] = composite_s * 1000.0
         timings["encode"] = writer.encode_seconds * 1000.0
-        return writer.frames
+        return writer.frames, writer.audio_samples / rate
 
     def temp_root(self) -> str:
         """Folder for per-request working files (removed after each request)."""
@@ -283,3 +289,92 @@ class LipsyncService:
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def pad_to_frames(samples: np.ndarray, fps: int, rate: int = audio.SAMPLE_RATE) -> np.ndarray:
+    """``samples`` followed by silence up to the next whole number of video frames.
+
+    With a rate/fps that is not whole (16000/30) the unit is the smallest
+    whole number of samples that is also a whole number of frames.
+    """
+    unit = rate // math.gcd(rate, fps)
+    missing = -len(samples) % unit
+    return np.concatenate([samples, np.zeros(missing, np.float32)]) if missing else samples
+
+
+class SpeechPieces:
+    """The speech of one request, piece by piece, produced ahead of its consumer.
+
+    For text, a thread synthesises sentence after sentence (at most two ahead)
+    so TTS overlaps lip-sync and encoding. Iterating yields ``Speech``; a TTS
+    error is raised at the piece where it happened.
+    """
+
+    _DONE = object()
+
+    def __init__(self, count: int):
+        self.count = max(1, count)
+        self.tts_seconds = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def single(cls, speech: Speech) -> "SpeechPieces":
+        pieces = cls(1)
+        pieces._queue.put(speech)
+        pieces._queue.put(cls._DONE)
+        return pieces
+
+    @classmethod
+    def synthesised(cls, tts, sentences: list[str], language: str) -> "SpeechPieces":
+        pieces = cls(len(sentences))
+        pieces._thread = threading.Thread(target=pieces._synthesise, args=(tts, sentences, language),
+                                          name="tts-pieces", daemon=True)
+        pieces._thread.start()
+        return pieces
+
+    def _synthesise(self, tts, sentences: list[str], language: str) -> None:
+        spoken = 0
+        silent: InvalidInputError | None = None
+        for sentence in sentences:
+            if self._stop.is_set():
+                return
+            t = time.perf_counter()
+            try:
+                item = tts.synthesize(sentence, language)
+                spoken += 1
+            except InvalidInputError as exc:
+                if exc.code != "empty_text":
+                    item = exc
+                else:  # a piece with nothing to say ("...", an emoji): skip it
+                    silent = exc
+                    continue
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                item = exc
+            finally:
+                self.tts_seconds += time.perf_counter() - t
+            if not self._put(item) or isinstance(item, Exception):
+                return
+        self._put(self._DONE if spoken or silent is None else silent)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop synthesising (the consumer gave up or finished)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -9,8 +9,11 @@ MP4 behind.
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Iterable, Iterator
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.ffmpeg import ffmpeg_exe, stderr_tail
+from lipsync.ffmpeg import ffmpeg_exe, run_ffmpeg, stderr_tail
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
 
@@ -103,32 +106,58 @@ def composite(avatar: PreparedAvatar, patches: Iterable[np.ndarray]) -> Iterator
 
 
 class Mp4Writer:
-    """Encode BGR frames plus a WAV file into an H.264/AAC MP4 through ffmpeg.
+    """Encode BGR frames and mono speech into an H.264/AAC MP4 with one ffmpeg.
 
-    Use as a context manager: ``write`` frames, and on a clean exit the file
-    is finished and moved to ``path``; on an exception ffmpeg is killed and
-    nothing is left at ``path``. ``encode_seconds`` accumulates the time spent
-    waiting on the encoder.
+    Frames go through ffmpeg's stdin; speech goes through a FIFO fed by a
+    thread, so it can arrive piece by piece (sentence by sentence) while the
+    frames of earlier pieces are already being encoded. The MP4 (with
+    ``+faststart``) appears at ``path`` only on a clean exit; when
+    ``live_path`` is given, a fragmented copy grows there while encoding
+    (playable before it is complete, for streaming). On an exception ffmpeg
+    is killed and no file is left behind.
+
+    ``encode_seconds`` accumulates the time spent waiting on the encoder.
     """
 
-    def __init__(self, path: str, width: int, height: int, fps: int, audio_path: str, *,
-                 preset: str = "veryfast", crf: int = 23, timeout: float = 300.0):
+    def __init__(self, path: str, width: int, height: int, fps: int, *, sample_rate: int = 16000,
+                 preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None):
         self.path = path
         self.size = (width, height)
+        self.fps = fps
+        self.sample_rate = sample_rate
         self.timeout = timeout
         self.encode_seconds = 0.0
         self.frames = 0
-        directory = os.path.dirname(os.path.abspath(path))
-        self._partial = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.part.mp4")
+        self.audio_samples = 0
+        self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
+        self.live_path = live_path
+        self._partial = os.path.join(self._work, "final.mp4")
+        self._fifo = os.path.join(self._work, "audio.pcm")
+        os.mkfifo(self._fifo)
         self._stderr = tempfile.TemporaryFile()
+        final = f"[f=mp4:movflags=+faststart]{_tee_escape(self._partial)}"
+        # The live copy is the same encoded stream in fragments, written while
+        # encoding (the tee muxer: one encode, two files).
+        live = f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof]{_tee_escape(live_path)}" \
+            if live_path else ""
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
-               "-i", audio_path,
+               "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-g", str(2 * fps),  # a keyframe (a live fragment) every 2 s: streaming starts early
                "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
-               "-movflags", "+faststart", self._partial]
+               "-f", "tee", final + live]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        self._audio: queue.Queue[bytes | None] = queue.Queue()
+        self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
+        self._audio_thread.start()
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        self.audio_samples += len(samples)
+        self._audio.put(pcm)
 
     def write(self, frame: np.ndarray) -> None:
         """Append one (H, W, 3) uint8 BGR frame."""
@@ -142,31 +171,45 @@ class Mp4Writer:
         self.encode_seconds += time.perf_counter() - start
         self.frames += 1
 
+    def _feed_audio(self) -> None:
+        # Opening a FIFO blocks until ffmpeg opens it for reading; _abort
+        # unblocks it by opening the read end itself.
+        try:
+            with open(self._fifo, "wb") as fifo:
+                while (chunk := self._audio.get()) is not None:
+                    fifo.write(chunk)
+        except OSError:
+            pass  # ffmpeg went away; its exit status and stderr say why
+
     def __enter__(self) -> "Mp4Writer":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._abort()
-            self._stderr.close()
             return
         start = time.perf_counter()
+        self._audio.put(None)
         try:
             self._proc.stdin.close()
             code = self._proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, BrokenPipeError):
             self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
-        self.encode_seconds += time.perf_counter() - start
+        self._audio_thread.join(timeout=5)
         if code != 0:
             self._fail("ffmpeg failed to encode the video")
         os.replace(self._partial, self.path)
-        self._stderr.close()
+        self.encode_seconds += time.perf_counter() - start
+        self._cleanup()
 
     def _fail(self, what: str) -> None:
-        self._abort()
+        try:  # let a dying ffmpeg finish writing its explanation
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         self._stderr.seek(0)
-        details = stderr_tail(self._stderr.read())
-        self._stderr.close()
+        details = stderr_tail(self._stderr.read(), lines=12)
+        self._abort()
         raise MediaError(f"{what}: {details}")
 
     def _abort(self) -> None:
@@ -177,5 +220,22 @@ class Mp4Writer:
         except (BrokenPipeError, OSError):
             pass
         self._proc.wait()
-        if os.path.exists(self._partial):
-            os.remove(self._partial)
+        self._audio.put(None)
+        if self._audio_thread.is_alive():  # still blocked opening the FIFO: open its read end
+            try:
+                os.close(os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            self._audio_thread.join(timeout=5)
+        if self.live_path and os.path.exists(self.live_path):
+            os.remove(self.live_path)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._stderr.close()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def _tee_escape(path: str) -> str:
+    """A file name as ffmpeg's tee muxer reads it (its separators backslash-escaped)."""
+    return "".join("\\" + c if c in "\\|[]" else c for c in os.path.abspath(path))
