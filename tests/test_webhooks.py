@@ -1,0 +1,285 @@
+"""Job webhooks (lipsync.jobs.webhooks), delivered to a real local HTTP receiver.
+
+The receiver is ``http.server`` on 127.0.0.1 in a thread; each test scripts
+its answers per path (status and delay) and checks what arrived, including
+the HMAC signature through the public ``verify_signature`` helper.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lipsync.errors import InvalidInputError, NoFaceError
+from lipsync.jobs import JobRequest, WebhookSender, sign, validate_callback_url, verify_signature
+from lipsync.jobs.webhooks import encode_payload
+from tests.test_jobs import SlowService, make_queue, wait_for  # noqa: F401 - make_queue is a fixture
+
+SECRET = "test-secret"
+
+
+class Receiver:
+    """A webhook receiver: records every POST, answers from a per-path script of (status, delay)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.scripts: dict[str, list[tuple[int, float]]] = {}
+        self.default = (200, 0.0)
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                              "at": time.monotonic()})
+                    script = receiver.scripts.get(self.path)
+                    status, delay = script.pop(0) if script else receiver.default
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                except OSError:
+                    pass  # the sender gave up waiting
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def script(self, path: str, *answers: tuple[int, float]) -> str:
+        self.scripts[path] = list(answers)
+        return self.url(path)
+
+    def at(self, path: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def assert_signed(request: dict, secret: str = SECRET) -> dict:
+    headers = request["headers"]
+    assert headers["Content-Type"] == "application/json"
+    assert verify_signature(secret, headers["X-Signature-Timestamp"], request["body"], headers["X-Signature"])
+    return json.loads(request["body"])
+
+
+# --------------------------------------------------------------- signatures
+def test_signature_round_trip_and_rejections():
+    body = b'{"id":"abc","status":"done"}'
+    now = int(time.time())
+    signature = sign(SECRET, now, body)
+    assert signature.startswith("sha256=") and len(signature) == 7 + 64
+    assert verify_signature(SECRET, str(now), body, signature)
+    assert verify_signature(SECRET, now, body, signature)
+    assert not verify_signature("other-secret", now, body, signature)
+    assert not verify_signature(SECRET, now, body + b" ", signature)
+    assert not verify_signature(SECRET, now + 1, body, signature)                     # timestamp is signed
+    assert not verify_signature(SECRET, now, body, signature.upper())
+    assert not verify_signature(SECRET, now, body, "sha256=ünïcode")
+    assert not verify_signature(SECRET, "soon", body, signature)
+    assert not verify_signature(SECRET, now, body, None)
+    old = now - 600
+    assert not verify_signature(SECRET, old, body, sign(SECRET, old, body))          # replay outside tolerance
+    assert verify_signature(SECRET, old, body, sign(SECRET, old, body), tolerance_s=900)
+
+
+def test_callback_urls_must_be_http_or_https_with_a_host():
+    for good in ("http://example.com/hook", "https://hooks.example.com:8443/a?b=c", "http://127.0.0.1:9/x"):
+        assert validate_callback_url(good) == good
+    for bad in ("ftp://example.com/x", "javascript:alert(1)", "file:///etc/passwd", "http://", "example.com/hook",
+                "http://exa mple.com/", "https://example.com/\r\nX-Injected: 1", "http://example.com:99999/",
+                "", None, 42, "http://e.com/" + "a" * 3000):
+        with pytest.raises(InvalidInputError) as info:
+            validate_callback_url(bad)
+        assert info.value.code == "invalid_callback_url" and info.value.status == 400, bad
+
+
+# -------------------------------------------------------- through the queue
+def test_a_done_job_posts_its_signed_final_state(make_queue, receiver):
+    q = make_queue(webhook_backoff=0.05)
+    url = receiver.url("/done")
+    job = q.submit(JobRequest(text="hook me", language="en", callback_url=url))
+    final = q.wait(job.id, timeout=5)
+    assert final["status"] == "done" and final["callback_url"] == url
+    wait_for(lambda: receiver.at("/done"))
+    time.sleep(0.2)
+    [request] = receiver.at("/done")
+    payload = assert_signed(request)
+    assert payload == q.get(job.id)
+    assert request["headers"]["X-Job-Id"] == job.id and request["headers"]["X-Webhook-Attempt"] == "1"
+    assert abs(int(request["headers"]["X-Signature-Timestamp"]) - time.time()) < 10
+    assert request["body"] == encode_payload(payload)
+    wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
+
+
+def test_failed_and_cancelled_jobs_post_too_and_jobs_without_callback_do_not(make_queue, receiver):
+    service = SlowService()
+    service.fail["bad"] = NoFaceError("no face was found")
+    service.hold("busy")
+    q = make_queue(service, webhook_backoff=0.05)
+    busy = q.submit(JobRequest(text="busy", language="en", callback_url=receiver.url("/busy")))
+    assert service.started("busy")
+    queued = q.submit(JobRequest(text="never runs", language="en", callback_url=receiver.url("/queued")))
+    failed = q.submit(JobRequest(text="bad", language="en", callback_url=receiver.url("/failed")))
+    plain = q.submit(JobRequest(text="no hook", language="en"))
+    assert q.cancel(queued.id)
+    assert q.cancel(busy.id)
+    assert q.wait(plain.id, timeout=5)["status"] == "done"
+    wait_for(lambda: receiver.at("/busy") and receiver.at("/queued") and receiver.at("/failed"))
+    assert assert_signed(receiver.at("/busy")[0])["status"] == "cancelled"
+    assert assert_signed(receiver.at("/queued")[0])["status"] == "cancelled"
+    failed_payload = assert_signed(receiver.at("/failed")[0])
+    assert failed_payload["status"] == "failed" and failed_payload["error"]["code"] == "no_face"
+    assert failed_payload["id"] == failed.id
+    time.sleep(0.2)
+    assert len(receiver.requests) == 3
+
+
+def test_a_receiver_failing_twice_with_500_gets_three_attempts(make_queue, receiver):
+    q = make_queue(webhook_backoff=0.1, webhook_retries=5)
+    url = receiver.script("/flaky", (500, 0), (500, 0), (200, 0))
+    job = q.submit(JobRequest(text="flaky receiver", language="en", callback_url=url))
+    assert q.wait(job.id, timeout=5)["status"] == "done"
+    wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
+    time.sleep(0.3)
+    attempts = receiver.at("/flaky")
+    assert len(attempts) == 3
+    assert [a["headers"]["X-Webhook-Attempt"] for a in attempts] == ["1", "2", "3"]
+    for attempt in attempts:
+        assert assert_signed(attempt)["status"] == "done"
+    gaps = [b["at"] - a["at"] for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.09 and gaps[1] >= 0.19, gaps   # exponential: 0.1 s, then 0.2 s
+
+
+def test_the_engine_worker_is_not_blocked_by_a_slow_receiver(make_queue, receiver):
+    # every attempt to /slow outlasts the 0.3 s timeout until the fourth, which answers 200
+    q = make_queue(webhook_backoff=0.1, webhook_retries=5, webhook_timeout=0.3)
+    url = receiver.script("/slow", (200, 1.0), (200, 1.0), (200, 1.0), (200, 0))
+    first = q.submit(JobRequest(text="slow hook", language="en", callback_url=url))
+    second = q.submit(JobRequest(text="next job", language="en", callback_url=receiver.url("/fast")))
+    assert q.wait(second.id, timeout=5)["status"] == "done"
+    assert q.get(first.id)["status"] == "done"
+    assert q.store.webhook_state(first.id) == "pending"      # still retrying...
+    wait_for(lambda: receiver.at("/fast"), timeout=3)         # ...while other deliveries go out
+    wait_for(lambda: q.store.webhook_state(first.id) == "delivered", timeout=10)
+    assert len(receiver.at("/slow")) == 4
+
+
+def test_an_undelivered_webhook_is_sent_again_after_a_restart(make_queue, receiver):
+    q1 = make_queue(webhook_backoff=60)
+    url = receiver.script("/later", (503, 0))
+    job = q1.submit(JobRequest(text="receiver down", language="en", callback_url=url))
+    assert q1.wait(job.id, timeout=5)["status"] == "done"
+    wait_for(lambda: receiver.at("/later"))
+    q1.stop()
+    assert q1.store.webhook_state(job.id) == "pending"        # retry was scheduled a minute later
+    q2 = make_queue(settings=q1.settings, webhook_backoff=0.05)
+    wait_for(lambda: q2.store.webhook_state(job.id) == "delivered")
+    first, second = receiver.at("/later")
+    assert assert_signed(second)["id"] == job.id and assert_signed(second)["status"] == "done"
+
+
+def test_jobs_interrupted_by_a_restart_post_their_failure(make_queue, receiver):
+    service = SlowService()
+    service.hold("stuck")
+    q1 = make_queue(service, webhook_backoff=0.05)
+    running = q1.submit(JobRequest(text="stuck", language="en", callback_url=receiver.url("/running")))
+    queued = q1.submit(JobRequest(text="waiting", language="en", callback_url=receiver.url("/queued")))
+    assert service.started("stuck")
+    q1.stop()
+    q2 = make_queue(settings=q1.settings, webhook_backoff=0.05)
+    wait_for(lambda: q2.store.webhook_state(running.id) == "delivered" == q2.store.webhook_state(queued.id))
+    time.sleep(0.2)
+    [request] = receiver.at("/queued")  # exactly once: failed by q2's start, sent by q2
+    payload = assert_signed(request)
+    assert payload["status"] == "failed" and payload["error"]["code"] == "interrupted"
+    # the running one was failed by q1's stop; its delivery may have left before q1's sender
+    # stopped, and q2 sends it again unless it was confirmed: at least once
+    requests = receiver.at("/running")
+    assert 1 <= len(requests) <= 2
+    assert {assert_signed(r)["error"]["code"] for r in requests} == {"interrupted"}
+
+
+def test_unsigned_deliveries_without_a_secret(make_queue, receiver):
+    q = make_queue(webhook_secret=None)
+    job = q.submit(JobRequest(text="unsigned", language="en", callback_url=receiver.url("/plain")))
+    assert q.wait(job.id, timeout=5)["status"] == "done"
+    wait_for(lambda: receiver.at("/plain"))
+    [request] = receiver.at("/plain")
+    assert "X-Signature" not in request["headers"] and request["headers"]["X-Signature-Timestamp"]
+    assert json.loads(request["body"])["status"] == "done"
+
+
+# ------------------------------------------------------- the sender itself
+def _sender(**kwargs):
+    results: list[tuple] = []
+    sender = WebhookSender(SECRET, on_result=lambda *r: results.append(r), **kwargs)
+    sender.start()
+    return sender, results
+
+
+def test_sender_gives_up_after_the_configured_retries(receiver):
+    sender, results = _sender(retries=2, timeout=2, backoff=0.02)
+    try:
+        url = receiver.script("/down", *[(500, 0)] * 10)
+        sender.send(url, {"id": "x"}, key="x")
+        wait_for(lambda: results, timeout=5)
+        assert results == [("x", False, 3, "HTTP 500")]
+        assert len(receiver.at("/down")) == 3
+    finally:
+        sender.stop()
+
+
+def test_sender_does_not_retry_4xx_or_follow_redirects(receiver):
+    sender, results = _sender(retries=3, timeout=2, backoff=0.02)
+    try:
+        sender.send(receiver.script("/gone", (410, 0)), {"id": "a"}, key="a")
+        sender.send(receiver.script("/moved", (302, 0)), {"id": "b"}, key="b")
+        wait_for(lambda: len(results) == 2, timeout=5)
+        assert sorted(results) == [("a", False, 1, "HTTP 410"), ("b", False, 1, "HTTP 302")]
+        assert len(receiver.at("/gone")) == 1 and len(receiver.at("/moved")) == 1
+    finally:
+        sender.stop()
+
+
+def test_sender_retries_timeouts_and_refused_connections(receiver):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    sender, results = _sender(retries=2, timeout=0.3, backoff=0.02)
+    try:
+        sender.send(receiver.script("/sleepy", (200, 1.0), (200, 0)), {"id": "t"}, key="t")
+        sender.send(f"http://127.0.0.1:{closed_port}/hook", {"id": "r"}, key="r")
+        wait_for(lambda: len(results) == 2, timeout=10)
+        by_key = {r[0]: r for r in results}
+        assert by_key["t"][1:3] == (True, 2)
+        assert by_key["r"][1:3] == (False, 3) and "refused" in by_key["r"][3].lower()
+        assert sender.wait_idle(1)
+    finally:
+        sender.stop()
