@@ -10,15 +10,20 @@ live in ``app.config["SETTINGS"]``; the preloaded pipeline lives in
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import tempfile
 import threading
+import time
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from flask import (Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_file,
+                   stream_with_context, url_for)
 from werkzeug.exceptions import HTTPException
 
 from lipsync.errors import InvalidInputError, LipsyncError
+from lipsync.jobs import JobQueue, JobRequest, LocalJobQueue
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
 from lipsync.tts.base import LANGUAGES
@@ -32,8 +37,12 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the app. ``config`` may hold ``SETTINGS`` (a ``Settings``) and
-    ``LOAD_IN_BACKGROUND`` (default True: serve health while models load)."""
+    """Build the app.
+
+    ``config`` may hold ``SETTINGS`` (a ``Settings``), ``LOAD_IN_BACKGROUND``
+    (default True: serve health while models load) and ``JOB_QUEUE`` (a
+    started ``JobQueue``; default: a ``LocalJobQueue`` over the service).
+    """
     app = Flask(__name__)
     app.config.update(LOAD_IN_BACKGROUND=True)
     app.config.update(config or {})
@@ -49,6 +58,12 @@ def create_app(config: dict | None = None) -> Flask:
         threading.Thread(target=service.load, name="lipsync-load", daemon=True).start()
     else:
         service.load()
+    jobs = app.config.get("JOB_QUEUE")
+    if jobs is None:
+        jobs = LocalJobQueue(service, settings)
+        jobs.start()
+        atexit.register(jobs.stop)
+    app.extensions["jobs"] = jobs
 
     app.register_blueprint(pages)
     app.register_blueprint(api)
@@ -60,6 +75,10 @@ def create_app(config: dict | None = None) -> Flask:
 
 def _service() -> LipsyncService:
     return current_app.extensions["lipsync"]
+
+
+def _jobs() -> JobQueue:
+    return current_app.extensions["jobs"]
 
 
 # --------------------------------------------------------------------- pages
@@ -106,6 +125,110 @@ def generate():
     return Response(body, mimetype="video/mp4", headers=headers)
 
 
+@api.post("/jobs")
+def submit_job():
+    inputs = _generate_inputs()  # validated: a JSON object or a multipart form
+    if request.mimetype == "multipart/form-data":
+        callback = request.form.get("callback_url")
+    else:
+        callback = request.get_json(force=True, silent=True).get("callback_url")
+    job = _jobs().submit(JobRequest(**inputs, callback_url=callback))
+    state = {**job.to_dict(), **_job_urls(job.id)}
+    return jsonify(state), 202, {"Location": state["status_url"]}
+
+
+def _job_urls(job_id: str) -> dict:
+    return {"status_url": url_for("api.job_status", job_id=job_id),
+            "events_url": url_for("api.job_events", job_id=job_id),
+            "video_url": url_for("api.job_video", job_id=job_id),
+            "stream_url": url_for("api.job_stream", job_id=job_id)}
+
+
+def _job_or_404(job_id: str) -> dict:
+    state = _jobs().get(job_id)
+    if state is None:
+        raise LipsyncError("no such job (it may have expired)", code="job_not_found", status=404)
+    return state
+
+
+@api.get("/jobs/<job_id>")
+def job_status(job_id: str):
+    return jsonify({**_job_or_404(job_id), **_job_urls(job_id)})
+
+
+@api.get("/jobs/<job_id>/events")
+def job_events(job_id: str):
+    _job_or_404(job_id)
+    jobs = _jobs()
+
+    def stream():
+        for state in jobs.events(job_id, timeout=300, heartbeat=15):
+            yield ": keep-alive\n\n" if state is None else f"data: {json.dumps(state)}\n\n"
+
+    return Response(stream_with_context(stream()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@api.get("/jobs/<job_id>/video")
+def job_video(job_id: str):
+    state = _job_or_404(job_id)
+    path = _jobs().result_path(job_id)
+    if path is None:
+        raise LipsyncError(f"the video is not ready (job {state['status']})", code="job_not_done", status=409)
+    return send_file(path, mimetype="video/mp4", conditional=True, download_name="avatar.mp4")
+
+
+@api.get("/jobs/<job_id>/stream")
+def job_stream(job_id: str):
+    """The video while it is being made: fragmented MP4 over a chunked response.
+
+    Once the job is done this is the finished file (with Range support).
+    """
+    state = _job_or_404(job_id)
+    jobs = _jobs()
+    deadline = time.monotonic() + 300
+    live = None
+    # Wait for the first fragment (the job may still be queued or speaking).
+    while state["status"] in ("queued", "running") and time.monotonic() < deadline:
+        live = jobs.live_path(job_id)
+        if live is not None:
+            break
+        time.sleep(0.05)
+        state = jobs.get(job_id) or state
+    if live is None:
+        return job_video(job_id)
+    try:
+        handle = open(live, "rb")
+    except FileNotFoundError:  # finished in between: the live copy is gone
+        return job_video(job_id)
+
+    def follow():
+        with handle:
+            while True:
+                chunk = handle.read(256 * 1024)
+                if chunk:
+                    yield chunk
+                    continue
+                current = jobs.get(job_id)
+                if current is None or current["status"] not in ("queued", "running"):
+                    rest = handle.read()
+                    if rest:
+                        yield rest
+                    return
+                time.sleep(0.05)
+
+    return Response(stream_with_context(follow()), mimetype="video/mp4", headers={"Cache-Control": "no-cache"})
+
+
+@api.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    jobs = _jobs()
+    if not jobs.cancel(job_id):
+        raise LipsyncError("no such job (it may have expired)", code="job_not_found", status=404)
+    state = jobs.get(job_id)
+    return (jsonify(state), 200) if state is not None else ("", 204)
+
+
 def _generate_inputs() -> dict:
     """The generate request as keyword arguments of ``LipsyncService.generate``.
 
@@ -140,7 +263,8 @@ def _generate_inputs() -> dict:
 def _lipsync_error(exc: LipsyncError):
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
-    return jsonify(exc.to_dict()), exc.status
+    retry_after = getattr(exc, "retry_after", None)
+    return jsonify(exc.to_dict()), exc.status, ({"Retry-After": str(retry_after)} if retry_after else {})
 
 
 def _http_error(exc: HTTPException):

@@ -138,7 +138,7 @@ class Mp4Writer:
         final = f"[f=mp4:movflags=+faststart]{_tee_escape(self._partial)}"
         # The live copy is the same encoded stream in fragments, written while
         # encoding (the tee muxer: one encode, two files).
-        live = f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof]{_tee_escape(live_path)}" \
+        live = f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof:flush_packets=1]{_tee_escape(live_path)}" \
             if live_path else ""
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
@@ -147,6 +147,7 @@ class Mp4Writer:
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
                "-g", str(2 * fps),  # a keyframe (a live fragment) every 2 s: streaming starts early
                "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
+               "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self._audio: queue.Queue[bytes | None] = queue.Queue()

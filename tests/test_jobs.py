@@ -91,7 +91,8 @@ class SlowService:
             raise InvalidInputError("bad language", code="unsupported_language")
         return text, language
 
-    def generate(self, out_path, *, text=None, language=None, recording=None, avatar_image=None, progress=None):
+    def generate(self, out_path, *, text=None, language=None, recording=None, avatar_image=None, progress=None,
+                 live_path=None):
         report = progress or (lambda stage, fraction: None)
 
         def tick(stage, fraction):

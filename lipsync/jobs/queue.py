@@ -82,6 +82,7 @@ RUNNING_PROGRESS_MAX = 0.99
 CANCEL_CHECK_INTERVAL = 0.5  # s: how often an unchanged render re-reads its status from the store
 
 RESULT_NAME = "video.mp4"
+LIVE_NAME = "live.mp4"  # fragmented copy growing while the job renders (streaming)
 RECORDING_NAME = "recording.bin"
 AVATAR_NAME = "avatar.bin"
 
@@ -177,6 +178,10 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     def result_path(self, job_id: str) -> str | None:
         """Path of a done job's MP4, None otherwise."""
+
+    @abc.abstractmethod
+    def live_path(self, job_id: str) -> str | None:
+        """Path of the fragmented MP4 growing while the job runs, None when not running."""
 
 
 class _Abort(Exception):
@@ -333,6 +338,15 @@ class LocalJobQueue(JobQueue):
         if row is None or row["status"] != DONE:
             return None
         path = os.path.join(self._job_dir(job_id), RESULT_NAME)
+        return path if os.path.isfile(path) else None
+
+    def live_path(self, job_id: str) -> str | None:
+        if not valid_job_id(job_id):
+            return None
+        row = self.store.row(job_id)
+        if row is None or row["status"] != RUNNING:
+            return None
+        path = os.path.join(self._job_dir(job_id), LIVE_NAME)
         return path if os.path.isfile(path) else None
 
     def events(self, job_id: str, timeout: float | None = None, *,
@@ -522,7 +536,8 @@ class LocalJobQueue(JobQueue):
             current = self.store.row(job_id)
             if current is None or current["status"] != RUNNING:
                 raise _Abort("gone")
-            result = self.service.generate(out_path, progress=report, **kwargs)
+            result = self.service.generate(out_path, progress=report, live_path=os.path.join(job_dir, LIVE_NAME),
+                                           **kwargs)
             check_abort()
             if not os.path.isfile(out_path):
                 raise LipsyncError("the pipeline finished without writing the video", code="media_error")
@@ -548,7 +563,7 @@ class LocalJobQueue(JobQueue):
             ended = self.store.finish(job_id, FAILED, now=now, from_statuses=(RUNNING,), stage=state["stage"],
                                       progress=state["progress"], error=details)
         else:
-            for name in (RECORDING_NAME, AVATAR_NAME):
+            for name in (RECORDING_NAME, AVATAR_NAME, LIVE_NAME):
                 _unlink(os.path.join(job_dir, name))
             timings = dict(result.timings)
             timings["queue_wait"] = round(max(0.0, (row["started_at"] - row["created_at"]) * 1000.0), 1)
