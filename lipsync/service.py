@@ -26,7 +26,7 @@ from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.settings import Settings
 from lipsync.text import split_sentences
-from lipsync.tts.base import LANGUAGES, Speech
+from lipsync.tts.base import Speech, validate_request
 
 log = logging.getLogger("lipsync")
 
@@ -174,15 +174,10 @@ class LipsyncService:
         """Check a text request; returns (text, language) or raises a 4xx ``LipsyncError``."""
         if not isinstance(text, str):
             raise InvalidInputError("'text' must be a string", code="invalid_text")
-        if not text.strip():
-            raise InvalidInputError("'text' is empty", code="empty_text")
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(f"'text' has {len(text)} characters; the limit is "
                                        f"{self.settings.max_text_chars}", code="text_too_long")
-        if not isinstance(language, str) or language not in LANGUAGES:
-            raise InvalidInputError(f"'language' must be one of {', '.join(LANGUAGES)}",
-                                    code="unsupported_language")
-        return text, language
+        return validate_request(text, language)
 
     def speech_from_recording(self, data: bytes) -> Speech:
         """Decode an uploaded recording (any format ffmpeg reads) into 16 kHz speech."""

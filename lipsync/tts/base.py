@@ -7,7 +7,24 @@ from typing import Protocol
 
 import numpy as np
 
+from lipsync.errors import InvalidInputError
+
 LANGUAGES = ("ru", "kk", "en")
+
+
+def validate_request(text: str, language: str) -> tuple[str, str]:
+    """Check a synthesis request; returns (text, language) cleaned up.
+
+    Raises ``InvalidInputError`` with code ``empty_text`` or
+    ``unsupported_language``. Shared by every provider.
+    """
+    lang = language.strip().lower() if isinstance(language, str) else ""
+    if lang not in LANGUAGES:
+        raise InvalidInputError(f"unsupported language {language!r}: use one of {', '.join(LANGUAGES)}",
+                                code="unsupported_language")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("the text is empty", code="empty_text")
+    return text, lang
 
 
 @dataclass(frozen=True)

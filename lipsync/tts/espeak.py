@@ -29,7 +29,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from lipsync.errors import InvalidInputError, TTSError
-from lipsync.tts.base import LANGUAGES, PhonemeEvent, Speech
+from lipsync.tts.base import PhonemeEvent, Speech, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -193,21 +193,6 @@ def _engine() -> _Engine:
     if _ENGINE is None:
         _ENGINE = _Engine()
     return _ENGINE
-
-
-def validate_request(text: str, language: str) -> tuple[str, str]:
-    """Check a synthesis request; returns (text, language) cleaned up.
-
-    Raises ``InvalidInputError`` with code ``empty_text`` or
-    ``unsupported_language``. Shared by every provider.
-    """
-    lang = language.strip().lower() if isinstance(language, str) else ""
-    if lang not in LANGUAGES:
-        raise InvalidInputError(f"unsupported language {language!r}: use one of {', '.join(LANGUAGES)}",
-                                code="unsupported_language")
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError("the text is empty", code="empty_text")
-    return text, lang
 
 
 def is_pause(phoneme: str) -> bool:
