@@ -1,78 +1,639 @@
-// The page: health badge, character counter, generate (text or recording), player, stats.
+// The page: interface language, health badge, character counter, jobs (submit, follow over SSE,
+// stream while rendering, cancel), player and download, and this browser's recent videos.
+// Everything is wired up here with addEventListener and data-* attributes: the page needs no
+// inline script or handler, so a Content-Security-Policy without 'unsafe-inline' works.
 (function () {
   "use strict";
+
+  const I18N = window.I18N || {};
+  const UI_LANGS = ["ru", "kk", "en"];
+  const STAGES = ["tts", "audio", "lipsync", "encode"];
+  const KEYS = { uiLang: "talking-avatar.ui-lang", speechLang: "talking-avatar.speech-lang",
+                 history: "talking-avatar.history", apiKey: "talking-avatar.api-key" };
+  const HISTORY_MAX = 5;
+
   const $ = (id) => document.getElementById(id);
-  const form = $("generate-form"), text = $("text"), counter = $("counter"), button = $("generate");
-  const errorBox = $("error"), player = $("player"), download = $("download"), stats = $("stats");
-  const maxChars = Number(document.currentScript.dataset.maxChars);
-  let lastUrl = null;
+  const form = $("generate-form"), text = $("text"), counter = $("counter"), language = $("language");
+  const audio = $("audio"), audioName = $("audio-name"), audioClear = $("audio-clear"), audioHint = $("audio-hint");
+  const generate = $("generate"), progress = $("progress"), progressFill = $("progress-fill");
+  const progressLabel = $("progress-label"), cancel = $("cancel"), stages = $("stages");
+  const errorBox = $("error"), notice = $("notice"), health = $("health");
+  const avatar = $("avatar"), avatarMissing = $("avatar-missing"), player = $("player");
+  const download = $("download"), stats = $("stats");
+  const historyList = $("history"), historyEmpty = $("history-empty"), historyClear = $("history-clear");
+  const apiKeyField = $("api-key-field"), apiKeyInput = $("api-key");
 
-  function showError(message) { errorBox.textContent = message; errorBox.hidden = !message; }
+  const maxChars = Number(text.dataset.maxChars) || 5000;
+  const maxUploadBytes = Number(audio.dataset.maxUploadBytes) || 0;
+  const maxUploadMb = audioHint.dataset.mb || String(Math.floor(maxUploadBytes / 1048576));
 
-  function updateCounter() { counter.textContent = `${text.value.length} / ${maxChars}`; }
-  text.addEventListener("input", updateCounter);
-  updateCounter();
+  let uiLang = "en";
+  let lastHealth = null;   // {state: loading|ready|error|unreachable, data}
+  let lastError = null;    // the error shown: {code, error, status, retryAfter}
+  let lastNotice = null;   // the i18n key of the notice shown
+  let shownStats = null;   // {duration, frames, engine, total}
+  let avatarOk = null;     // null: loading, true/false: the preview image loaded or failed
+  let job = null;          // the job this page follows (see submit())
+
+  // ------------------------------------------------------------------ storage
+  function load(key, fallback) {
+    try {
+      const raw = localStorage.getItem(key);
+      return raw === null ? fallback : JSON.parse(raw);
+    } catch (e) { return fallback; }
+  }
+  function save(key, value) {
+    try { localStorage.setItem(key, JSON.stringify(value)); } catch (e) { /* private mode, quota */ }
+  }
+
+  // ------------------------------------------------------------------ API key
+  // Only when the server asks for one (401 unauthorized). Fetches send it as X-API-Key; the
+  // EventSource, the <video> and the download links cannot send headers, so their URLs carry
+  // ?api_key= (the server accepts that on GET/HEAD).
+  let apiKey = String(load(KEYS.apiKey, "") || "");
+  function keyHeaders(headers) {
+    const out = Object.assign({}, headers);
+    if (apiKey) out["X-API-Key"] = apiKey;
+    return out;
+  }
+  function withKey(url) {
+    if (!apiKey || !url) return url;
+    const u = new URL(url, window.location.href);
+    u.searchParams.set("api_key", apiKey);
+    return u.pathname + u.search;
+  }
+  function showApiKeyField(focus) {
+    apiKeyField.hidden = false;
+    if (focus) apiKeyInput.focus();
+  }
+  apiKeyInput.value = apiKey;
+  apiKeyField.hidden = !apiKey;
+  apiKeyInput.addEventListener("input", () => {
+    apiKey = apiKeyInput.value.trim();
+    save(KEYS.apiKey, apiKey);
+    if (lastError && lastError.code === "unauthorized") showError(null);
+    renderHistory();
+  });
+
+  // --------------------------------------------------------------------- i18n
+  function fill(template, vars) {
+    return String(template).replace(/\{(\w+)\}/g, (m, k) => (vars && vars[k] !== undefined && vars[k] !== null ? vars[k] : m));
+  }
+  function t(key, vars) {
+    const own = (I18N[uiLang] || {})[key];
+    const value = own !== undefined ? own : (I18N.en || {})[key];
+    return fill(value !== undefined ? value : key, Object.assign({ max: maxChars, mb: maxUploadMb }, vars));
+  }
+  function num(value, digits) {
+    return new Intl.NumberFormat(uiLang, { maximumFractionDigits: digits, minimumFractionDigits: digits }).format(value);
+  }
+  // An error in the interface language: by its stable code, else the server's English text.
+  function errorText(err) {
+    const vars = { max: maxChars, mb: maxUploadMb, seconds: err.retryAfter || 10, status: err.status || "?" };
+    const own = ((I18N[uiLang] || {}).errors || {})[err.code];
+    if (own) return fill(own, vars);
+    if (err.error) return String(err.error);
+    const en = (I18N.en || {}).errors || {};
+    const http = ((I18N[uiLang] || {}).errors || {}).http || en.http || "HTTP {status}";
+    return fill(en[err.code] || http, vars);
+  }
+
+  function initialLang() {
+    const saved = load(KEYS.uiLang, null);
+    if (UI_LANGS.includes(saved)) return saved;
+    const prefs = (navigator.languages && navigator.languages.length) ? navigator.languages : [navigator.language || ""];
+    for (const pref of prefs) {
+      const base = String(pref).toLowerCase().split(/[-_]/)[0];
+      if (base === "kz") return "kk";
+      if (UI_LANGS.includes(base)) return base;
+    }
+    return "en";
+  }
+
+  function setUiLang(lang, remember) {
+    uiLang = UI_LANGS.includes(lang) ? lang : "en";
+    if (remember) save(KEYS.uiLang, uiLang);
+    document.documentElement.lang = uiLang;
+    document.title = t("page_title");
+    for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
+    for (const [attr, prop] of [["placeholder", "i18nPlaceholder"], ["alt", "i18nAlt"], ["aria-label", "i18nAriaLabel"]]) {
+      for (const node of document.querySelectorAll(`[data-i18n-${attr}]`)) node.setAttribute(attr, t(node.dataset[prop]));
+    }
+    for (const button of document.querySelectorAll("[data-ui-lang]")) {
+      button.setAttribute("aria-pressed", String(button.dataset.uiLang === uiLang));
+    }
+    renderCounter(); renderAudioChoice(); renderHealth(); renderProgress(); renderMessages(); renderStats(); renderHistory();
+  }
+
+  for (const button of document.querySelectorAll("[data-ui-lang]")) {
+    button.addEventListener("click", () => setUiLang(button.dataset.uiLang, true));
+  }
+
+  // ------------------------------------------------------- messages (error, notice)
+  function showError(err) {
+    lastError = err;
+    renderMessages();
+    if (err && err.code === "unauthorized") showApiKeyField(true);
+  }
+  function showNotice(key) { lastNotice = key; renderMessages(); }
+  function renderMessages() {
+    errorBox.hidden = !lastError;
+    errorBox.textContent = lastError ? errorText(lastError) : "";
+    errorBox.dataset.code = lastError ? (lastError.code || "") : "";
+    notice.hidden = !lastNotice;
+    notice.textContent = lastNotice ? t(lastNotice) : "";
+  }
+
+  // ------------------------------------------------------------- text and upload
+  function renderCounter() {
+    const n = text.value.length;
+    counter.textContent = t("counter", { n: n, max: maxChars });
+    counter.title = t("counter_label", { n: n, max: maxChars });
+    counter.dataset.level = n >= maxChars ? "full" : n >= maxChars * 0.9 ? "near" : "ok";
+  }
+  text.addEventListener("input", () => {
+    renderCounter();
+    if (lastError && ["empty_text", "missing_input"].includes(lastError.code) && text.value.trim()) showError(null);
+  });
+  text.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); form.requestSubmit(); }
+  });
+
+  function chosenFile() { return (audio.files && audio.files[0]) || null; }
+  function renderAudioChoice() {
+    const file = chosenFile();
+    audioClear.hidden = !file;
+    form.classList.toggle("has-recording", !!file);
+    language.disabled = !!file || form.classList.contains("busy");
+    audioName.textContent = file ? file.name : t("no_file");
+    audioName.dataset.chosen = String(!!file);
+  }
+  audio.addEventListener("change", () => {
+    renderAudioChoice();
+    const file = chosenFile();
+    if (file && maxUploadBytes && file.size > maxUploadBytes) showError({ code: "upload_too_large" });
+    else if (lastError) showError(null);
+  });
+  audioClear.addEventListener("click", () => {
+    audio.value = "";
+    renderAudioChoice();
+    if (lastError && lastError.code === "upload_too_large") showError(null);
+    audio.focus();
+  });
+
+  const savedSpeech = load(KEYS.speechLang, null);
+  language.addEventListener("change", () => save(KEYS.speechLang, language.value));
+
+  // ------------------------------------------------------------------ health
+  function renderHealth() {
+    const state = lastHealth ? lastHealth.state : "loading";
+    const h = (lastHealth && lastHealth.data) || {};
+    health.dataset.state = state === "unreachable" ? "error" : state;
+    health.replaceChildren();
+    const strong = document.createElement("strong");
+    if (state === "ready") {
+      strong.textContent = t("health_ready");
+      const details = document.createElement("span");
+      details.textContent = t("health_details", { engine: h.engine, device: h.device, tts: h.tts_provider });
+      health.append(strong, details);
+    } else if (state === "error") {
+      strong.textContent = t("health_error");
+      const details = document.createElement("span");
+      details.textContent = h.error || "";
+      health.append(strong, details);
+    } else {
+      strong.textContent = t(state === "unreachable" ? "health_unreachable" : "health_loading");
+      health.append(strong);
+    }
+  }
 
   async function pollHealth() {
-    const badge = $("health");
+    let delay = 2000;
     try {
-      const r = await fetch("/api/health");
-      const h = await r.json();
-      badge.dataset.state = h.status;
-      badge.textContent = h.status === "ready"
-        ? `Ready · engine ${h.engine} · ${h.device} · TTS ${h.tts_provider}`
-        : h.status === "error" ? `Error: ${h.error}` : "Loading models…";
-      if (h.status === "ready") { $("avatar").src = "/api/avatar?" + Date.now(); return; }
-    } catch (e) { badge.textContent = "Server unreachable"; badge.dataset.state = "error"; }
-    setTimeout(pollHealth, 2000);
-  }
-  pollHealth();
-
-  function showStats(response) {
-    stats.innerHTML = "";
-    const rows = [["Video", `${response.headers.get("X-Video-Duration")} s, ${response.headers.get("X-Video-Frames")} frames`],
-                  ["Engine", response.headers.get("X-Engine")],
-                  ["Total", `${response.headers.get("X-Processing-Time")} s`]];
-    for (const part of (response.headers.get("Server-Timing") || "").split(",")) {
-      const m = part.trim().match(/^(\w+);dur=([\d.]+)$/);
-      if (m && m[1] !== "total") rows.push([m[1], `${(Number(m[2]) / 1000).toFixed(2)} s`]);
+      const response = await fetch("/api/health", { cache: "no-store" });
+      const h = await response.json();
+      lastHealth = { state: h.status === "ready" ? "ready" : h.status === "error" ? "error" : "loading", data: h };
+      if (h.status === "ready") {
+        delay = 30000;
+        if (avatarOk === false) avatar.src = avatar.src.split("?")[0] + "?" + Date.now();
+      }
+    } catch (e) {
+      lastHealth = { state: "unreachable", data: null };
+      delay = 5000;
     }
-    for (const [k, v] of rows) {
-      const dt = document.createElement("dt"); dt.textContent = k;
-      const dd = document.createElement("dd"); dd.textContent = v;
+    renderHealth();
+    setTimeout(pollHealth, delay);
+  }
+
+  // ------------------------------------------------------------ screen: avatar or video
+  function showScreen(which) {
+    const video = which === "player";
+    player.hidden = !video;
+    avatar.hidden = video || avatarOk === false;
+    avatarMissing.hidden = video || avatarOk !== false;
+  }
+  avatar.addEventListener("load", () => { avatarOk = true; showScreen(player.hidden ? "avatar" : "player"); });
+  avatar.addEventListener("error", () => { avatarOk = false; showScreen(player.hidden ? "avatar" : "player"); });
+  if (avatar.complete) avatarOk = avatar.naturalWidth > 0;  // it may have loaded/failed before this script ran
+
+  function setSource(url, kind) {
+    player.dataset.source = kind;
+    player.src = withKey(url);
+    showScreen("player");
+  }
+  // On a phone the player is below the form: bring it into view when the video starts.
+  function revealPlayer() {
+    const box = player.getBoundingClientRect();
+    if (box.top >= window.innerHeight || box.bottom <= 0) {
+      const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+      player.scrollIntoView({ block: "nearest", behavior: smooth ? "smooth" : "auto" });
+    }
+  }
+  function resetPlayer() {
+    player.pause();
+    player.removeAttribute("src");
+    delete player.dataset.source;
+    player.load();
+    showScreen("avatar");
+    download.hidden = true;
+    download.removeAttribute("href");
+    shownStats = null;
+    renderStats();
+  }
+  function setDownload(url, id) {
+    download.href = withKey(url);
+    download.download = `avatar-${String(id).slice(0, 8)}.mp4`;
+    download.hidden = false;
+  }
+  // The finished file replaces the live stream (seekable, with its duration), at the same moment.
+  function switchToFinal(url) {
+    const fromStream = player.dataset.source === "stream";
+    const at = fromStream ? player.currentTime : 0;
+    const userPaused = fromStream && player.paused && at > 0;
+    setSource(url, "final");
+    if (at > 0) {
+      player.addEventListener("loadedmetadata", () => {
+        try { player.currentTime = Math.min(at, player.duration || at); } catch (e) { /* not seekable yet */ }
+      }, { once: true });
+    }
+    if (!userPaused) player.play().catch(() => {});
+  }
+  player.addEventListener("error", async () => {
+    const source = player.dataset.source;
+    if (!source || !player.getAttribute("src")) return;
+    if (source === "stream") {  // the final file follows when the job is done
+      if (job && job.state && job.state.status === "done") switchToFinal(job.urls.video);
+      return;
+    }
+    if (source === "history") {
+      try {
+        const r = await fetch(player.getAttribute("src"), { method: "HEAD", cache: "no-store", headers: keyHeaders() });
+        if (r.status === 404) {
+          dropHistory(new Set([player.dataset.jobId]));
+          resetPlayer();
+          showError({ code: "job_not_found" });
+          return;
+        }
+      } catch (e) { /* unreachable: report the playback error below */ }
+    }
+    showError({ code: "video_error" });
+  });
+
+  function renderStats() {
+    stats.replaceChildren();
+    stats.hidden = !shownStats;
+    if (!shownStats) return;
+    const rows = [];
+    if (shownStats.duration != null) rows.push(["stat_duration", t("seconds", { n: num(shownStats.duration, 2) })]);
+    if (shownStats.frames != null) rows.push(["stat_frames", String(shownStats.frames)]);
+    if (shownStats.engine) rows.push(["stat_engine", shownStats.engine]);
+    if (shownStats.total != null) rows.push(["stat_made_in", t("seconds", { n: num(shownStats.total / 1000, 1) })]);
+    for (const [key, value] of rows) {
+      const dt = document.createElement("dt");
+      dt.textContent = t(key);
+      const dd = document.createElement("dd");
+      dd.textContent = value;
       stats.append(dt, dd);
     }
-    stats.hidden = false;
   }
 
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    showError("");
-    const file = $("audio").files[0];
-    if (!file && !text.value.trim()) { showError("Please type some text or choose a recording."); return; }
-    let body, headers = {};
-    if (file) { body = new FormData(); body.append("audio", file); }
-    else { body = JSON.stringify({ text: text.value, language: $("language").value }); headers["Content-Type"] = "application/json"; }
-    button.disabled = true; button.textContent = "Generating…";
+  // -------------------------------------------------------------------- jobs
+  // Cancel is switched off with aria-disabled, not `disabled`: a disabled button loses focus.
+  function setCancelUsable(usable) { cancel.setAttribute("aria-disabled", String(!usable)); }
+  function cancelUsable() { return cancel.getAttribute("aria-disabled") !== "true"; }
+
+  function setBusy(busy) {
+    const cancelHadFocus = document.activeElement === cancel;
+    form.classList.toggle("busy", busy);
+    form.setAttribute("aria-busy", String(busy));
+    generate.hidden = busy;
+    progress.hidden = !busy;
+    stages.hidden = !busy;
+    cancel.hidden = !busy;
+    text.readOnly = busy;
+    audio.disabled = busy;
+    audioClear.disabled = busy;
+    renderAudioChoice();
+    if (!busy && cancelHadFocus) generate.focus();
+  }
+
+  // For a recording, the "tts" stage is reading (decoding) the upload.
+  function stageKey(stage) {
+    return stage === "tts" && job && job.entry.kind === "recording" ? "stage_rec" : `stage_${stage}`;
+  }
+  function stageText(state) {
+    if (!state) return t("stage_starting");
+    if (state.status === "queued") return state.queue_position ? t("stage_queued_n", { n: state.queue_position }) : t("stage_queued");
+    if (state.status === "done") return t("stage_done");
+    if (STAGES.includes(state.stage)) return t(`${stageKey(state.stage)}_long`);
+    return t("stage_starting");
+  }
+
+  function renderProgress() {
+    if (!job) return;
+    const state = job.state;
+    const pct = state ? Math.round((state.status === "done" ? 1 : state.progress || 0) * 100) : 0;
+    const label = stageText(state);
+    progressLabel.textContent = state && state.status !== "queued" ? t("progress_label", { stage: label, n: pct }) : label;
+    progressFill.style.width = `${pct}%`;  // CSSOM: allowed under a CSP without 'unsafe-inline'
+    progress.setAttribute("aria-valuenow", String(pct));
+    progress.setAttribute("aria-valuetext", progressLabel.textContent);
+    progress.dataset.status = state ? state.status : "starting";
+    progress.dataset.stage = (state && state.stage) || "";
+    const current = state ? STAGES.indexOf(state.stage) : -1;
+    for (const item of stages.children) {
+      const index = STAGES.indexOf(item.dataset.stage);
+      item.textContent = t(stageKey(item.dataset.stage));
+      item.dataset.state = (state && state.status === "done") || (current >= 0 && index < current) ? "done"
+        : index === current && state.status === "running" ? "active" : "pending";
+    }
+  }
+
+  async function readError(response) {
+    let body = null;
+    try { body = await response.json(); } catch (e) { /* not JSON */ }
+    const retry = Number(response.headers.get("Retry-After")) || (body && Number(body.retry_after)) || null;
+    return { code: body && body.code, error: body && body.error, status: response.status, retryAfter: retry };
+  }
+
+  form.addEventListener("submit", (event) => { event.preventDefault(); submit(); });
+
+  async function submit() {
+    if (job && !job.ended) return;
+    showError(null);
+    showNotice(null);
+    const file = chosenFile();
+    if (!file && !text.value.trim()) { showError({ code: "empty_text" }); text.focus(); return; }
+    if (file && maxUploadBytes && file.size > maxUploadBytes) { showError({ code: "upload_too_large" }); return; }
+    if (!file && text.value.length > maxChars) { showError({ code: "text_too_long" }); return; }
+
+    let body;
+    const headers = {};
+    if (file) {
+      body = new FormData();
+      body.append("audio", file, file.name);
+    } else {
+      body = JSON.stringify({ text: text.value, language: language.value });
+      headers["Content-Type"] = "application/json";
+    }
+    const mine = { id: null, urls: null, state: null, ended: false, events: null, timer: null, streaming: false,
+                   entry: file ? { kind: "recording", name: file.name }
+                               : { kind: "text", text: text.value.trim().slice(0, 200), language: language.value } };
+    // The Generate button is about to hide: keyboard focus goes to Cancel once that is usable.
+    const moveFocus = document.activeElement === generate || document.activeElement === document.body;
+    job = mine;
+    resetPlayer();
+    setBusy(true);
+    setCancelUsable(false);  // until the job has an id
+    renderProgress();
+    if (moveFocus) cancel.focus();
+
+    let response;
     try {
-      const response = await fetch("/api/generate", { method: "POST", body, headers });
-      if (!response.ok) {
-        let message = `Request failed (${response.status})`;
-        try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
-        showError(message);
+      response = await fetch("/api/jobs", { method: "POST", body: body, headers: keyHeaders(headers) });
+    } catch (e) {
+      endJob(mine);
+      showError({ code: "network" });
+      return;
+    }
+    if (!response.ok) {
+      const err = await readError(response);
+      endJob(mine);
+      showError(err);
+      return;
+    }
+    let state;
+    try { state = await response.json(); } catch (e) { state = null; }
+    if (!state || !state.id) {
+      endJob(mine);
+      showError({ code: null, status: response.status });
+      return;
+    }
+    mine.id = state.id;
+    mine.urls = { status: state.status_url, events: state.events_url, video: state.video_url, stream: state.stream_url };
+    setCancelUsable(true);
+    apply(mine, state);
+    if (!mine.ended) follow(mine);
+  }
+
+  function follow(mine) {
+    if (!window.EventSource) { poll(mine); return; }
+    const events = new EventSource(withKey(mine.urls.events));
+    mine.events = events;
+    events.addEventListener("message", (event) => {
+      let state;
+      try { state = JSON.parse(event.data); } catch (e) { return; }
+      apply(mine, state);
+    });
+    events.addEventListener("error", () => {
+      // CONNECTING: the browser reconnects by itself; CLOSED: give up on SSE and poll.
+      if (!mine.ended && events.readyState === EventSource.CLOSED) { mine.events = null; poll(mine); }
+    });
+  }
+
+  async function poll(mine) {
+    if (mine.ended) return;
+    try {
+      const response = await fetch(mine.urls.status, { cache: "no-store", headers: keyHeaders() });
+      if (response.status >= 400 && response.status < 500 && response.status !== 429) {
+        const err = await readError(response);  // gone (404), key refused (401), ...
+        endJob(mine);
+        resetPlayer();
+        showError(err);
         return;
       }
-      const blob = await response.blob();
-      if (lastUrl) URL.revokeObjectURL(lastUrl);
-      lastUrl = URL.createObjectURL(blob);
-      player.src = lastUrl; player.hidden = false; $("avatar").hidden = true;
-      download.href = lastUrl; download.hidden = false;
-      showStats(response);
+      if (response.ok) apply(mine, await response.json());
+    } catch (e) { /* try again */ }
+    if (!mine.ended) mine.timer = setTimeout(() => poll(mine), 1000);
+  }
+
+  function apply(mine, state) {
+    if (mine !== job || mine.ended || !state || state.id !== mine.id) return;
+    if (mine.state && state.status === mine.state.status && (state.progress || 0) < (mine.state.progress || 0)) return;
+    mine.state = state;
+    renderProgress();
+    if (state.status === "running" && !mine.streaming) {
+      mine.streaming = true;
+      setSource(mine.urls.stream, "stream");  // plays while the rest is being made
+      showNotice("streaming");
       player.play().catch(() => {});
-    } catch (e) {
-      showError("The server could not be reached.");
-    } finally {
-      button.disabled = false; button.textContent = "Generate";
+      revealPlayer();
     }
+    if (state.status === "done") {
+      finishDone(mine, state);
+    } else if (state.status === "failed") {
+      endJob(mine);
+      resetPlayer();
+      showNotice(null);
+      showError(state.error || { code: "internal_error" });
+    } else if (state.status === "cancelled") {
+      endJob(mine);
+      resetPlayer();
+      showNotice("cancelled");
+    }
+  }
+
+  function endJob(mine) {
+    mine.ended = true;
+    if (mine.events) { mine.events.close(); mine.events = null; }
+    clearTimeout(mine.timer);
+    if (job === mine) setBusy(false);
+  }
+
+  function finishDone(mine, state) {
+    endJob(mine);
+    showNotice(null);
+    setDownload(mine.urls.video, mine.id);
+    player.dataset.jobId = mine.id;
+    switchToFinal(mine.urls.video);
+    shownStats = { duration: state.duration, frames: state.frames, engine: state.engine,
+                   total: state.timings ? state.timings.total : null };
+    renderStats();
+    addHistory(Object.assign({ id: mine.id, video_url: mine.urls.video, duration: state.duration, at: Date.now() }, mine.entry));
+  }
+
+  cancel.addEventListener("click", async () => {
+    const mine = job;
+    if (!mine || mine.ended || !mine.id || !cancelUsable()) return;
+    setCancelUsable(false);
+    let response;
+    try {
+      response = await fetch(mine.urls.status, { method: "DELETE", headers: keyHeaders() });
+    } catch (e) {
+      setCancelUsable(true);
+      showError({ code: "network" });
+      return;
+    }
+    if (response.status === 200) {
+      apply(mine, await response.json());
+    } else if (response.status === 204 || response.status === 404) {
+      // Already ended and now deleted (a finished job's DELETE removes it), or expired.
+      if (!mine.ended) endJob(mine);
+      if (job === mine) { resetPlayer(); showNotice("cancelled"); }
+      dropHistory(new Set([mine.id]));
+    } else {
+      showError(await readError(response));
+    }
+    if (!mine.ended) setCancelUsable(true);
   });
+
+  // ----------------------------------------------------------------- history
+  function loadHistory() {
+    const list = load(KEYS.history, []);
+    return Array.isArray(list)
+      ? list.filter((e) => e && typeof e.id === "string" && typeof e.video_url === "string"
+                           && e.video_url.startsWith("/") && !e.video_url.startsWith("//"))
+      : [];
+  }
+  function addHistory(entry) {
+    save(KEYS.history, [entry].concat(loadHistory().filter((e) => e.id !== entry.id)).slice(0, HISTORY_MAX));
+    renderHistory();
+  }
+  function dropHistory(ids) {
+    save(KEYS.history, loadHistory().filter((e) => !ids.has(e.id)));
+    renderHistory();
+  }
+  function snippet(value) {
+    const s = String(value || "").replace(/\s+/g, " ").trim();
+    return s.length > 80 ? s.slice(0, 79) + "…" : s;
+  }
+  function renderHistory() {
+    const list = loadHistory();
+    historyList.replaceChildren();
+    historyEmpty.hidden = list.length > 0;
+    historyClear.hidden = list.length === 0;
+    const when = new Intl.DateTimeFormat(uiLang, { dateStyle: "short", timeStyle: "short" });
+    for (const entry of list) {
+      const item = document.createElement("li");
+      item.dataset.jobId = entry.id;
+      const main = document.createElement("div");
+      main.className = "history-main";
+      const title = document.createElement("span");
+      title.className = "history-text";
+      title.textContent = entry.kind === "recording" ? t("history_recording", { name: entry.name || "" }) : snippet(entry.text);
+      const meta = document.createElement("span");
+      meta.className = "history-meta";
+      const at = new Date(Number(entry.at));
+      if (!isNaN(at.getTime())) {
+        const time = document.createElement("time");
+        time.dateTime = at.toISOString();
+        time.textContent = when.format(at);
+        meta.append(time);
+      }
+      if (typeof entry.duration === "number") meta.append(` · ${t("seconds", { n: num(entry.duration, 1) })}`);
+      if (entry.language) meta.append(` · ${String(entry.language).toUpperCase()}`);
+      main.append(title, meta);
+      const actions = document.createElement("div");
+      actions.className = "history-actions";
+      const play = document.createElement("button");
+      play.type = "button";
+      play.className = "link";
+      play.dataset.play = entry.id;
+      play.textContent = t("history_play");
+      const link = document.createElement("a");
+      link.href = withKey(entry.video_url);
+      link.download = `avatar-${entry.id.slice(0, 8)}.mp4`;
+      link.textContent = t("history_download");
+      actions.append(play, link);
+      item.append(main, actions);
+      historyList.append(item);
+    }
+  }
+  historyList.addEventListener("click", (event) => {
+    const button = event.target.closest("[data-play]");
+    if (!button) return;
+    const entry = loadHistory().find((e) => e.id === button.dataset.play);
+    if (!entry || (job && !job.ended)) return;
+    showError(null);
+    showNotice(null);
+    player.dataset.jobId = entry.id;
+    setSource(entry.video_url, "history");
+    setDownload(entry.video_url, entry.id);
+    shownStats = { duration: entry.duration, frames: null, engine: null, total: null };
+    renderStats();
+    player.play().catch(() => {});
+  });
+  historyClear.addEventListener("click", () => { save(KEYS.history, []); renderHistory(); });
+
+  // Results expire on the server: drop the entries whose video is gone (404).
+  async function pruneHistory() {
+    const list = loadHistory();
+    const gone = await Promise.all(list.map(async (entry) => {
+      try {
+        const response = await fetch(entry.video_url, { method: "HEAD", cache: "no-store", headers: keyHeaders() });
+        return response.status === 404 || response.status === 410;
+      } catch (e) { return false; }  // offline: keep it
+    }));
+    const stale = new Set(list.filter((entry, i) => gone[i]).map((entry) => entry.id));
+    if (stale.size) dropHistory(stale);
+    historyList.dataset.checked = "true";
+  }
+
+  // -------------------------------------------------------------------- start
+  if (savedSpeech && [...language.options].some((o) => o.value === savedSpeech)) language.value = savedSpeech;
+  setUiLang(initialLang(), false);
+  if (!savedSpeech && [...language.options].some((o) => o.value === uiLang)) language.value = uiLang;
+  showScreen("avatar");
+  pollHealth();
+  pruneHistory();
 })();
