@@ -1,12 +1,20 @@
 """Whole-request benchmark: 10 s of speech to a finished MP4, stage by stage.
 
-    .venv/bin/python bench/bench_pipeline.py [--engine builtin|wav2lip] [--checkpoint PATH]
+    .venv/bin/python bench/bench_pipeline.py [--engine builtin|wav2lip] [--checkpoint PATH|--random-checkpoint]
                                              [--avatar IMG] [--audio WAV] [--seconds 10] [--runs 3]
+                                             [--device auto|cpu|cuda] [--concurrency N]
+                                             [--precision P] [--mouth-only] [--backend B] [--tree DIR]
 
 Prints per-stage times (median of the runs), the real-time factor
 (processing time / speech duration; < 1 is faster than real time) and the
 frames per second of the whole request. Audio is given (TTS excluded) unless
---text is passed.
+--text is passed. ``--random-checkpoint`` builds a Wav2Lip checkpoint with
+random weights (the published weights run at the same speed).
+``--concurrency N`` then runs N requests at once, --runs times, and prints
+the wall time per round and the throughput (seconds of video made per
+second). ``--tree DIR`` imports ``lipsync`` from another checkout (e.g. the
+code before a change, for before/after numbers); the engine options
+(--precision, --mouth-only, --backend) need this tree's engine.
 """
 
 from __future__ import annotations
@@ -22,9 +30,24 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _tree() -> str:
+    """The checkout to import lipsync from: --tree DIR when given, else this one."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--tree" and i + 1 < len(argv):
+            return os.path.abspath(argv[i + 1])
+        if arg.startswith("--tree="):
+            return os.path.abspath(arg.split("=", 1)[1])
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+sys.path.insert(0, _tree())
+
+import dataclasses  # noqa: E402
+import threading  # noqa: E402
 
 from lipsync import audio  # noqa: E402
+from lipsync import service as service_module  # noqa: E402
 from lipsync.service import LipsyncService  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
 
@@ -57,6 +80,17 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-height", type=int, default=720)
     p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--random-checkpoint", action="store_true", help="build a random-weights Wav2Lip checkpoint")
+    p.add_argument("--device", help="auto, cpu or cuda (default: DEVICE or auto)")
+    p.add_argument("--batch-size", type=int, help="Wav2Lip frames per model call")
+    p.add_argument("--concurrency", type=int, default=1, help="requests at once (default 1)")
+    p.add_argument("--precision", help="Wav2Lip engine precision: auto, fp32, fp16, int8")
+    p.add_argument("--backend", help="Wav2Lip CPU runtime: auto, torch, onnxruntime")
+    p.add_argument("--mouth-only", action="store_true", help="compute only the rows the blend mask shows")
+    p.add_argument("--preset", help="x264 preset (default: X264_PRESET or veryfast)")
+    p.add_argument("--face-box", help="x1,y1,x2,y2 face box on the avatar (skips detection)")
+    p.add_argument("--tree", help="import lipsync from this checkout (before/after comparisons)")
+    p.add_argument("--label", default="", help="a name for this configuration in the output")
     args = p.parse_args()
 
     avatar = args.avatar or os.path.join(FIXTURES, "avatar.jpg")
@@ -64,9 +98,29 @@ def main() -> int:
                      max_output_height=args.max_height)
     if args.checkpoint:
         overrides["checkpoint_path"] = args.checkpoint
+    if args.device:
+        overrides["device"] = args.device
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.preset:
+        overrides["x264_preset"] = args.preset
+    if args.face_box:
+        overrides["face_box"] = tuple(int(v) for v in args.face_box.split(","))
+    engine_options = {k: v for k, v in (("precision", args.precision), ("backend", args.backend)) if v}
+    if args.mouth_only:
+        engine_options["mouth_only"] = True
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_env(output_dir=os.path.join(tmp, "out"), cache_dir=os.path.join(tmp, "cache"),
-                                     **overrides)
+        if args.random_checkpoint:
+            overrides["checkpoint_path"] = _random_checkpoint(tmp)
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        overrides.update(output_dir=os.path.join(tmp, "out"), cache_dir=os.path.join(tmp, "cache"))
+        try:
+            settings = Settings.from_env(**{k: v for k, v in overrides.items() if k in fields})
+        except Exception as exc:  # noqa: BLE001 - an environment this bench does not need (e.g. rate limits)
+            print(f"(settings from the environment failed: {exc}; using defaults)", file=sys.stderr)
+            settings = dataclasses.replace(Settings(), **{k: v for k, v in overrides.items() if k in fields})
+        if engine_options:
+            _engine_options(engine_options)
         t = time.perf_counter()
         service = LipsyncService(settings).load()
         load_s = time.perf_counter() - t
@@ -80,6 +134,7 @@ def main() -> int:
             result = service.generate(out, text=args.text, language=args.language, recording=recording)
             if i:
                 runs.append(result)
+        concurrent = _concurrent(service, args, recording, tmp) if args.concurrency > 1 else None
         info = service.describe()
 
     stages = sorted({k for r in runs for k in r.timings})
@@ -88,19 +143,102 @@ def main() -> int:
     frames = runs[0].frames
     total_s = median["total"] / 1000.0
     h, w = info["avatar"]["height"], info["avatar"]["width"]
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
-    print(f"engine: {info['engine']} on {info['device']}, avatar {w}x{h}, {duration:.2f} s speech, "
-          f"{frames} frames, load {load_s:.2f} s, median of {len(runs)} runs")
+    gpu = ""
+    if info.get("device") == "cuda":
+        import torch
+
+        gpu = ", " + torch.cuda.get_device_name(0)
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus{gpu}"
+          f"{'  [' + args.label + ']' if args.label else ''}")
+    extra = ", ".join(f"{k} {info[k]}" for k in ("precision", "backend", "mouth_only", "int8_error") if k in info)
+    print(f"engine: {info['engine']} on {info['device']}{' (' + extra + ')' if extra else ''}, avatar {w}x{h}, "
+          f"{duration:.2f} s speech, {frames} frames, load {load_s:.2f} s, median of {len(runs)} runs"
+          f"{', lib ' + _tree() if args.tree else ''}")
     for k in stages:
         print(f"  {k:<10} {median[k]:9.1f} ms")
     print(f"real-time factor: {total_s / duration:.3f}  ({duration / total_s:.1f}x real time)")
     print(f"frames per second (whole request): {frames / total_s:.1f}")
+    print(f"fastest run: {min(r.timings['total'] for r in runs):.1f} ms")
+    if concurrent:
+        walls = concurrent["walls"]
+        wall = statistics.median(walls)
+        print(f"{args.concurrency} requests at once: median wall {wall * 1000:.0f} ms per round of "
+              f"{args.concurrency} x {duration:.1f} s (best {min(walls) * 1000:.0f} ms) -> "
+              f"{args.concurrency * duration / wall:.1f}x real time throughput; "
+              f"per-request server time median {statistics.median(concurrent['totals']):.0f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"engine": info["engine"], "device": info["device"], "width": w, "height": h,
-                       "speech_s": duration, "frames": frames, "stages_ms": median,
-                       "rtf": total_s / duration, "fps": frames / total_s}, f, indent=2)
+            json.dump({"label": args.label, "engine": info["engine"], "device": info["device"], "width": w,
+                       "height": h, "speech_s": duration, "frames": frames, "stages_ms": median,
+                       "rtf": total_s / duration, "fps": frames / total_s, "info": info,
+                       "concurrency": args.concurrency, "concurrent": concurrent}, f, indent=2, default=str)
     return 0
+
+
+def _random_checkpoint(folder: str) -> str:
+    """A Wav2Lip state dict with random weights (BatchNorm statistics measured on random input)."""
+    import torch
+    from torch import nn
+
+    from lipsync.wav2lip import Wav2Lip
+
+    torch.manual_seed(7)
+    model = Wav2Lip()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
+    path = os.path.join(folder, "random_wav2lip.pth")
+    torch.save(model.eval().state_dict(), path)
+    return path
+
+
+def _engine_options(options: dict) -> None:
+    """Make the service build its Wav2Lip engine with ``options`` (precision, backend, mouth_only)."""
+    from lipsync.engines.wav2lip import Wav2LipEngine
+
+    def create_engine(settings):
+        checkpoint = service_module.find_checkpoint(settings)
+        if checkpoint is None:
+            raise SystemExit("--precision/--backend/--mouth-only need a Wav2Lip checkpoint")
+        return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size, **options)
+
+    service_module.create_engine = create_engine
+
+
+def _concurrent(service, args, recording: bytes | None, tmp: str) -> dict:
+    """``args.concurrency`` requests at once, ``args.runs`` rounds (after one warm-up round)."""
+    walls, totals = [], []
+    for round_ in range(args.runs + 1):
+        results: list = [None] * args.concurrency
+        errors: list = []
+        barrier = threading.Barrier(args.concurrency)
+
+        def work(i: int) -> None:
+            try:
+                barrier.wait()
+                results[i] = service.generate(os.path.join(tmp, f"c{round_}-{i}.mp4"), text=args.text,
+                                              language=args.language, recording=recording)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(args.concurrency)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        if errors:
+            raise errors[0]
+        if round_:
+            walls.append(wall)
+            totals.extend(r.timings["total"] for r in results)
+        for i in range(args.concurrency):
+            os.remove(os.path.join(tmp, f"c{round_}-{i}.mp4"))
+    return {"walls": walls, "totals": totals}
 
 
 if __name__ == "__main__":

@@ -93,34 +93,69 @@ def composite(avatar: PreparedAvatar, patches: Iterable[np.ndarray]) -> Iterator
     ``patches``: batches (n, region.height, region.width, 3) uint8 BGR.
     Yields (H, W, 3) uint8 BGR frames. The same buffer is reused for every
     frame (only the region changes), so consume each before the next.
+
+    Only the mask's bounding box is blended (outside it the frame is the
+    avatar whatever the patch holds): ``round(base + mask * (patch - base))``
+    computed as ``patch * mask + (base * (1 - mask) + 0.5)``, truncated, with
+    the per-avatar term precomputed.
     """
     r = avatar.region
     frame = avatar.image.copy()
-    base = avatar.image[r.y1:r.y2, r.x1:r.x2].astype(np.float32)
-    mask = avatar.mask.astype(np.float32)
+    box = _mask_box(avatar.mask)
+    if box is None:  # nothing shows through: every frame is the avatar
+        for batch in patches:
+            for _ in batch:
+                yield frame
+        return
+    y1, y2, x1, x2 = box
+    mask = np.ascontiguousarray(avatar.mask[y1:y2, x1:x2], dtype=np.float32)
+    base = avatar.image[r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2].astype(np.float32)
+    keep = base * (1.0 - mask) + 0.5
+    target = frame[r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2]
+    work = np.empty(base.shape, np.float32)
     for batch in patches:
         for patch in batch:
-            blended = base + mask * (patch.astype(np.float32) - base)
-            frame[r.y1:r.y2, r.x1:r.x2] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+            np.multiply(patch[y1:y2, x1:x2], mask, out=work)
+            work += keep
+            np.clip(work, 0, 255, out=work)
+            np.copyto(target, work, casting="unsafe")  # float -> uint8 truncates: with the +0.5, rounds
             yield frame
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y1, y2, x1, x2) of the pixels where ``mask`` (h, w, 1) is not 0; None when it is 0 everywhere."""
+    m = mask.reshape(mask.shape[0], mask.shape[1], -1).max(axis=2) > 0
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 class Mp4Writer:
     """Encode BGR frames and mono speech into an H.264/AAC MP4 with one ffmpeg.
 
-    Frames go through ffmpeg's stdin; speech goes through a FIFO fed by a
-    thread, so it can arrive piece by piece (sentence by sentence) while the
-    frames of earlier pieces are already being encoded. The MP4 (with
-    ``+faststart``) appears at ``path`` only on a clean exit; when
-    ``live_path`` is given, a fragmented copy grows there while encoding
+    Frames are converted to yuv420p here (OpenCV, BT.601 limited range, as
+    ffmpeg's own conversion; half the bytes of BGR and no single-threaded
+    conversion inside ffmpeg) and handed to a feeder thread that writes them
+    into ffmpeg's stdin, so the caller goes on rendering while the encoder
+    catches up (at most ``queue_bytes`` of frames wait). Speech goes through
+    a FIFO fed by another thread, so it can arrive piece by piece (sentence by
+    sentence) while the frames of earlier pieces are already being encoded.
+    The MP4 (with ``+faststart``) appears at ``path`` only on a clean exit;
+    when ``live_path`` is given, a fragmented copy grows there while encoding
     (playable before it is complete, for streaming). On an exception ffmpeg
     is killed and no file is left behind.
 
-    ``encode_seconds`` accumulates the time spent waiting on the encoder.
+    ``encode_seconds`` accumulates the time spent converting frames, waiting
+    on the encoder, and finishing the file. ``threads``: x264 threads (0:
+    ffmpeg's choice, about 1.5 per core); ``tune``: an x264 tune (e.g.
+    ``zerolatency``) or None; ``queue_bytes``: frames that may wait for the
+    encoder.
     """
 
     def __init__(self, path: str, width: int, height: int, fps: int, *, sample_rate: int = 16000,
-                 preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None):
+                 preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None,
+                 queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None):
         self.path = path
         self.size = (width, height)
         self.fps = fps
@@ -129,6 +164,7 @@ class Mp4Writer:
         self.encode_seconds = 0.0
         self.frames = 0
         self.audio_samples = 0
+        self._yuv = width % 2 == 0 and height % 2 == 0  # yuv420p needs even sides; odd ones go as BGR
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self.live_path = live_path
         self._partial = os.path.join(self._work, "final.mp4")
@@ -141,15 +177,23 @@ class Mp4Writer:
         live = f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof:flush_packets=1]{_tee_escape(live_path)}" \
             if live_path else ""
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+               "-f", "rawvideo", "-pix_fmt", "yuv420p" if self._yuv else "bgr24", "-s", f"{width}x{height}",
+               "-r", str(fps), "-i", "pipe:0",
                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-threads", str(threads), *(["-tune", tune] if tune else []),
                "-g", str(2 * fps),  # a keyframe (a live fragment) every 2 s: streaming starts early
                "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        _grow_pipe(self._proc.stdin)
+        frame_bytes = width * height * 3 // (2 if self._yuv else 1)
+        self._frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=max(4, queue_bytes // frame_bytes))
+        self._video_error: BaseException | None = None
+        self._video_thread = threading.Thread(target=self._feed_video, name="mp4-video", daemon=True)
+        self._video_thread.start()
         self._audio: queue.Queue[bytes | None] = queue.Queue()
         self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
         self._audio_thread.start()
@@ -161,16 +205,29 @@ class Mp4Writer:
         self._audio.put(pcm)
 
     def write(self, frame: np.ndarray) -> None:
-        """Append one (H, W, 3) uint8 BGR frame."""
+        """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
         if frame.shape[1::-1] != self.size:
             raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
         start = time.perf_counter()
-        try:
-            self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
-        except BrokenPipeError:
+        if self._video_error is not None:
             self._fail("ffmpeg stopped while encoding")
+        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
+        while True:
+            try:
+                self._frames.put(data, timeout=0.2)
+                break
+            except queue.Full:
+                if self._video_error is not None or self._proc.poll() is not None:
+                    self._fail("ffmpeg stopped while encoding")
         self.encode_seconds += time.perf_counter() - start
         self.frames += 1
+
+    def _feed_video(self) -> None:
+        try:
+            while (data := self._frames.get()) is not None:
+                self._proc.stdin.write(memoryview(data).cast("B"))
+        except (OSError, ValueError) as exc:  # BrokenPipeError: ffmpeg went away; ValueError: stdin closed
+            self._video_error = exc
 
     def _feed_audio(self) -> None:
         # Opening a FIFO blocks until ffmpeg opens it for reading; _abort
@@ -191,9 +248,22 @@ class Mp4Writer:
             return
         start = time.perf_counter()
         self._audio.put(None)
+        deadline = time.monotonic() + self.timeout
+        while self._video_thread.is_alive():
+            try:
+                self._frames.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    break
+        self._video_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._video_thread.is_alive():
+            self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
+        if self._video_error is not None:
+            self._fail("ffmpeg stopped while encoding")
         try:
             self._proc.stdin.close()
-            code = self._proc.wait(timeout=self.timeout)
+            code = self._proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, BrokenPipeError):
             self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
         self._audio_thread.join(timeout=5)
@@ -216,11 +286,12 @@ class Mp4Writer:
     def _abort(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
+        self._proc.wait()
+        self._stop_video_thread()
         try:
             self._proc.stdin.close()
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError, ValueError):
             pass
-        self._proc.wait()
         self._audio.put(None)
         if self._audio_thread.is_alive():  # still blocked opening the FIFO: open its read end
             try:
@@ -232,9 +303,33 @@ class Mp4Writer:
             os.remove(self.live_path)
         self._cleanup()
 
+    def _stop_video_thread(self) -> None:
+        """End the feeder (ffmpeg is dead by now, so its writes fail at once): drop queued frames, signal."""
+        while self._video_thread.is_alive():
+            try:
+                while True:
+                    self._frames.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._frames.put_nowait(None)
+            except queue.Full:
+                pass
+            self._video_thread.join(timeout=0.2)
+
     def _cleanup(self) -> None:
         self._stderr.close()
         shutil.rmtree(self._work, ignore_errors=True)
+
+
+def _grow_pipe(pipe) -> None:
+    """Make a pipe's kernel buffer 1 MiB (Linux; fewer, larger writes). Best effort."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError, ValueError):
+        pass
 
 
 def _tee_escape(path: str) -> str:

@@ -45,6 +45,8 @@ __all__ = [
     "describe_checkpoint",
     "PARAMETER_COUNT",
     "FACE_SIZE",
+    "StillFaceDecoder",
+    "mouth_rows_start",
 ]
 
 FACE_SIZE = 96          # the model's face crops are FACE_SIZE x FACE_SIZE pixels
@@ -473,3 +475,186 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     except OSError as exc:
         info["error"] = f"checkpoint {info['name']} could not be read: {exc.strerror or exc}"
     return info
+
+
+# --------------------------------------------------------------------------- still-avatar fast path
+
+
+def _fold_batchnorm(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(weight, bias, transposed) of ``block``'s convolution with its eval-mode BatchNorm folded in.
+
+    Folding is done in float64 and the result cast back to float32, so the
+    folded layer differs from conv -> BN by float32 rounding only.
+    """
+    conv, bn = block.conv_block[0], block.conv_block[1]
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shape = (1, -1, 1, 1) if transposed else (-1, 1, 1, 1)  # ConvTranspose2d weights are (cin, cout, k, k)
+    weight = conv.weight.double() * scale.view(shape)
+    bias = (conv.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+    return weight.float(), bias.float(), transposed
+
+
+class _FoldedLayer(nn.Module):
+    """One ``Conv2d``/``Conv2dTranspose`` block with BatchNorm folded into the convolution.
+
+    ``split``: the layer's input is ``cat(x, face_feature)`` in the original;
+    only the first ``split`` input channels (``x``) are kept here, and the
+    face feature's share plus the bias is a per-avatar constant added to the
+    output (``StillFaceDecoder.constants``). Convolution is linear, so
+    ``conv(cat(x, f)) == conv_x(x) + conv_f(f)``.
+    """
+
+    def __init__(self, block: nn.Module, split: int | None = None):
+        super().__init__()
+        conv = block.conv_block[0]
+        weight, bias, self.transposed = _fold_batchnorm(block)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.output_padding = conv.output_padding if self.transposed else (0, 0)
+        self.residual = bool(getattr(block, "residual", False))
+        self.split = split
+        if split is not None:
+            self.register_buffer("weight_face", weight[split:].clone() if self.transposed else weight[:, split:].clone())
+            weight = weight[:split] if self.transposed else weight[:, :split]
+            self.register_buffer("bias_face", bias)
+            bias = None
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.transposed:
+            return nn.functional.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding)
+        return nn.functional.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def face_constant(self, feature: torch.Tensor) -> torch.Tensor:
+        """The face feature's share of this layer's output, plus the bias: (1, cout, H, W)."""
+        return self.conv(feature, self.weight_face, self.bias_face)
+
+    def forward(self, x: torch.Tensor, constant: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, self.weight, self.bias)
+        if constant is not None:
+            out = out + constant
+        if self.residual:
+            out = out + x
+        return torch.relu(out)
+
+
+def mouth_rows_start(mask_top_zero: float, margin: int = 4) -> int:
+    """First row of the 96x96 output that a blend mask starting at ``mask_top_zero`` can show.
+
+    A mask that is 0 above ``mask_top_zero`` of the region's height never
+    shows face rows above about ``mask_top_zero * 96``; a bicubic resize
+    reads 2 rows on either side, so ``margin`` (4) rows are kept above that.
+    """
+    return max(0, min(FACE_SIZE - 1, int(mask_top_zero * FACE_SIZE) - margin))
+
+
+class StillFaceDecoder(nn.Module):
+    """Wav2Lip's audio encoder and decoder specialised for one still face.
+
+    Built from a ``Wav2Lip`` (weights are copied, BatchNorm folded into every
+    convolution). For a still avatar the face features are the same in every
+    frame, so each decoder stage's first convolution is split: the part that
+    reads the face features, plus the bias, becomes a per-avatar constant
+    (``constants(features)``, computed once per avatar); per frame only the
+    audio-dependent part runs and the ``torch.cat`` disappears. About 6% fewer
+    operations per frame than ``Wav2Lip.decode``, and no BatchNorm passes.
+
+    ``rows_from``: compute only output rows ``rows_from..95`` (0: all). The
+    engine's blend mask shows only the lower face, so the rows above it need
+    not be computed: each decoder stage is cropped to the rows that feed
+    those outputs (exactly: a crop keeps the rows its outputs depend on),
+    which skips about a quarter of the work for ``rows_from`` 40.
+
+    ``forward(mel, *constants)``: mel ``(B, 1, 80, 16)`` and the tensors
+    ``constants`` returned -> ``(B, 3, 96 - rows_from, 96)`` in [0, 1],
+    equal to ``Wav2Lip.decode(mel, features)[:, :, rows_from:]`` up to float
+    rounding.
+    """
+
+    def __init__(self, model: Wav2Lip, rows_from: int = 0):
+        super().__init__()
+        if not isinstance(model, Wav2Lip):
+            raise TypeError("StillFaceDecoder needs an eager Wav2Lip model")
+        if not 0 <= rows_from < FACE_SIZE:
+            raise ValueError(f"rows_from must be in 0..{FACE_SIZE - 1}")
+        self.rows_from = int(rows_from)
+        self.audio_encoder = nn.ModuleList(_FoldedLayer(b) for b in model.audio_encoder)
+        stages = []
+        for i, block in enumerate(model.face_decoder_blocks):
+            # Stage i > 0 reads cat(previous stage output, face feature): split it.
+            split = block[0].conv_block[0].in_channels - _feature_channels(model, i - 1) if i else None
+            stages.append(nn.ModuleList([_FoldedLayer(block[0], split)] + [_FoldedLayer(b) for b in block[1:]]))
+        self.stages = nn.ModuleList(stages)
+        self.head = _FoldedLayer(model.output_block[0], split=64)   # cat(64 decoder ch, 16 face ch)
+        final = model.output_block[1]
+        self.register_buffer("final_weight", final.weight.detach().clone())
+        self.register_buffer("final_bias", final.bias.detach().clone())
+        # Row crops: crop[i] is the first input row (at stage i's input
+        # resolution) that stage i computes from; head_crop likewise for the
+        # head's input (96x96). Worked backwards from the rows wanted.
+        self.head_crop = max(0, self.rows_from - 1)  # one 3x3 conv: its first row is wrong, dropped below
+        crops = [0] * len(self.stages)
+        need = self.head_crop
+        for i in range(len(self.stages) - 1, 1, -1):  # stages 2..6 upsample by 2 (k3 s2 p1 op1)
+            residuals = len(self.stages[i]) - 1
+            crop = max(0, (need - residuals) // 2)
+            crops[i] = crop
+            need = crop
+        self.crops = crops
+
+    # -- per avatar ---------------------------------------------------------
+
+    def constants(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-avatar tensors for ``forward`` from ``Wav2Lip.encode_faces`` of one face.
+
+        Computed on ``features``' device in this module's dtype; cropped to
+        the rows ``forward`` computes.
+        """
+        if any(f.size(0) != 1 for f in features):
+            raise ValueError("constants are for one face: features must have batch size 1")
+        feats = list(reversed(features))  # stage i > 0 reads feats[i - 1]; the head reads feats[6]
+        out = []
+        with torch.inference_mode():
+            for i, stage in enumerate(self.stages):
+                if i == 0:
+                    continue
+                c = stage[0].face_constant(feats[i - 1].to(stage[0].weight.dtype))
+                out.append(c[:, :, 2 * self.crops[i]:] if i >= 2 else c)
+            c = self.head.face_constant(feats[6].to(self.head.weight.dtype))
+            out.append(c[:, :, self.head_crop:])
+        return [t.contiguous() for t in out]
+
+    # -- per frame ----------------------------------------------------------
+
+    def forward(self, mel: torch.Tensor, *constants: torch.Tensor) -> torch.Tensor:
+        x = mel
+        for layer in self.audio_encoder:
+            x = layer(x)
+        for i, stage in enumerate(self.stages):
+            if i >= 2 and self.crops[i]:
+                x = _crop_rows(x, self.crops[i] - (2 * self.crops[i - 1] if i >= 3 else 0))
+            x = stage[0](x, constants[i - 1] if i else None)
+            for layer in stage[1:]:
+                x = layer(x)
+        last = self.crops[-1] * 2
+        if self.head_crop > last:
+            x = _crop_rows(x, self.head_crop - last)
+        x = self.head(x, constants[-1])
+        if self.rows_from > self.head_crop:
+            x = x[:, :, self.rows_from - self.head_crop:]
+        x = nn.functional.conv2d(x, self.final_weight, self.final_bias)
+        return torch.sigmoid(x)
+
+
+def _crop_rows(x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x[:, :, start:]`` made dense again in ``x``'s memory format (convolutions want dense input)."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.size(1) > 1 \
+        else torch.contiguous_format
+    return x[:, :, start:].contiguous(memory_format=fmt)
+
+
+def _feature_channels(model: Wav2Lip, stage: int) -> int:
+    """Channels of the face feature concatenated after decoder stage ``stage``."""
+    block = model.face_encoder_blocks[len(model.face_encoder_blocks) - 1 - stage]
+    return block[-1].conv_block[0].out_channels

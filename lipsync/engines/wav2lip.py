@@ -6,28 +6,52 @@ so concurrent ``render`` calls give exactly what serial ones give.
 
 Per avatar (``prepare``): the face box is padded (spec: bottom + 10 px,
 clipped), the crop resized to 96x96, the model's 6-channel input built and
-the face encoder run once; its features are reused for every frame. Per
-request (``render``): 16 kHz speech -> mel -> one 16-column window per video
-frame -> batches through the audio encoder and decoder -> 96x96 BGR faces
-resized to the region.
+the face encoder run once; its features are reused for every frame, and
+with an eager model the decoder's face-feature terms are folded into
+per-avatar constants (``lipsync.wav2lip.StillFaceDecoder``). Per request
+(``render``): 16 kHz speech -> mel -> one 16-column window per video frame ->
+batches through the audio encoder and decoder -> 96x96 BGR faces resized to
+the region.
+
+Speed paths (docs/PERFORMANCE.md has the numbers):
+
+* CPU, fp32 (default): BatchNorm folded, channels-last, face terms
+  precomputed; PyTorch, or ONNX Runtime with ``backend="onnxruntime"``.
+* CPU, int8 (``precision="int8"``, opt-in): ONNX Runtime static int8,
+  calibrated per engine; its measured error is in ``describe()``.
+* CUDA (fp16 by default): channels-last, the decoder replayed as a CUDA graph
+  (one per batch size), bicubic resize and rounding on the GPU, one
+  device-to-host copy of uint8 patches per batch.
+* ``mouth_only=True``: only the output rows the blend mask can show are
+  computed (about a quarter less work); the rows above are the avatar's own
+  crop. Composited frames are unchanged; the patch above the mask is not the
+  model's output.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from lipsync import audio
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech
-from lipsync.wav2lip import FACE_SIZE, Wav2Lip, load_checkpoint
+from lipsync.wav2lip import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
+
+log = logging.getLogger("lipsync")
+
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+GRAPH_BUCKET = 16  # CUDA graphs are captured for batch sizes that are multiples of this
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 # Box padding before cropping (pixels), as the published models expect.
 PAD_TOP, PAD_BOTTOM, PAD_LEFT, PAD_RIGHT = 0, 10, 0, 0
@@ -69,11 +93,13 @@ def feather_mask(height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Wav2LipState:
-    """Per-avatar data: the model input and the face encoder's features for it."""
+    """Per-avatar data: the model input, the face encoder's features and the decoder's constants."""
 
     faces: torch.Tensor                      # (1, 6, 96, 96) on the engine's device/dtype
     features: tuple[torch.Tensor, ...] | None  # encode_faces(faces); None for a scripted model
     crop: np.ndarray                         # (96, 96, 3) uint8 BGR reference crop
+    constants: tuple[Any, ...] = ()          # StillFaceDecoder.constants(features) (tensors, or arrays for ORT)
+    top: torch.Tensor | None = None          # (1, 3, rows_from, 96) float32 crop rows above the mouth, CUDA only
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -89,6 +115,70 @@ def _resolve_device(device: str) -> torch.device:
     raise LipsyncError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", code="invalid_settings")
 
 
+def _onnxruntime_installed() -> bool:
+    """onnxruntime to run, onnx for torch's exporter."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+def resize_faces_torch(faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 3, 96, 96) float in [0, 255] -> (B, height, width, 3) uint8, as the CPU path does it.
+
+    Bicubic (A = -0.75, half-pixel centres, edge pixels repeated), like
+    ``cv2.resize(..., INTER_CUBIC)`` on float input, then clipped and rounded
+    half to even like ``np.rint``. Runs wherever ``faces`` is (the GPU).
+    """
+    out = nn.functional.interpolate(faces.float(), size=(height, width), mode="bicubic", align_corners=False)
+    return out.clamp_(0.0, 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class _CudaGraphDecoder:
+    """A ``StillFaceDecoder`` replayed as one CUDA graph per batch size (fixed-shape static buffers).
+
+    The engine pads batches to multiples of ``GRAPH_BUCKET``, so at most
+    ``batch_size / GRAPH_BUCKET`` graphs are ever captured.
+
+    The per-avatar constants are copied into the graph's static inputs when
+    the avatar changes; callers hold the engine lock.
+    """
+
+    def __init__(self, decoder: StillFaceDecoder, dtype: torch.dtype, memory_format):
+        self.decoder = decoder
+        self.dtype = dtype
+        self.memory_format = memory_format
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list[torch.Tensor], torch.Tensor]] = {}
+        self._loaded: dict[int, int] = {}  # batch -> id(state) whose constants are in the static inputs
+
+    def __call__(self, mel: torch.Tensor, state: "_Wav2LipState") -> torch.Tensor:
+        batch = mel.size(0)
+        if batch not in self._graphs:
+            self._graphs[batch] = self._capture(mel, state.constants)
+            self._loaded[batch] = id(state)
+        graph, static_mel, static_consts, static_out = self._graphs[batch]
+        if self._loaded.get(batch) != id(state):
+            for dst, src in zip(static_consts, state.constants):
+                dst.copy_(src)
+            self._loaded[batch] = id(state)
+        static_mel.copy_(mel)
+        graph.replay()
+        return static_out
+
+    def _capture(self, mel: torch.Tensor, constants):
+        static_mel = mel.clone()
+        static_consts = [c.clone() for c in constants]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up (cuDNN picks its algorithms) outside the capture
+                self.decoder(static_mel, *static_consts)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            static_out = self.decoder(static_mel, *static_consts)
+        return graph, static_mel, static_consts, static_out
+
+
 class Wav2LipEngine:
     """``lipsync.engines.base.Engine`` backed by a Wav2Lip checkpoint.
 
@@ -96,42 +186,103 @@ class Wav2LipEngine:
     ``device``: "auto" (CUDA when available), "cpu" or "cuda".
     ``batch_size``: video frames per model call (memory grows linearly; about
     8 MB per frame on CPU in fp32).
-    On CUDA the model runs in fp16 with channels-last tensors; on CPU in fp32.
-    Raises ``CheckpointError`` when the checkpoint cannot be used.
+    ``precision``: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16" (CUDA
+    only) or "int8" (CPU only, ONNX Runtime static int8; needs onnxruntime
+    and onnx; opt-in: its error against fp32 is measured when it is built and
+    reported by ``describe()`` as ``int8_error``, in 1/255).
+    ``backend``: CPU runtime, "torch" or "onnxruntime" ("auto": ONNX Runtime
+    on a CPU when it is installed, else torch; int8 always uses ONNX Runtime).
+    ``mouth_only``: compute only the face rows the blend mask can show.
+    ``cuda_graphs``: replay the decoder as CUDA graphs on CUDA.
+    ``int8_max_error``: int8 is kept only when its self-check error is at
+    most this (1/255 units); otherwise the engine logs a warning and runs
+    ONNX Runtime fp32 (``describe()`` then says ``precision: fp32`` and keeps
+    ``int8_error``).
+    Raises ``CheckpointError`` when the checkpoint cannot be used and
+    ``LipsyncError`` (code ``invalid_settings``) for impossible combinations.
     """
 
     name = "wav2lip"
 
-    def __init__(self, model_path: str, device: str = "auto", batch_size: int = 64):
+    def __init__(self, model_path: str, device: str = "auto", batch_size: int = 64, precision: str = "auto",
+                 backend: str = "auto", mouth_only: bool = False, cuda_graphs: bool = True,
+                 int8_max_error: float = 1.5):
         if int(batch_size) < 1:
             raise ValueError("batch_size must be at least 1")
+        if precision not in PRECISIONS:
+            raise LipsyncError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}",
+                               code="invalid_settings")
+        if backend not in BACKENDS:
+            raise LipsyncError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}",
+                               code="invalid_settings")
         self.batch_size = int(batch_size)
         self.device = _resolve_device(device)
+        cuda = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "fp16" if cuda else "fp32"
+        if precision == "fp16" and not cuda:
+            raise LipsyncError("precision fp16 needs a CUDA GPU (use fp32 or int8 on a CPU)", code="invalid_settings")
+        if precision == "int8" and cuda:
+            raise LipsyncError("precision int8 is for CPUs (use fp16 on a GPU)", code="invalid_settings")
+        self._backend_chosen = backend == "auto"
+        if backend == "auto":  # ONNX Runtime is the faster CPU runtime (docs/PERFORMANCE.md) when installed
+            backend = "onnxruntime" if precision == "int8" or (not cuda and _onnxruntime_installed()) else "torch"
+        if backend == "onnxruntime" and cuda:
+            raise LipsyncError("the onnxruntime back end is for CPUs", code="invalid_settings")
+        if precision == "int8" and backend != "onnxruntime":
+            raise LipsyncError("precision int8 runs on the onnxruntime back end", code="invalid_settings")
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+            if precision == "fp32":  # fp32 means fp32: no TF32 (10-bit mantissa) convolutions
+                torch.backends.cudnn.allow_tf32 = False
+        self.precision = precision
+        self.int8_max_error = float(int8_max_error)
         loaded = load_checkpoint(model_path, "cpu")
         model = loaded.model
         self._info = loaded.info
-        self._dtype = torch.float32
-        self._memory_format = torch.contiguous_format
-        if self.device.type == "cuda":
-            model = model.to(self.device).half()
-            self._dtype = torch.float16
-            if isinstance(model, Wav2Lip):
-                model = model.to(memory_format=torch.channels_last)
-                self._memory_format = torch.channels_last
+        self._eager = isinstance(model, Wav2Lip)
+        self.backend = backend if self._eager else "torchscript"
+        self.mouth_only = bool(mouth_only) and self._eager
+        self.rows_from = mouth_rows_start(MASK_TOP_ZERO) if self.mouth_only else 0
+        self._dtype = torch.float16 if precision == "fp16" else torch.float32
+        self._memory_format = torch.channels_last if self._eager else torch.contiguous_format
+        self._decoder: StillFaceDecoder | None = None
+        self._ort = None                     # lipsync.onnx_engine.OrtDecoder, built at the first prepare
+        self._graphs: _CudaGraphDecoder | None = None
+        if self._eager:
+            self._decoder = StillFaceDecoder(model, self.rows_from).eval()
+            if self.backend == "torch":
+                self._decoder = self._decoder.to(self.device, self._dtype).to(memory_format=self._memory_format)
+                if cuda and cuda_graphs:
+                    self._graphs = _CudaGraphDecoder(self._decoder, self._dtype, self._memory_format)
+            # The face encoder runs once per avatar: keep it in fp32 (CPU) or fp16 (CUDA).
+            model = model.to(self.device, self._dtype)
+        elif cuda:
+            model = model.to(self.device, self._dtype)
         self._model = model.eval()
-        self._eager = isinstance(self._model, Wav2Lip)
         self._lock = threading.Lock()
 
     # -- Engine --------------------------------------------------------------
 
     def describe(self) -> dict:
-        """``{"engine": "wav2lip", "checkpoint": file name, "version": "<layout>-<sha256 prefix>", "device"}``."""
-        return {
+        """``{"engine": "wav2lip", "checkpoint", "version": "<layout>-<sha256 prefix>", "device", ...}``.
+
+        Also ``precision``, ``backend``, ``mouth_only`` and, once int8 has been
+        built, ``int8_error`` (mean absolute difference from fp32 on held-out
+        speech-like input, in 1/255 of the generated face).
+        """
+        info = {
             "engine": self.name,
             "checkpoint": self._info["name"],
             "version": f"{self._info['layout']}-{self._info['sha256']}",
             "device": self.device.type,
+            "precision": self.precision,
+            "backend": self.backend,
+            "mouth_only": self.mouth_only,
         }
+        if self._ort is not None and self._ort.error is not None:
+            info["int8_error"] = round(self._ort.error, 3)
+        return info
 
     def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
         """Crop, model input and face features for ``image`` (H, W, 3) uint8 BGR.
@@ -139,6 +290,8 @@ class Wav2LipEngine:
         The region is ``box`` padded by the spec's (top 0, bottom 10, left 0,
         right 0) pixels and clipped to the image. Raises ``InvalidInputError``
         for a non-BGR image and ``NoFaceError`` when the box holds no pixels.
+        The first avatar prepared on the onnxruntime back end also builds
+        (exports, and for int8 quantises) the decoder: seconds, once.
         """
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             shape = getattr(image, "shape", None)
@@ -159,12 +312,52 @@ class Wav2LipEngine:
         faces = torch.from_numpy(six.transpose(2, 0, 1)[None].copy())
         faces = faces.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
         features = None
+        constants: tuple = ()
+        top = None
         if self._eager:
             with self._lock, torch.inference_mode():
                 features = tuple(self._model.encode_faces(faces))
-        state = _Wav2LipState(faces=faces, features=features, crop=face)
+                if self.backend == "onnxruntime":
+                    cpu_constants = self._decoder.constants([f.float() for f in features])
+                    if self._ort is None:
+                        self._build_ort(cpu_constants)
+                if self.backend == "onnxruntime":
+                    constants = tuple(self._ort.numpy_constants(cpu_constants))
+                else:
+                    constants = tuple(c.contiguous(memory_format=self._memory_format)
+                                      for c in self._decoder.constants(features))
+                if self.rows_from:
+                    top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
+                    top = top.to(self.device)
+        state = _Wav2LipState(faces=faces, features=features, crop=face, constants=constants, top=top)
         return PreparedAvatar(image=image, box=box, region=region,
                               mask=feather_mask(region.height, region.width), state=state)
+
+    def _build_ort(self, constants) -> None:
+        """Export (and for int8 quantise and check) the decoder for ONNX Runtime; called under the lock.
+
+        int8 whose self-check error is above ``int8_max_error`` is replaced by
+        fp32. When the back end was chosen automatically and building fails,
+        the engine falls back to PyTorch (logged) instead of failing.
+        """
+        from lipsync.onnx_engine import OrtDecoder  # imports onnxruntime: only when wanted
+
+        try:
+            self._ort = OrtDecoder(self._decoder, constants, precision=self.precision)
+        except Exception as exc:  # noqa: BLE001 - a broken optional runtime must not stop the service
+            if not self._backend_chosen or self.precision == "int8":
+                raise
+            log.warning("onnxruntime back end unavailable (%s): using PyTorch", exc)
+            self.backend = "torch"
+            self._decoder = self._decoder.to(memory_format=self._memory_format)
+            return
+        if self.precision == "int8" and not self._ort.error <= self.int8_max_error:
+            log.warning("int8 differs from fp32 by %.2f/255 on average (limit %.2f): using fp32",
+                        self._ort.error, self.int8_max_error)
+            error = self._ort.error
+            self._ort = OrtDecoder(self._decoder, constants, precision="fp32")
+            self._ort.error = error
+            self.precision = "fp32"
 
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
         """Yield (n, region.height, region.width, 3) uint8 BGR batches, one frame per mel window.
@@ -184,13 +377,16 @@ class Wav2LipEngine:
         expected = audio.frame_count(len(samples), fps)
         if len(windows) != expected:  # both come from the same mel length; guard the contract
             raise RuntimeError(f"mel windows ({len(windows)}) disagree with frame_count ({expected})")
-        size = (avatar.region.width, avatar.region.height)
+        height, width = avatar.region.height, avatar.region.width
         for start in range(0, len(windows), self.batch_size):
-            mel = torch.from_numpy(windows[start:start + self.batch_size]).unsqueeze(1)  # (b, 1, 80, 16)
-            faces96 = self._predict(mel, state)  # (b, 96, 96, 3) float32 in [0, 255]
-            out = np.empty((len(faces96), size[1], size[0], 3), dtype=np.uint8)
+            chunk = windows[start:start + self.batch_size]
+            if self.device.type == "cuda" and self._eager:
+                yield self._render_cuda(chunk, state, height, width)
+                continue
+            faces96 = self._predict(chunk, state)  # (b, 96, 96, 3) float32 in [0, 255]
+            out = np.empty((len(faces96), height, width, 3), dtype=np.uint8)
             for i, face in enumerate(faces96):
-                resized = cv2.resize(face, size, interpolation=cv2.INTER_CUBIC)
+                resized = cv2.resize(face, (width, height), interpolation=cv2.INTER_CUBIC)
                 np.clip(resized, 0, 255, out=resized)
                 np.rint(resized, out=resized)
                 out[i] = resized
@@ -198,13 +394,44 @@ class Wav2LipEngine:
 
     # -- internals -----------------------------------------------------------
 
-    def _predict(self, mel: torch.Tensor, state: _Wav2LipState) -> np.ndarray:
-        """(b, 1, 80, 16) mel windows -> (b, 96, 96, 3) float32 BGR in [0, 255]."""
-        mel = mel.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
+    def _predict(self, windows: np.ndarray, state: _Wav2LipState) -> np.ndarray:
+        """(b, 80, 16) mel windows -> (b, 96, 96, 3) float32 BGR in [0, 255] (CPU)."""
+        mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)  # (b, 1, 80, 16)
         with self._lock, torch.inference_mode():
-            if state.features is not None:
-                pred = self._model.decode(mel, state.features)
-            else:
+            if not self._eager:
+                mel = mel.to(self.device, self._dtype)
                 pred = self._model(mel, state.faces.expand(mel.size(0), -1, -1, -1))
-            pred = (pred.float() * 255.0).permute(0, 2, 3, 1).contiguous().cpu()
-        return pred.numpy()
+            elif self._ort is not None:
+                pred = torch.from_numpy(self._ort(mel.numpy(), state.constants))
+            else:
+                pred = self._decoder(mel.to(self.device, self._dtype), *state.constants)
+            pred = (pred.float() * 255.0).permute(0, 2, 3, 1).cpu().numpy()
+        if not self.rows_from:
+            return np.ascontiguousarray(pred)
+        full = np.empty((len(pred), FACE_SIZE, FACE_SIZE, 3), np.float32)
+        full[:, :self.rows_from] = state.crop[:self.rows_from]
+        full[:, self.rows_from:] = pred
+        return full
+
+    def _render_cuda(self, windows: np.ndarray, state: _Wav2LipState, height: int, width: int) -> np.ndarray:
+        """CUDA: decode, resize, round and convert on the GPU; one copy of uint8 patches back."""
+        count = len(windows)
+        mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
+        if self._graphs is not None:
+            # Pad to a multiple of GRAPH_BUCKET frames: a handful of graphs serve every request length.
+            padded = min(self.batch_size, -(-count // GRAPH_BUCKET) * GRAPH_BUCKET)
+            if padded > count:
+                mel = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)])
+        with self._lock, torch.inference_mode():
+            if self.device.type == "cuda":
+                mel = mel.pin_memory()
+            mel = mel.to(self.device, self._dtype, non_blocking=True)
+            if self._graphs is not None:
+                pred = self._graphs(mel, state)
+            else:
+                pred = self._decoder(mel, *state.constants)
+            pred = pred[:count].float() * 255.0
+            if self.rows_from:
+                pred = torch.cat([state.top.expand(count, -1, -1, -1), pred], dim=2)
+            patches = resize_faces_torch(pred, height, width)
+            return patches.cpu().numpy()
