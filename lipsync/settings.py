@@ -7,13 +7,15 @@ and the CLI build one ``Settings`` at start and pass it down.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
 ENGINES = ("auto", "wav2lip", "builtin")
 TTS_PROVIDERS = ("auto", "espeak", "http")
 DEVICES = ("auto", "cpu", "cuda")
 FACE_DETECTORS = ("auto", "s3fd", "haar")
+LOG_FORMATS = ("json", "text")
+RATE_LIMIT_OFF = ("", "off", "none", "0", "false", "no")
 
 
 class SettingsError(ValueError):
@@ -57,9 +59,27 @@ class Settings:
     job_queue_size: int = 16                # queued jobs beyond this are refused with 429
     job_ttl_seconds: float = 24 * 3600.0    # finished results are deleted after this
     job_disk_cap_bytes: int = 2 * 1024**3   # oldest results go first above this
-    webhook_secret: str | None = None       # HMAC-SHA256 key for callback signatures
+    webhook_secret: str | None = field(default=None, repr=False)  # HMAC-SHA256 key for callback signatures
     webhook_retries: int = 5
     webhook_timeout: float = 10.0
+    # --- protection (README "Security")
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # API_KEYS, comma-separated; () = no auth
+    rate_limit: str = "30/minute"           # POST /api/generate and /api/jobs per client; "off" disables
+    rate_limit_read: str = "600/minute"     # the other protected /api routes (job status, video...) per client
+    rate_limit_storage_uri: str = field(default="memory://", repr=False)  # or REDIS_URL; redis:// shares limits
+    trusted_proxies: int = 0                # proxies in front that append to X-Forwarded-For
+    cors_origins: tuple[str, ...] = ()      # CORS_ORIGINS, comma-separated; () = same-origin only
+    max_image_pixels: int = 40_000_000      # avatar uploads above this (from the header) are refused
+    max_sync_renders: int = 2               # POST /api/generate renders at once; more wait, then 503 busy
+    sync_wait_seconds: float = 10.0         # how long a sync request waits for a render slot
+    metrics_public: bool = False            # serve /metrics without an API key even when API_KEYS is set
+    # --- operations (README "Operations")
+    log_format: str = "json"                # json: one JSON object per line; text: human-readable
+    log_level: str = "INFO"
+    log_text: bool = False                  # put the request text (first 200 characters) in its log line
+    shutdown_grace_seconds: float = 30.0    # on SIGTERM: time for the running job/renders to finish
+    tts_breaker_failures: int = 5           # remote TTS: consecutive failed attempts that open the breaker
+    tts_breaker_reset_seconds: float = 30.0  # ... and how long it stays open before one trial request
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -71,6 +91,8 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = _parse(f.name, raw.strip())
+        if "rate_limit_storage_uri" not in values and (env.get("REDIS_URL") or "").strip():
+            values["rate_limit_storage_uri"] = env["REDIS_URL"].strip()
         settings = replace(cls(), **values, **overrides)
         settings.validate()
         return settings
@@ -88,12 +110,46 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
+        for name in ("max_image_pixels", "max_sync_renders", "tts_breaker_failures"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        for name in ("trusted_proxies", "sync_wait_seconds", "shutdown_grace_seconds", "tts_breaker_reset_seconds"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        for name in ("rate_limit", "rate_limit_read"):
+            parse_rate_limit(getattr(self, name), name)
+        if self.rate_limit_storage_uri.split("://", 1)[0] not in ("memory", "redis", "rediss", "redis+unix",
+                                                                    "redis+sentinel", "redis+cluster"):
+            raise SettingsError("RATE_LIMIT_STORAGE_URI must be memory:// or a redis:// URL")
+        for origin in self.cors_origins:
+            if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]):
+                raise SettingsError(f"CORS_ORIGINS: {origin!r} is not an origin like https://example.com")
+        for key in self.api_keys:
+            if not key or any(ch.isspace() for ch in key) or not key.isprintable():
+                raise SettingsError("API_KEYS must be printable keys without spaces, separated by commas")
 
     @property
     def resolved_tts_provider(self) -> str:
         if self.tts_provider != "auto":
             return self.tts_provider
         return "http" if self.tts_api_url else "espeak"
+
+
+def parse_rate_limit(spec: str, name: str = "rate_limit") -> list:
+    """``spec`` ("30/minute", "5/second;100/hour") as ``limits`` items; [] when it says off."""
+    if spec is None or spec.strip().lower() in RATE_LIMIT_OFF:
+        return []
+    from limits import parse_many
+
+    try:
+        return list(parse_many(spec))
+    except ValueError:
+        raise SettingsError(f"{name.upper()}={spec!r} is not a rate limit like '30/minute' or "
+                            "'5/second;100/hour' (or 'off')") from None
 
 
 # Fields whose environment name is not simply the upper-cased field name.
@@ -112,6 +168,8 @@ def _parse(name: str, raw: str):
             if len(parts) != 4 or parts[0] >= parts[2] or parts[1] >= parts[3]:
                 raise ValueError
             return tuple(parts)
+        if name in ("api_keys", "cors_origins"):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes", "on")
         if isinstance(default, int) or kind == "int":

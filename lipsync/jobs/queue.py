@@ -59,7 +59,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.jobs.store import (CANCELLED, DONE, FAILED, FINAL_STATUSES, QUEUED, RUNNING, WEBHOOK_DELIVERED,
@@ -157,6 +157,11 @@ class JobQueue(abc.ABC):
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving; a running job is aborted and reported ``interrupted``."""
 
+    def drain(self, timeout: float) -> bool:
+        """Start no further job; wait up to ``timeout`` s for the running one to end. True when idle.
+        (Graceful shutdown: ``drain()`` then ``stop()``.)"""
+        return True
+
     @abc.abstractmethod
     def submit(self, request: JobRequest) -> Job:
         """Validate and queue ``request``. Raises the service's 4xx ``LipsyncError`` for bad
@@ -202,7 +207,8 @@ class LocalJobQueue(JobQueue):
     """
 
     def __init__(self, service, settings, *, cleanup_interval: float = 300.0, progress_interval: float = 0.1,
-                 webhook_backoff: float = 1.0, poll_interval: float = 0.5, orphan_grace: float = 60.0):
+                 webhook_backoff: float = 1.0, poll_interval: float = 0.5, orphan_grace: float = 60.0,
+                 on_job_end: Callable[[dict], None] | None = None):
         self.service = service
         self.settings = settings
         self.cleanup_interval = float(cleanup_interval)
@@ -223,6 +229,8 @@ class LocalJobQueue(JobQueue):
         self._current: str | None = None     # the job the worker is rendering
         self._abort: dict[str, str] = {}     # job id -> reason, for the running job
         self._stopping = threading.Event()
+        self._draining = threading.Event()
+        self.on_job_end = on_job_end         # called with the final state of every job the worker ran
         self._cleanup_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -264,6 +272,18 @@ class LocalJobQueue(JobQueue):
         self._release_owner_lock()
         self._started = False
         self.store.close()
+
+    def drain(self, timeout: float) -> bool:
+        self._draining.set()
+        self._notify()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._current is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     # --------------------------------------------------------------- submit
     def submit(self, request: JobRequest) -> Job:
@@ -454,6 +474,9 @@ class LocalJobQueue(JobQueue):
             # Claim under the condition's lock, so that cancel() (which takes it after moving
             # the job to cancelled) always sees the claimed job as ours.
             with self._cond:
+                if self._draining.is_set():  # graceful shutdown: start nothing new
+                    self._cond.wait(self.poll_interval)
+                    continue
                 try:
                     row = self.store.claim_next(time.time(), self.owner)
                 except Exception:  # noqa: BLE001 - a locked/broken DB must not kill the worker
@@ -480,6 +503,17 @@ class LocalJobQueue(JobQueue):
                     self._abort.pop(row["id"], None)
                     self._version += 1
                     self._cond.notify_all()
+                self._report_end(row["id"])
+
+    def _report_end(self, job_id: str) -> None:
+        if self.on_job_end is None:
+            return
+        try:
+            state = self.store.get(job_id)
+            if state is not None:
+                self.on_job_end(state)
+        except Exception:  # noqa: BLE001 - logging/metrics must never break the worker
+            log.exception("job %s: on_job_end failed", job_id)
 
     def _service_loaded(self) -> bool:
         wait = getattr(self.service, "wait_until_loaded", None)

@@ -19,6 +19,7 @@ import re
 import sqlite3
 import threading
 import uuid
+import weakref
 from datetime import datetime, timezone
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -76,13 +77,30 @@ def iso_utc(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _ThreadConnection:
+    """One thread's connection, closed when the thread ends (its thread-local slot is dropped)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+
+    __del__ = close
+
+
 class JobStore:
     """Thread-safe access to the jobs table: one SQLite connection per thread."""
 
     def __init__(self, path: str):
         self.path = path
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        # Weak: a thread's connection is closed when the thread ends (see _ThreadConnection), so a
+        # server that starts a thread per request does not keep one open connection per request.
+        self._all: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._all_lock = threading.Lock()
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
@@ -91,27 +109,24 @@ class JobStore:
 
     # ----------------------------------------------------------- connections
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        held = getattr(self._local, "conn", None)
+        if held is None:
             # autocommit; multi-statement changes use explicit BEGIN IMMEDIATE
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA synchronous = NORMAL")
-            self._local.conn = conn
+            held = self._local.conn = _ThreadConnection(conn)
             with self._all_lock:
-                self._all.append(conn)
-        return conn
+                self._all.add(held)
+        return held.conn
 
     def close(self) -> None:
         """Close every connection this store opened (call once no thread uses it)."""
         with self._all_lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+            held, self._all = list(self._all), weakref.WeakSet()
+        for connection in held:
+            connection.close()
         self._local = threading.local()
 
     def _execute(self, sql: str, params=()) -> sqlite3.Cursor:
@@ -178,6 +193,13 @@ class JobStore:
 
     def queued_count(self) -> int:
         return self._execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+
+    def status_counts(self) -> dict[str, int]:
+        """Jobs per status (every status present, 0 when none), for metrics."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for row in self._execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
+            counts[row["status"]] = int(row["n"])
+        return counts
 
     def average_run_seconds(self, last: int = 20) -> float | None:
         """Mean wall time of the last ``last`` done jobs, None when there are none."""

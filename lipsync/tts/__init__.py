@@ -26,7 +26,9 @@ def create_provider(settings) -> TTSProvider:
         if not settings.tts_api_url:
             raise SettingsError("TTS_PROVIDER=http needs TTS_API_URL")
         try:
-            return HttpTTS(settings.tts_api_url, timeout=settings.tts_timeout, retries=settings.tts_retries)
+            return HttpTTS(settings.tts_api_url, timeout=settings.tts_timeout, retries=settings.tts_retries,
+                           breaker_failures=settings.tts_breaker_failures,
+                           breaker_reset=settings.tts_breaker_reset_seconds)
         except ValueError as exc:
             raise SettingsError(f"TTS_API_URL: {exc}") from None
     raise SettingsError(f"unknown TTS provider {kind!r}")

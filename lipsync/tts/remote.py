@@ -7,6 +7,16 @@ decodes). Only the standard library is used.
 Credentials in the URL (``https://user:secret@host/tts``) are sent as HTTP
 Basic auth and never appear in messages or logs; neither does the query
 string, which often carries API keys.
+
+A circuit breaker guards the service: after ``breaker_failures`` failed
+attempts in a row (connection errors, timeouts, HTTP 5xx, answers that are
+not audio) it *opens* and every call fails at once with
+``TTSUnavailableError`` (HTTP 503, code ``tts_unavailable``, with a
+``retry_after``) instead of tying up a request thread for the timeout and
+its retries. After ``breaker_reset`` seconds it is *half-open*: exactly one
+call goes through as a trial; success closes the breaker, failure opens it
+for another ``breaker_reset`` seconds. Calls arriving during the trial fail
+fast too.
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ import base64
 import http.client
 import json
 import logging
+import math
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -36,12 +48,116 @@ _NOT_AUDIO_TYPES = ("text/", "application/json", "application/problem+json", "ap
                     "application/xhtml", "image/", "video/x-unknown")
 
 
+class TTSUnavailableError(TTSError):
+    """The circuit breaker is open: the speech service failed repeatedly, so it is not called."""
+
+    code = "tts_unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "retry_after": self.retry_after}
+
+
+class CircuitBreaker:
+    """Closed -> (``failure_threshold`` failures in a row) -> open -> (``reset_timeout`` s) ->
+    half-open: one trial call -> closed on success, open again on failure. Thread-safe.
+
+    ``acquire()`` before each attempt (raises ``TTSUnavailableError`` when the
+    call may not go out), then exactly one of ``success()`` / ``failure()`` /
+    ``release()`` (the attempt ended in a way that says nothing about the
+    service's health, e.g. our own error).
+    """
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, failure_threshold: int = 5, reset_timeout: float = 30.0, *, clock=time.monotonic):
+        if failure_threshold < 1 or reset_timeout < 0:
+            raise ValueError("failure_threshold must be >= 1 and reset_timeout >= 0")
+        self.failure_threshold = int(failure_threshold)
+        self.reset_timeout = float(reset_timeout)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0           # consecutive failed attempts
+        self._opened_at: float | None = None
+        self._trial = False          # a half-open trial call is in flight
+        self.opened_count = 0        # how often it opened (metrics, tests)
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> str:
+        if self._opened_at is None:
+            return self.CLOSED
+        if self._clock() - self._opened_at < self.reset_timeout:
+            return self.OPEN
+        return self.HALF_OPEN
+
+    def check(self) -> None:
+        """Raise ``TTSUnavailableError`` when a call would be refused now, without taking the
+        half-open trial (callers check before starting expensive work around the call)."""
+        with self._lock:
+            state = self._state()
+            if state == self.CLOSED or (state == self.HALF_OPEN and not self._trial):
+                return
+        if self.acquire():  # raises; or the state moved on meanwhile and this took the trial: give it back
+            self.release()
+
+    def acquire(self) -> bool:
+        """Allow one attempt or raise ``TTSUnavailableError``. True when this attempt is the trial."""
+        with self._lock:
+            state = self._state()
+            if state == self.CLOSED:
+                return False
+            if state == self.HALF_OPEN and not self._trial:
+                self._trial = True
+                return True
+            if state == self.OPEN:
+                wait = self.reset_timeout - (self._clock() - self._opened_at)
+            else:  # half-open with a trial in flight: its outcome decides soon
+                wait = 1.0
+        raise TTSUnavailableError(
+            f"the speech service is unavailable after {self.failure_threshold} failed attempts in a row; "
+            f"retry in {math.ceil(wait)} s", retry_after=math.ceil(wait))
+
+    def success(self) -> None:
+        with self._lock:
+            if self._opened_at is not None:
+                log.warning("speech service circuit closed: the service answers again")
+            self._failures = 0
+            self._opened_at = None
+            self._trial = False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            trial, self._trial = self._trial, False
+            if trial or (self._opened_at is None and self._failures >= self.failure_threshold):
+                self._opened_at = self._clock()
+                self.opened_count += 1
+                log.warning("speech service circuit open for %g s after %d failed attempt(s)",
+                            self.reset_timeout, self._failures)
+
+    def release(self) -> None:
+        with self._lock:
+            self._trial = False
+
+
 class _Timeout(Exception):
     """One attempt ran out of time."""
 
 
 class _Retryable(Exception):
     """One attempt failed in a way that may pass: connection error or HTTP 5xx."""
+
+
+class _Refused(TTSError):
+    """The service answered and refused (HTTP 4xx, a redirect): it is up, not a breaker failure."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -62,7 +178,8 @@ class HttpTTS:
 
     name = "http"
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5):
+    def __init__(self, url: str, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5, *,
+                 breaker_failures: int = 5, breaker_reset: float = 30.0):
         parts = urllib.parse.urlsplit(url.strip() if isinstance(url, str) else "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the TTS URL must be an http:// or https:// address")
@@ -87,6 +204,7 @@ class HttpTTS:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self._opener = urllib.request.build_opener(_NoRedirect())
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset)
 
     def __repr__(self) -> str:
         return f"HttpTTS({self.endpoint!r}, timeout={self.timeout}, retries={self.retries})"
@@ -100,15 +218,34 @@ class HttpTTS:
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.breaker.acquire()  # raises TTSUnavailableError while the breaker is open
+            healthy = None  # True/False once the attempt said something about the service
             try:
                 audio_bytes, content_type = self._post(body)
+                healthy = False  # until the answer proves to be audio
+                speech = self._decode(audio_bytes, content_type)
+                healthy = True
+                return speech
             except _Timeout:
+                healthy = False
                 timeouts += 1
                 last = f"no answer within {self.timeout:g} s"
             except _Retryable as exc:
+                healthy = False
                 last = str(exc)
-            else:
-                return self._decode(audio_bytes, content_type)
+            except _Refused:
+                healthy = True  # a 4xx or a redirect: the service is up and said no
+                raise
+            except TTSError:
+                healthy = False  # an answer that is not audio, or far too large: it misbehaves
+                raise
+            finally:
+                if healthy is True:
+                    self.breaker.success()
+                elif healthy is False:
+                    self.breaker.failure()
+                else:
+                    self.breaker.release()
             log.warning("speech service %s, attempt %d of %d: %s", self.endpoint, attempt + 1, attempts, last)
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
         if timeouts == attempts:
@@ -135,9 +272,9 @@ class HttpTTS:
             if status >= 500:
                 raise _Retryable(f"it answered HTTP {status}{detail}") from None
             if 300 <= status < 400:
-                raise TTSError(f"the speech service redirected the request (HTTP {status}); "
+                raise _Refused(f"the speech service redirected the request (HTTP {status}); "
                                "set TTS_API_URL to the final address") from None
-            raise TTSError(f"the speech service rejected the request: HTTP {status}{detail}") from None
+            raise _Refused(f"the speech service rejected the request: HTTP {status}{detail}") from None
         except (socket.timeout, TimeoutError):
             raise _Timeout() from None
         except urllib.error.URLError as exc:
@@ -209,4 +346,4 @@ def _preview(data: bytes) -> str:
     return repr(text[:300]) if text else "(empty)"
 
 
-__all__ = ["HttpTTS"]
+__all__ = ["CircuitBreaker", "HttpTTS", "TTSUnavailableError"]
