@@ -219,6 +219,8 @@ class Mp4Writer:
             except queue.Full:
                 if self._video_error is not None or self._proc.poll() is not None:
                     self._fail("ffmpeg stopped while encoding")
+                if time.perf_counter() - start > self.timeout:  # alive but stuck: never hang a request
+                    self._fail(f"ffmpeg took no frame for {self.timeout:.0f} s")
         self.encode_seconds += time.perf_counter() - start
         self.frames += 1
 
@@ -293,12 +295,18 @@ class Mp4Writer:
         except (BrokenPipeError, OSError, ValueError):
             pass
         self._audio.put(None)
-        if self._audio_thread.is_alive():  # still blocked opening the FIFO: open its read end
+        # The feeder may be blocked opening the FIFO (ffmpeg never opened it),
+        # or may not have reached open() yet: hold a read end open until it
+        # has got through and ended.
+        while self._audio_thread.is_alive():
             try:
-                os.close(os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK))
+                reader = os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK)
             except OSError:
-                pass
-            self._audio_thread.join(timeout=5)
+                break
+            try:
+                self._audio_thread.join(timeout=0.1)
+            finally:
+                os.close(reader)
         if self.live_path and os.path.exists(self.live_path):
             os.remove(self.live_path)
         self._cleanup()

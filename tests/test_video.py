@@ -136,3 +136,16 @@ def test_decode_image_refuses_decompression_bombs_before_decoding():
     with pytest.raises(InvalidInputError) as err:
         video.decode_image(bytes(png))
     assert err.value.code == "image_too_large"
+
+
+def test_abort_before_ffmpeg_read_anything_is_quick(tmp_path):
+    """A render that fails at once must not wait on the speech feeder (it blocks opening the FIFO)."""
+    import time
+
+    start = time.monotonic()
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            with video.Mp4Writer(str(tmp_path / "out.mp4"), 64, 48, 25):
+                raise RuntimeError("failed before any frame")
+    assert time.monotonic() - start < 10.0  # a stuck feeder cost 5 s per abort
+    assert os.listdir(tmp_path) == []
