@@ -74,7 +74,9 @@ def create_engine(settings: Settings) -> Engine:
         if checkpoint is not None:
             from lipsync.engines.wav2lip import Wav2LipEngine  # imports torch: only when needed
 
-            return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size)
+            return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size,
+                                 precision=settings.wav2lip_precision, backend=settings.wav2lip_backend,
+                                 mouth_only=settings.wav2lip_mouth_only)
         if settings.engine == "wav2lip":
             raise CheckpointError(f"ENGINE=wav2lip but no checkpoint at {settings.checkpoint_path} "
                                   f"and no .pt/.pth file in {settings.checkpoint_dir}/")
@@ -245,8 +247,8 @@ class LipsyncService:
         height, width = avatar.image.shape[:2]
         engine_s = composite_s = 0.0
         with video.Mp4Writer(out_path, width, height, fps, sample_rate=rate, preset=self.settings.x264_preset,
-                             crf=self.settings.x264_crf, timeout=self.settings.ffmpeg_timeout,
-                             live_path=live_path) as writer:
+                             crf=self.settings.x264_crf, threads=self.settings.x264_threads,
+                             timeout=self.settings.ffmpeg_timeout, live_path=live_path) as writer:
             for index, speech in enumerate(pieces):
                 # Pad each piece with silence to a whole number of frames, so
                 # sound and picture stay in step across pieces and at the end.

@@ -14,6 +14,8 @@ ENGINES = ("auto", "wav2lip", "builtin")
 TTS_PROVIDERS = ("auto", "espeak", "http")
 DEVICES = ("auto", "cpu", "cuda")
 FACE_DETECTORS = ("auto", "s3fd", "haar")
+WAV2LIP_PRECISIONS = ("auto", "fp32", "fp16", "int8")
+WAV2LIP_BACKENDS = ("auto", "torch", "onnxruntime")
 LOG_FORMATS = ("json", "text")
 RATE_LIMIT_OFF = ("", "off", "none", "0", "false", "no")
 
@@ -39,6 +41,9 @@ class Settings:
     checkpoint_dir: str = "checkpoints"
     device: str = "auto"
     batch_size: int = 64
+    wav2lip_precision: str = "auto"         # fp16 on CUDA, fp32 on CPU; int8: opt-in CPU quantisation
+    wav2lip_backend: str = "auto"           # onnxruntime on CPU when installed, else torch
+    wav2lip_mouth_only: bool = True         # compute only the rows the blend mask shows (same frames)
     # --- speech
     tts_provider: str = "auto"              # http when TTS_API_URL is set, else espeak
     tts_api_url: str | None = None
@@ -49,6 +54,7 @@ class Settings:
     max_output_height: int = 720
     x264_preset: str = "veryfast"
     x264_crf: int = 23
+    x264_threads: int = 0                   # 0: ffmpeg's choice; fewer when several requests share the cores
     ffmpeg_timeout: float = 300.0
     output_dir: str = "outputs"
     # --- limits
@@ -100,7 +106,8 @@ class Settings:
     def validate(self) -> None:
         """Raise ``SettingsError`` naming the first unusable value."""
         for name, allowed in (("engine", ENGINES), ("tts_provider", TTS_PROVIDERS),
-                              ("device", DEVICES), ("face_detector", FACE_DETECTORS)):
+                              ("device", DEVICES), ("face_detector", FACE_DETECTORS),
+                              ("wav2lip_precision", WAV2LIP_PRECISIONS), ("wav2lip_backend", WAV2LIP_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.tts_provider == "http" and not self.tts_api_url:

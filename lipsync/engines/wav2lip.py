@@ -44,14 +44,15 @@ from lipsync import audio
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
+from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
 from lipsync.tts.base import Speech
 from lipsync.wav2lip import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 
 log = logging.getLogger("lipsync")
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+PRECISIONS = WAV2LIP_PRECISIONS
+BACKENDS = WAV2LIP_BACKENDS
 GRAPH_BUCKET = 16  # CUDA graphs are captured for batch sizes that are multiples of this
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 # Box padding before cropping (pixels), as the published models expect.
 PAD_TOP, PAD_BOTTOM, PAD_LEFT, PAD_RIGHT = 0, 10, 0, 0
