@@ -44,6 +44,8 @@ class GenerationResult:
     frames: int
     engine: str
     timings: dict[str, float] = field(default_factory=dict)
+    # (start, end) seconds of each spoken piece (sentence) in the video, in order
+    segments: tuple[tuple[float, float], ...] = ()
 
 
 def default_avatar() -> np.ndarray:
@@ -231,19 +233,20 @@ class LipsyncService:
         else:
             pieces = SpeechPieces.synthesised(self.tts, split_sentences(text), language)
         try:
-            frames, duration = self._render(pieces, avatar, out_path, live_path, timings, report)
+            frames, segments = self._render(pieces, avatar, out_path, live_path, timings, report)
         finally:
             pieces.close()
         if recording is None:
             timings["tts"] = pieces.tts_seconds * 1000.0
         timings["total"] = _ms_since(started)
-        return GenerationResult(path=out_path, duration=duration, frames=frames,
+        return GenerationResult(path=out_path, duration=segments[-1][1], frames=frames, segments=segments,
                                 engine=self.engine.name, timings=timings)
 
     def _render(self, pieces: "SpeechPieces", avatar: PreparedAvatar, out_path: str, live_path: str | None,
-                timings: dict[str, float], report: ProgressCallback) -> tuple[int, float]:
-        """Lip-sync and encode every piece of speech into one MP4; returns (frames, seconds)."""
+                timings: dict[str, float], report: ProgressCallback) -> tuple[int, tuple]:
+        """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments)."""
         fps, rate = self.settings.fps, audio.SAMPLE_RATE
+        segments: list[tuple[float, float]] = []
         height, width = avatar.image.shape[:2]
         engine_s = composite_s = 0.0
         with video.Mp4Writer(out_path, width, height, fps, sample_rate=rate, preset=self.settings.x264_preset,
@@ -253,6 +256,7 @@ class LipsyncService:
                 # Pad each piece with silence to a whole number of frames, so
                 # sound and picture stay in step across pieces and at the end.
                 samples = pad_to_frames(speech.samples, fps, rate)
+                segments.append((writer.audio_samples / rate, (writer.audio_samples + len(samples)) / rate))
                 writer.write_audio(samples)
                 wanted = len(samples) * fps // rate
                 done = 0
@@ -275,7 +279,7 @@ class LipsyncService:
         timings["lipsync"] = engine_s * 1000.0
         timings["composite"] = composite_s * 1000.0
         timings["encode"] = writer.encode_seconds * 1000.0
-        return writer.frames, writer.audio_samples / rate
+        return writer.frames, tuple(segments)
 
     def temp_root(self) -> str:
         """Folder for per-request working files (removed after each request)."""

@@ -23,6 +23,7 @@ import numpy as np
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.ffmpeg import ffmpeg_exe, run_ffmpeg, stderr_tail
+from lipsync.image_header import image_size
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
 
@@ -37,8 +38,9 @@ def decode_image(data: bytes) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     if buf.size == 0:
         raise InvalidInputError("the image is empty", code="invalid_image")
-    header_ok, width, height = _image_size(data)
-    if header_ok and width * height > MAX_IMAGE_PIXELS:
+    size = image_size(data, tolerant=True)  # every JPEG libjpeg would decode: no bomb slips past
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        width, height = size
         raise InvalidInputError(f"the image is {width}x{height} pixels; at most "
                                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted", code="image_too_large")
     image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -51,26 +53,6 @@ def decode_image(data: bytes) -> np.ndarray:
     elif image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image
-
-
-def _image_size(data: bytes) -> tuple[bool, int, int]:
-    """Width and height read from a PNG or JPEG header without decoding."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return True, int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                return True, int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return False, 0, 0
 
 
 def fit_to_height(image: np.ndarray, max_height: int) -> np.ndarray:
@@ -184,6 +166,9 @@ class Mp4Writer:
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
                "-threads", str(threads), *(["-tune", tune] if tune else []),
                "-g", str(2 * fps),  # a keyframe (a live fragment) every 2 s: streaming starts early
+               # Keyframes at the quality of the frames between them: otherwise the
+               # still avatar visibly "pulses" at every keyframe.
+               "-x264-params", "ipratio=1.0",
                "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
