@@ -32,6 +32,7 @@ test-fast: install-dev
 bench: install
 	$(PY) bench/bench_builtin.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_streaming.py
 
 clean:
 	rm -rf $(VENV) .cache outputs/tmp .pytest_cache
