@@ -7,29 +7,22 @@ Settings come from the environment once (``lipsync.settings.Settings``) and
 live in ``app.config["SETTINGS"]``; the preloaded pipeline lives in
 ``app.extensions["lipsync"]``, the job queue in ``app.extensions["jobs"]``.
 
-Besides the routes this module holds the request guards (README "Security"):
-API keys, per-client rate limits, CORS, security headers, upload checks by
-content, and the graceful shutdown (README "Operations").
+Besides the routes this module holds the request hooks (README "Security"):
+which routes need an API key and count against which rate limit, CORS and
+security headers. The guards themselves are library code: API keys and rate
+limits in ``lipsync.security``, upload checks by content in
+``lipsync.uploads``, render slots and the graceful shutdown (README
+"Operations") in ``lipsync.lifecycle``.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import hashlib
-import hmac
-import io
 import json
 import logging
-import math
 import os
-import re
-import shutil
 import signal
-import tempfile
 import threading
-import time
-import wave
 
 from flask import (Blueprint, Flask, Response, current_app, g, jsonify, render_template, request, send_file,
                    stream_with_context, url_for)
@@ -37,15 +30,20 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wsgi import LimitedStream
 
-from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
-from lipsync.ffmpeg import run_ffmpeg
-from lipsync.jobs import JobQueue, JobRequest, LocalJobQueue
+from lipsync.errors import InvalidInputError, LipsyncError
+from lipsync.jobs import JobQueue, JobRequest, LocalJobQueue, follow_live, open_live
+from lipsync.lifecycle import Lifecycle, RenderSlots
+from lipsync.memory import release_memory, tune_malloc
 from lipsync.observability import (ENV_ERROR_CODE, ENV_JOB_ID, ENV_KEY_ID, ENV_ROUTE, ENV_TEXT, METRICS_CONTENT_TYPE,
-                                   Metrics, RequestObserver, clip, gauge, job_log, job_log_fields)
+                                   Metrics, RequestObserver, clip, record_finished_job)
 from lipsync.openapi import build_openapi
+from lipsync.security import Security, presented_key
 from lipsync.service import LipsyncService
-from lipsync.settings import Settings, parse_rate_limit
+from lipsync.settings import Settings
+from lipsync.state_metrics import register_state_metrics
+from lipsync.tempdirs import process_temp_dir, sweep_stale_temp
 from lipsync.tts.base import LANGUAGES
+from lipsync.uploads import check_image, clean_text, normalize_recording, read_upload
 from lipsync.video import decode_image
 
 log = logging.getLogger("lipsync.web")
@@ -117,7 +115,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["lifecycle"] = lifecycle
     app.extensions["security"] = Security(settings, metrics)
     app.extensions["openapi"] = build_openapi(settings)
-    _register_state_metrics(metrics, service, jobs, slots, lifecycle)
+    register_state_metrics(metrics, service, jobs, slots, lifecycle)
 
     app.register_blueprint(pages)
     app.register_blueprint(api)
@@ -146,20 +144,10 @@ def _settings() -> Settings:
     return current_app.config["SETTINGS"]
 
 
-class HttpError(LipsyncError):
-    """A refusal of the web layer, optionally with ``Retry-After`` and other headers."""
-
-    def __init__(self, message: str, *, code: str, status: int, retry_after: int | None = None,
-                 headers: dict | None = None):
-        super().__init__(message, code=code, status=status)
-        self.retry_after = None if retry_after is None else max(1, int(retry_after))
-        self.headers = dict(headers or {})
-
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        if self.retry_after is not None:
-            data["retry_after"] = self.retry_after
-        return data
+def _job_ended(metrics: Metrics, state: dict) -> None:
+    """The queue's on_job_end: give the render's memory back, then the job's log line and metrics."""
+    release_memory()
+    record_finished_job(metrics, state)
 
 
 # --------------------------------------------------------------------- pages
@@ -203,7 +191,7 @@ def generate():
     service = _service()
     inputs = _generate_inputs()
     with current_app.extensions["render_slots"].slot():
-        with tempfile.TemporaryDirectory(prefix=f"http-{PROCESS_TAG}-", dir=service.temp_root()) as tmp:
+        with process_temp_dir("http", service.temp_root()) as tmp:
             out_path = os.path.join(tmp, "avatar.mp4")
             result = service.generate(out_path, **inputs)
             with open(out_path, "rb") as f:
@@ -287,39 +275,12 @@ def job_stream(job_id: str):
     """
     state = _job_or_404(job_id)
     jobs = _jobs()
-    stopped = current_app.extensions["lifecycle"].stopped
-    deadline = time.monotonic() + 300
-    live = None
     # Wait for the first fragment (the job may still be queued or speaking).
-    while state["status"] in ("queued", "running") and time.monotonic() < deadline and not stopped.is_set():
-        live = jobs.live_path(job_id)
-        if live is not None:
-            break
-        time.sleep(0.05)
-        state = jobs.get(job_id) or state
-    if live is None:
+    handle = open_live(jobs, job_id, state, timeout=300, stopped=current_app.extensions["lifecycle"].stopped)
+    if handle is None:
         return job_video(job_id)
-    try:
-        handle = open(live, "rb")
-    except FileNotFoundError:  # finished in between: the live copy is gone
-        return job_video(job_id)
-
-    def follow():
-        with handle:
-            while True:
-                chunk = handle.read(256 * 1024)
-                if chunk:
-                    yield chunk
-                    continue
-                current = jobs.get(job_id)
-                if current is None or current["status"] not in ("queued", "running"):
-                    rest = handle.read()
-                    if rest:
-                        yield rest
-                    return
-                time.sleep(0.05)
-
-    return Response(stream_with_context(follow()), mimetype="video/mp4", headers={"Cache-Control": "no-cache"})
+    return Response(stream_with_context(follow_live(jobs, job_id, handle)), mimetype="video/mp4",
+                    headers={"Cache-Control": "no-cache"})
 
 
 @api.delete("/jobs/<job_id>")
@@ -407,284 +368,11 @@ def _check_tts_circuit(service: LipsyncService) -> None:
 
 
 def _read_upload(file, what: str, invalid_code: str) -> bytes:
-    limit = _settings().max_upload_bytes
-    data = file.stream.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLargeError(f"the {what} is larger than the limit of {limit} bytes", code="upload_too_large")
-    if not data:
-        raise InvalidInputError(f"the {what} is empty", code=invalid_code)
-    return data
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def clean_text(text):
-    """Text as the TTS may receive it: control characters become spaces; lone surrogates
-    (possible in JSON, not encodable as UTF-8) are refused. Non-strings pass through for
-    the service's own ``invalid_text`` check."""
-    if not isinstance(text, str):
-        return text
-    if any("\ud800" <= ch <= "\udfff" for ch in text):
-        raise InvalidInputError("'text' contains invalid Unicode (a lone surrogate)", code="invalid_text")
-    return _CONTROL_CHARS.sub(" ", text)
-
-
-def sniff_image(data: bytes) -> str | None:
-    """``png`` or ``jpeg`` from the file's first bytes, else None."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    return None
-
-
-def image_size(data: bytes, kind: str) -> tuple[int, int] | None:
-    """(width, height) from a PNG IHDR or a JPEG SOF marker, without decoding; None if not found."""
-    if kind == "png":
-        if len(data) >= 24 and data[12:16] == b"IHDR":
-            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        return None
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None  # a marker was expected here: not a well-formed JPEG
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            if i + 9 > len(data):
-                return None
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        if marker == 0xDA or length < 2:  # image data before any frame header
-            return None
-        i += 2 + length
-    return None
-
-
-def check_image(data: bytes, max_pixels: int) -> bytes:
-    """``data`` if it is a PNG/JPEG whose header says at most ``max_pixels``; else a 400."""
-    kind = sniff_image(data)
-    if kind is None:
-        raise InvalidInputError("the avatar must be a PNG or JPEG image", code="invalid_image")
-    size = image_size(data, kind)
-    if size is None or size[0] == 0 or size[1] == 0:
-        raise InvalidInputError(f"the avatar is not a readable {kind.upper()} image", code="invalid_image")
-    width, height = size
-    if width * height > max_pixels:
-        raise InvalidInputError(f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted",
-                                code="image_too_large")
-    return data
-
-
-def sniff_audio(data: bytes) -> str | None:
-    """The ffmpeg demuxer for an upload, from its first bytes; None for anything not audio/video we take."""
-    head = data[:16]
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "matroska"  # webm, mka, mkv
-    if head[4:8] == b"ftyp":
-        return "mov"       # mp4, m4a, mov, 3gp
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    if head[:6] == b"#!AMR\n":
-        return "amr"
-    if head[:3] == b"ID3":
-        return "mp3"
-    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
-        layer = (head[1] >> 1) & 0x3
-        if layer == 0 and head[1] & 0xF6 == 0xF0:
-            return "aac"   # ADTS
-        if layer != 0 and (head[1] >> 3) & 0x3 != 1 and len(head) >= 3 and head[2] >> 4 not in (0, 15):
-            return "mp3"   # MPEG audio frame: valid version and bitrate index
-    return None
-
-
-def normalize_recording(data: bytes, settings: Settings, temp_root: str) -> bytes:
-    """An upload as 16 kHz mono WAV bytes, refusing what is not audio or too long before the render."""
-    demuxer = sniff_audio(data)
-    if demuxer is None:
-        raise InvalidInputError("the audio file is not in a supported format (WAV, MP3, AAC, OGG/Opus, FLAC, "
-                                "M4A/MP4, WebM/MKV, AIFF, AMR)", code="invalid_audio")
-    limit = settings.max_audio_seconds
-    with tempfile.TemporaryDirectory(prefix=f"up-{PROCESS_TAG}-", dir=temp_root) as tmp:
-        path = os.path.join(tmp, "upload")
-        with open(path, "wb") as f:
-            f.write(data)
-        # -f: the demuxer we sniffed, never ffmpeg's own guess (no playlists, no concat lists);
-        # -t: stop decoding just past the limit.
-        pcm = run_ffmpeg(["-protocol_whitelist", "file", "-f", demuxer, "-i", path, "-t", f"{limit + 0.1:.3f}",
-                          "-vn", "-sn", "-dn", "-ac", "1", "-ar", "16000", "-f", "s16le", "-acodec", "pcm_s16le",
-                          "pipe:1"], timeout=min(settings.ffmpeg_timeout, 120.0),
-                         error=lambda message: InvalidInputError(message, code="invalid_audio"),
-                         what="could not decode the audio")
-    samples = len(pcm) // 2
-    if samples == 0:
-        raise InvalidInputError("the audio contains no sound samples", code="invalid_audio")
-    if samples > limit * 16000:
-        raise PayloadTooLargeError(f"the audio lasts more than {limit:.0f} s, the limit", code="audio_too_long")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm[: samples * 2])
-    return out.getvalue()
-
-
-# --------------------------------------------------------- temporary files
-def _process_tag() -> str:
-    """``<pid>.<start time>``: names this process's temporary folders, unique even across container
-    restarts where the pid repeats."""
-    return f"{os.getpid()}.{_start_ticks(os.getpid()) or 0}"
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-PROCESS_TAG = _process_tag()
-_TEMP_NAME = re.compile(r"(?:http|up)-(\d+)\.(\d+)-")
-
-
-def sweep_stale_temp(root: str) -> int:
-    """Remove per-request folders left by processes that died (SIGKILL, power loss); returns how many.
-
-    Folders of live processes (other gunicorn workers sharing the folder) are kept."""
-    removed = 0
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return 0
-    for name in names:
-        match = _TEMP_NAME.match(name)
-        if match is None:
-            continue
-        pid, ticks = int(match.group(1)), int(match.group(2))
-        if pid == os.getpid() and f"{pid}.{ticks}" == PROCESS_TAG:
-            continue
-        alive = _start_ticks(pid)
-        if alive is not None and (ticks == 0 or alive == ticks):
-            continue
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        removed += 1
-    if removed:
-        log.warning("removed %d temporary folder(s) left by stopped processes", removed)
-    return removed
+    """An uploaded file's bytes (werkzeug ``FileStorage``), within ``MAX_UPLOAD_BYTES``."""
+    return read_upload(file.stream, _settings().max_upload_bytes, what, invalid_code)
 
 
 # ------------------------------------------------------------------ guards
-class Security:
-    """API keys and rate limits of one app."""
-
-    def __init__(self, settings: Settings, metrics: Metrics):
-        self.settings = settings
-        self.metrics = metrics
-        # compare SHA-256 digests: equal lengths, so compare_digest leaks nothing, not even the length
-        self._keys = [(hashlib.sha256(k.encode()).digest(), hashlib.sha256(k.encode()).hexdigest()[:12])
-                      for k in settings.api_keys]
-        if any(len(k) < 16 for k in settings.api_keys):
-            log.warning("API_KEYS has keys shorter than 16 characters; use long random keys")
-        self.limiter = RateLimiter(settings, metrics)
-
-    @property
-    def keys_required(self) -> bool:
-        return bool(self._keys)
-
-    def presented_key(self) -> str | None:
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip() or None
-        key = request.headers.get("X-API-Key")
-        if key:
-            return key.strip()
-        if request.method in ("GET", "HEAD"):  # EventSource and <video> cannot send headers
-            return request.args.get("api_key") or None
-        return None
-
-    def key_id(self, presented: str | None) -> str | None:
-        """The id (hash prefix) of the configured key equal to ``presented``; every key is compared."""
-        if presented is None or not self._keys:
-            return None
-        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for key_digest, key_id in self._keys:
-            if hmac.compare_digest(digest, key_digest):
-                found = key_id
-        return found
-
-
-class RateLimiter:
-    """Moving-window limits per client over ``limits`` storage: in memory, or Redis (shared by
-    processes and hosts) when ``RATE_LIMIT_STORAGE_URI``/``REDIS_URL`` is set.
-
-    If the storage fails (Redis down) requests are let through and the failure is logged and
-    counted (``lipsync_rate_limit_storage_errors_total``): the limiter protects, never takes the
-    service down with it."""
-
-    def __init__(self, settings: Settings, metrics: Metrics):
-        self.metrics = metrics
-        self.buckets = {"write": parse_rate_limit(settings.rate_limit, "rate_limit"),
-                        "read": parse_rate_limit(settings.rate_limit_read, "rate_limit_read")}
-        self.strategy = None
-        self._last_error_log = 0.0
-        if any(self.buckets.values()):
-            from limits.storage import storage_from_string
-            from limits.strategies import MovingWindowRateLimiter
-
-            uri = settings.rate_limit_storage_uri
-            options = {} if uri.startswith("memory") else {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
-            self.storage = storage_from_string(uri, **options)
-            self.strategy = MovingWindowRateLimiter(self.storage)
-
-    def hit(self, bucket: str, identity: str) -> dict | None:
-        """Count one request; raise 429 when over a limit. Returns the X-RateLimit-* values."""
-        items = self.buckets.get(bucket) or []
-        if not items or self.strategy is None:
-            return None
-        try:
-            headers = None
-            for item in items:
-                if not self.strategy.hit(item, "lipsync", bucket, identity):
-                    stats = self.strategy.get_window_stats(item, "lipsync", bucket, identity)
-                    retry = max(1, math.ceil(stats.reset_time - time.time()))
-                    self.metrics.rate_limited.labels(bucket).inc()
-                    raise HttpError(f"too many requests: the limit is {item}; retry in {retry} s",
-                                    code="rate_limited", status=429, retry_after=retry,
-                                    headers={"X-RateLimit-Limit": str(item.amount), "X-RateLimit-Remaining": "0",
-                                             "X-RateLimit-Reset": str(math.ceil(stats.reset_time))})
-                if headers is None:
-                    stats = self.strategy.get_window_stats(item, "lipsync", bucket, identity)
-                    headers = {"X-RateLimit-Limit": str(item.amount), "X-RateLimit-Remaining": str(stats.remaining),
-                               "X-RateLimit-Reset": str(math.ceil(stats.reset_time))}
-            return headers
-        except HttpError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - storage down: let the request through
-            self.metrics.rate_limit_errors.inc()
-            now = time.monotonic()
-            if now - self._last_error_log > 60:
-                self._last_error_log = now
-                log.error("rate-limit storage failed, requests are not limited: %s: %s", type(exc).__name__, exc)
-            return None
-
-
 def _guard():
     """Before every request: route label, rate limit, API key, shutdown."""
     env = request.environ
@@ -693,25 +381,18 @@ def _guard():
     if request.method == "OPTIONS" or endpoint is None:
         return None  # CORS preflight / unknown path: nothing to protect (404/405 follow)
     security: Security = current_app.extensions["security"]
-    settings = _settings()
-    key_id = security.key_id(security.presented_key())
+    presented = presented_key(request.headers, request.method, request.args)
+    key_id = security.key_id(presented)
     if key_id:
         env[ENV_KEY_ID] = key_id
     bucket = "write" if endpoint in WRITE_ENDPOINTS else "read" if endpoint in READ_ENDPOINTS else None
     if bucket is not None:
         identity = f"key:{key_id}" if key_id else f"ip:{request.remote_addr}"
         g.rate_limit_headers = security.limiter.hit(bucket, identity)
-    public = endpoint in PUBLIC_ENDPOINTS or (endpoint == "ops.metrics" and settings.metrics_public)
-    if security.keys_required and not public and key_id is None:
-        security.metrics.auth_failures.inc()
-        presented = security.presented_key() is not None
-        challenge = 'Bearer realm="lipsync"' + (', error="invalid_token"' if presented else "")
-        raise HttpError("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-                        if not presented else "the API key is not valid", code="unauthorized", status=401,
-                        headers={"WWW-Authenticate": challenge})
-    if endpoint in WRITE_ENDPOINTS and current_app.extensions["lifecycle"].stopping.is_set():
-        raise HttpError("the server is shutting down; send the request again in a moment", code="shutting_down",
-                        status=503, retry_after=10)
+    if not (endpoint in PUBLIC_ENDPOINTS or (endpoint == "ops.metrics" and _settings().metrics_public)):
+        security.require_key(presented, key_id)
+    if endpoint in WRITE_ENDPOINTS:
+        current_app.extensions["lifecycle"].check_accepting()
     return None
 
 
@@ -735,191 +416,6 @@ def _decorate(response: Response) -> Response:
     if allowed and "*" not in allowed:
         response.vary.add("Origin")
     return response
-
-
-class RenderSlots:
-    """At most ``count`` synchronous renders at once; a request waits up to ``wait`` s for a slot,
-    then gets 503 ``busy``. (Jobs have their own queue and worker.)"""
-
-    def __init__(self, count: int, wait: float):
-        self.count = count
-        self.wait = wait
-        self._semaphore = threading.BoundedSemaphore(count)
-        self._cond = threading.Condition()
-        self.active = 0
-
-    @contextlib.contextmanager
-    def slot(self):
-        if not self._semaphore.acquire(timeout=self.wait):
-            raise HttpError(f"the server is busy with {self.count} videos; try again shortly or use /api/jobs",
-                            code="busy", status=503, retry_after=5)
-        with self._cond:
-            self.active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.active -= 1
-                idle = self.active == 0
-                self._cond.notify_all()
-            self._semaphore.release()
-            if idle:
-                release_memory()
-
-    def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.active:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
-
-
-def _load_malloc_trim():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def tune_malloc(arenas: int = 2) -> None:
-    """Limit glibc to ``arenas`` malloc arenas (unless MALLOC_ARENA_MAX is set).
-
-    A threaded server otherwise gets up to 8 arenas per core, one per busy thread, each keeping
-    the frame buffers it once held: the process stays far above its idle size after a burst.
-    Called by the entry points (``python app.py``, gunicorn workers), not by ``create_app``."""
-    if _malloc_trim is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-_trim_lock = threading.Lock()
-
-
-def release_memory() -> None:
-    """Give the memory freed by a finished render back to the OS.
-
-    A render allocates and frees hundreds of MB of frame buffers; glibc keeps freed memory in its
-    heaps (and raises its mmap threshold), so without this the process stays at its peak size
-    long after the load is gone. ``malloc_trim(0)`` returns every free page; it takes about a
-    millisecond and runs only when no render is active."""
-    if _malloc_trim is not None and _trim_lock.acquire(blocking=False):
-        try:
-            _malloc_trim(0)
-        finally:
-            _trim_lock.release()
-
-
-class Lifecycle:
-    """Graceful shutdown. ``begin()`` (on SIGTERM): new generate/job requests get 503
-    ``shutting_down`` and health 503; the running job and sync renders get ``grace`` seconds to
-    finish; then the queue stops (a job still running is failed with code ``interrupted``) and
-    the ``on_stopped`` callbacks run (stop the HTTP server)."""
-
-    def __init__(self, jobs: JobQueue, slots: RenderSlots, grace: float):
-        self.jobs = jobs
-        self.slots = slots
-        self.grace = grace
-        self.stopping = threading.Event()
-        self.stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list = []
-        self._thread: threading.Thread | None = None
-
-    def on_stopped(self, callback) -> None:
-        self._callbacks.append(callback)
-
-    def begin(self, reason: str = "shutdown", grace: float | None = None) -> None:
-        """Start the shutdown (once; later calls do nothing). ``grace`` overrides the setting
-        (0: interrupt the running job at once)."""
-        with self._lock:
-            if self._thread is not None:
-                return
-            grace = self.grace if grace is None else grace
-            self.stopping.set()
-            log.info("shutting down (%s): no new work; %.0f s for the running work", reason, grace)
-            self._thread = threading.Thread(target=self._drain, args=(grace,), name="lipsync-shutdown", daemon=True)
-            self._thread.start()
-
-    def _drain(self, grace: float) -> None:
-        deadline = time.monotonic() + grace
-        try:
-            job_done = self.jobs.drain(grace)
-            renders_done = self.slots.wait_idle(max(0.0, deadline - time.monotonic()))
-            if not job_done:
-                log.warning("shutdown: the running job did not finish within %.0f s; it is failed as interrupted",
-                            grace)
-            if not renders_done:
-                log.warning("shutdown: %d synchronous render(s) still running", self.slots.active)
-            self.jobs.stop(timeout=15.0)
-        except Exception:  # noqa: BLE001
-            log.exception("shutdown failed")
-        finally:
-            self.stopped.set()
-            log.info("shutdown complete")
-            for callback in self._callbacks:
-                try:
-                    callback()
-                except Exception:  # noqa: BLE001
-                    log.exception("shutdown callback failed")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.stopped.wait(timeout)
-
-
-# ----------------------------------------------------------------- metrics
-_BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
-
-
-def _register_state_metrics(metrics: Metrics, service: LipsyncService, jobs, slots: RenderSlots,
-                            lifecycle: Lifecycle) -> None:
-    def state():
-        info = service.describe()
-        yield gauge("lipsync_ready", "1 when models are loaded and requests are served", 1 if info["status"] == "ready" else 0)
-        yield gauge("lipsync_engine_info", "The lip-sync engine, device and TTS in use", 1,
-                    labels={"engine": info.get("engine") or "", "device": info.get("device") or "",
-                            "version": info.get("version") or "", "checkpoint": os.path.basename(info.get("checkpoint") or ""),
-                            "tts_provider": info.get("tts_provider") or "", "face_detector": info.get("face_detector") or ""})
-        breaker = getattr(service.tts, "breaker", None)
-        if breaker is not None:
-            yield gauge("lipsync_tts_circuit_state", "Remote TTS circuit breaker: 0 closed, 1 half-open, 2 open",
-                        _BREAKER_STATES.get(breaker.state, 0))
-            yield gauge("lipsync_tts_circuit_opened", "How often the remote TTS circuit breaker opened",
-                        breaker.opened_count)
-        store = getattr(jobs, "store", None)
-        if store is not None and hasattr(store, "status_counts"):
-            counts = store.status_counts()
-            yield gauge("lipsync_jobs", "Jobs known to the queue, by status", samples=[
-                ({"status": status}, n) for status, n in counts.items()])
-            yield gauge("lipsync_queue_depth", "Jobs waiting to run", counts.get("queued", 0))
-        yield gauge("lipsync_sync_renders_active", "Synchronous /api/generate renders running", slots.active)
-        yield gauge("lipsync_sync_render_slots", "Synchronous renders allowed at once", slots.count)
-        yield gauge("lipsync_shutting_down", "1 once a graceful shutdown began", 1 if lifecycle.stopping.is_set() else 0)
-
-    metrics.add_state(state)
-
-
-def _job_ended(metrics: Metrics, state: dict) -> None:
-    """The queue's on_job_end: one ``job`` log line and the job metrics."""
-    release_memory()
-    code = (state.get("error") or {}).get("code") or ""
-    metrics.jobs_finished.labels(state.get("status") or "", code).inc()
-    if state.get("status") == "done":
-        metrics.observe_stages(state.get("timings"), "job")
-    fields = job_log_fields(state)
-    level = logging.WARNING if state.get("status") == "failed" else logging.INFO
-    job_log.log(level, "job %s %s", state.get("id"), state.get("status"), extra=fields)
 
 
 # -------------------------------------------------------------------- errors

@@ -14,7 +14,9 @@ random weights (the published weights run at the same speed).
 the wall time per round and the throughput (seconds of video made per
 second). ``--tree DIR`` imports ``lipsync`` from another checkout (e.g. the
 code before a change, for before/after numbers); the engine options
-(--precision, --mouth-only, --backend) need this tree's engine.
+(--precision, --mouth-only, --backend) need this tree's engine, and
+``--random-checkpoint`` a tree with ``lipsync.wav2lip.save_random_checkpoint``
+(with an older one, pass ``--checkpoint``).
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ def main() -> int:
         engine_options["mouth_only"] = True
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_checkpoint:
-            overrides["checkpoint_path"] = _random_checkpoint(tmp)
+            from lipsync.wav2lip import save_random_checkpoint
+
+            overrides["checkpoint_path"] = save_random_checkpoint(os.path.join(tmp, "random_wav2lip.pth"), seed=7)
         fields = {f.name for f in dataclasses.fields(Settings)}
         overrides.update(output_dir=os.path.join(tmp, "out"), cache_dir=os.path.join(tmp, "cache"))
         try:
@@ -173,26 +177,6 @@ def main() -> int:
                        "rtf": total_s / duration, "fps": frames / total_s, "info": info,
                        "concurrency": args.concurrency, "concurrent": concurrent}, f, indent=2, default=str)
     return 0
-
-
-def _random_checkpoint(folder: str) -> str:
-    """A Wav2Lip state dict with random weights (BatchNorm statistics measured on random input)."""
-    import torch
-    from torch import nn
-
-    from lipsync.wav2lip import Wav2Lip
-
-    torch.manual_seed(7)
-    model = Wav2Lip()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
-    path = os.path.join(folder, "random_wav2lip.pth")
-    torch.save(model.eval().state_dict(), path)
-    return path
 
 
 def _engine_options(options: dict) -> None:

@@ -52,31 +52,14 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from lipsync import audio  # noqa: E402
-from lipsync.wav2lip import StillFaceDecoder, Wav2Lip, load_model, mouth_rows_start  # noqa: E402
+from lipsync.wav2lip import (StillFaceDecoder, Wav2Lip, load_model, mouth_rows_start,  # noqa: E402
+                             random_generator, save_random_checkpoint)
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 BOX = (420, 137, 885, 612)  # the fixture avatar's face region (padded box), x1 y1 x2 y2
 MOUTH_ROWS = mouth_rows_start(0.46)
-
-
-def random_wav2lip(seed: int = 7) -> Wav2Lip:
-    """Random weights, BatchNorm statistics measured then perturbed (as tests/test_wav2lip_engine.py)."""
-    torch.manual_seed(seed)
-    model = Wav2Lip()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
-        for bn in bns:
-            bn.weight.uniform_(0.6, 1.4)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.25))
-    return model.eval()
 
 
 def inputs(batch: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
@@ -294,9 +277,8 @@ def main() -> int:
             model = load_model(args.checkpoint)
             checkpoint = args.checkpoint
         else:
-            model = random_wav2lip()
-            checkpoint = os.path.join(tmp, "random_wav2lip.pth")
-            torch.save(model.state_dict(), checkpoint)
+            model = random_generator(7)
+            checkpoint = save_random_checkpoint(os.path.join(tmp, "random_wav2lip.pth"), model=model)
         mel, faces, image, samples = inputs(batch)
         results: dict = {"machine": machine(), "date": str(datetime.date.today()), "device": str(device),
                          "batch": batch, "threads": torch.get_num_threads(), "generator": {}, "engine": {}}

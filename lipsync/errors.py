@@ -72,3 +72,21 @@ class CheckpointError(LipsyncError):
 
     code = "checkpoint_invalid"
     status = 500
+
+
+class HttpError(LipsyncError):
+    """A refusal of the server itself (busy, rate limited, unauthorized, shutting down), optionally
+    with ``retry_after`` (whole seconds, at least 1: the ``Retry-After`` header and a JSON field)
+    and other response ``headers``."""
+
+    def __init__(self, message: str, *, code: str, status: int, retry_after: int | None = None,
+                 headers: dict | None = None):
+        super().__init__(message, code=code, status=status)
+        self.retry_after = None if retry_after is None else max(1, int(retry_after))
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.retry_after is not None:
+            data["retry_after"] = self.retry_after
+        return data

@@ -11,7 +11,7 @@
 * ``Metrics``: a private ``prometheus_client`` registry per app (several apps
   in one process, as in the tests, never collide), rendered by ``GET /metrics``.
 * ``job_log_fields(state)``: the fields of the one ``job`` log line per
-  finished job.
+  finished job; ``record_finished_job`` writes it and updates the job metrics.
 
 What is never logged: the request text (unless ``LOG_TEXT=1``: then the
 request line carries its first 200 characters), query strings (they may carry an ``api_key``), API keys (only a
@@ -311,6 +311,18 @@ def job_log_fields(state: dict) -> dict:
     return fields
 
 
+def record_finished_job(metrics: Metrics, state: dict) -> None:
+    """A job queue's ``on_job_end``: the job metrics and one ``job`` log line (a warning when it failed)
+    for the finished job's ``state`` (``JobQueue.get``'s dict)."""
+    code = (state.get("error") or {}).get("code") or ""
+    metrics.jobs_finished.labels(state.get("status") or "", code).inc()
+    if state.get("status") == "done":
+        metrics.observe_stages(state.get("timings"), "job")
+    fields = job_log_fields(state)
+    level = logging.WARNING if state.get("status") == "failed" else logging.INFO
+    job_log.log(level, "job %s %s", state.get("id"), state.get("status"), extra=fields)
+
+
 def clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[:limit] + "…"
 
@@ -325,4 +337,4 @@ def _int(value) -> int | None:
 __all__ = ["ENV_ERROR_CODE", "ENV_JOB_ID", "ENV_KEY_ID", "ENV_REQUEST_ID", "ENV_ROUTE", "ENV_TEXT", "JsonFormatter",
            "METRICS_CONTENT_TYPE", "Metrics", "REQUEST_ID_HEADER", "RequestObserver", "TextFormatter", "clip",
            "configure_logging", "current_request_id", "gauge", "job_log_fields", "new_request_id",
-           "sane_request_id"]
+           "record_finished_job", "sane_request_id"]

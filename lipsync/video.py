@@ -22,7 +22,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.ffmpeg import ffmpeg_exe, run_ffmpeg, stderr_tail
+from lipsync.ffmpeg import ffmpeg_exe, stderr_tail
 from lipsync.image_header import image_size
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully

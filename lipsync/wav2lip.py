@@ -47,6 +47,8 @@ __all__ = [
     "FACE_SIZE",
     "StillFaceDecoder",
     "mouth_rows_start",
+    "random_generator",
+    "save_random_checkpoint",
 ]
 
 FACE_SIZE = 96          # the model's face crops are FACE_SIZE x FACE_SIZE pixels
@@ -475,6 +477,47 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     except OSError as exc:
         info["error"] = f"checkpoint {info['name']} could not be read: {exc.strerror or exc}"
     return info
+
+
+# --------------------------------------------------------------------------- random weights
+
+
+def random_generator(seed: int = 0) -> Wav2Lip:
+    """For benchmarks and tests: a generator with random weights, the published architecture's speed.
+
+    Its activations neither vanish nor saturate: BatchNorm running statistics are measured on
+    random inputs (mel windows (6, 1, 80, 16) in [-4, 4], faces (6, 6, 96, 96) in [0, 1]), then
+    every BatchNorm's weight, bias, mean, variance and batch count is perturbed per channel, so
+    a loader that dropped, swapped or misnamed any of them gives other outputs. Seeds torch's
+    global RNG with ``seed``; returns the model in eval mode, on the CPU.
+    """
+    torch.manual_seed(seed)
+    model = Wav2Lip()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # cumulative average: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(6, 1, MEL_BINS, MEL_STEPS) * 8 - 4, torch.rand(6, 6, FACE_SIZE, FACE_SIZE))
+        for bn in bns:
+            bn.momentum = 0.1
+            bn.weight.uniform_(0.6, 1.4)
+            bn.bias.uniform_(-0.3, 0.3)
+            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1 * bn.running_var.sqrt())
+            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.25))
+            bn.num_batches_tracked.fill_(int(torch.randint(1, 10_000, ())))
+    return model.eval()
+
+
+def save_random_checkpoint(path: str | os.PathLike, seed: int = 0, *, model: Wav2Lip | None = None) -> str:
+    """For benchmarks and tests: write a random-weights generator to ``path`` as a bare state dict
+    (the layout ``load_model`` reads as ``state_dict``); returns ``path`` as a string.
+
+    ``model``: the generator to save, from ``random_generator`` (default: ``random_generator(seed)``),
+    for a caller that also runs the same weights directly.
+    """
+    torch.save((model if model is not None else random_generator(seed)).state_dict(), path)
+    return os.fspath(path)
 
 
 # --------------------------------------------------------------------------- still-avatar fast path

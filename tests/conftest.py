@@ -29,3 +29,15 @@ def speech_wav_path() -> Path:
 def avatar_path() -> Path:
     """1290x1483 studio portrait, face about x 420-885, y 137-602."""
     return fixture_path("avatar.jpg")
+
+
+@pytest.fixture(scope="module")
+def torch_threads():
+    """Torch on up to 8 of this machine's cores for a module's tests (``pytestmark =
+    pytest.mark.usefixtures("torch_threads")``); the previous setting is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    yield
+    torch.set_num_threads(before)

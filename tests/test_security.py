@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from app import CONTENT_SECURITY_POLICY, Security, create_app
+from app import CONTENT_SECURITY_POLICY, create_app
+from lipsync.security import Security
 from lipsync.settings import Settings, SettingsError
 
 KEY_A = "test-key-a-0123456789abcdef0123"
@@ -94,21 +95,21 @@ def test_every_key_is_compared(keyed):
     is compared in constant time (hmac.compare_digest over SHA-256 digests: equal lengths)."""
     security: Security = keyed.extensions["security"]
     calls = []
-    import app as app_module
+    import lipsync.security as security_module
 
-    real = app_module.hmac.compare_digest
+    real = security_module.hmac.compare_digest
 
     def counting(a, b):
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    app_module.hmac.compare_digest = counting
+    security_module.hmac.compare_digest = counting
     try:
         assert security.key_id(KEY_A) is not None
         assert security.key_id("x") is None
         assert security.key_id(KEY_B) is not None
     finally:
-        app_module.hmac.compare_digest = real
+        security_module.hmac.compare_digest = real
     assert len(calls) == 6 and all(a == b == 32 for a, b in calls)
 
 

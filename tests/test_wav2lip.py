@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -19,42 +18,13 @@ import torch
 from torch import nn
 
 from lipsync.errors import CheckpointError
-from lipsync.wav2lip import PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model
+from lipsync.wav2lip import (PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model,
+                             random_generator)
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "wav2lip_state_dict.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    yield
-    torch.set_num_threads(before)
-
-
-def random_wav2lip(seed: int = 0) -> Wav2Lip:
-    """A generator with random weights whose activations neither vanish nor saturate.
-
-    BatchNorm running statistics are measured on random inputs, then every
-    BatchNorm's weight, bias, mean and variance is perturbed per channel, so
-    a loader that dropped, swapped or misnamed any of them gives other outputs.
-    """
-    torch.manual_seed(seed)
-    model = Wav2Lip()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None  # cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
-        for bn in bns:
-            bn.momentum = 0.1
-            bn.weight.uniform_(0.6, 1.4)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1 * bn.running_var.sqrt())
-            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.25))
-            bn.num_batches_tracked.fill_(int(torch.randint(1, 10_000, ())))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def model_inputs(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +60,7 @@ def _trace(module: nn.Module, inputs) -> torch.jit.ScriptModule:
 
 @pytest.fixture(scope="module")
 def source() -> Wav2Lip:
-    return random_wav2lip(0)
+    return random_generator(0)
 
 
 @pytest.fixture(scope="module")

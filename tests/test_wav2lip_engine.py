@@ -8,14 +8,12 @@ time do not disturb each other.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from lipsync import audio
 from lipsync.engines.base import Region
@@ -23,7 +21,7 @@ from lipsync.engines.wav2lip import Wav2LipEngine
 from lipsync.errors import InvalidInputError, NoFaceError
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech
-from lipsync.wav2lip import Wav2Lip
+from lipsync.wav2lip import Wav2Lip, random_generator
 from tests.conftest import fixture_path
 
 BOX = FaceBox(420, 137, 885, 602)       # the avatar's face, marked by hand
@@ -31,34 +29,12 @@ REGION = Region(420, 137, 885, 612)     # padded 10 px at the bottom, as the spe
 BATCH = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    yield
-    torch.set_num_threads(before)
-
-
-def _random_wav2lip(seed: int) -> Wav2Lip:
-    """Random weights with measured, then perturbed, BatchNorm statistics (outputs not saturated)."""
-    torch.manual_seed(seed)
-    model = Wav2Lip()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
-        for bn in bns:
-            bn.weight.uniform_(0.6, 1.4)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.25))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 @pytest.fixture(scope="module")
 def model() -> Wav2Lip:
-    return _random_wav2lip(7)
+    return random_generator(7)
 
 
 @pytest.fixture(scope="module")

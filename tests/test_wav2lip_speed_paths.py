@@ -11,7 +11,6 @@ bench/bench_wav2lip.py, never here.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import cv2
 import numpy as np
@@ -25,36 +24,15 @@ from lipsync.engines.wav2lip import MASK_TOP_ZERO, Wav2LipEngine, feather_mask, 
 from lipsync.errors import LipsyncError
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech
-from lipsync.wav2lip import StillFaceDecoder, Wav2Lip, mouth_rows_start
+from lipsync.wav2lip import (StillFaceDecoder, Wav2Lip, mouth_rows_start, random_generator,
+                             save_random_checkpoint)
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
 BOX = FaceBox(60, 40, 200, 190)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
-    yield
-    torch.set_num_threads(before)
-
-
-def _random_wav2lip(seed: int) -> Wav2Lip:
-    torch.manual_seed(seed)
-    model = Wav2Lip()
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(6, 1, 80, 16) * 8 - 4, torch.rand(6, 6, 96, 96))
-        for bn in bns:
-            bn.weight.uniform_(0.6, 1.4)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_mean.add_(torch.randn_like(bn.running_mean) * 0.1 * bn.running_var.sqrt())
-            bn.running_var.mul_(torch.empty_like(bn.running_var).uniform_(0.8, 1.25))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def _inputs(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +45,12 @@ def _inputs(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def model() -> Wav2Lip:
-    return _random_wav2lip(3)
+    return random_generator(3)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("speed") / "random_wav2lip.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return save_random_checkpoint(tmp_path_factory.mktemp("speed") / "random_wav2lip.pth", model=model)
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,12 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from lipsync.faces.box import FaceBox
+from lipsync.faces.box import FaceBox, Rect
 from lipsync.tts.base import Speech
 
 
-@dataclass(frozen=True)
-class Region:
-    """A rectangle of the avatar in pixels, half-open (x2, y2 excluded)."""
-
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-
-    @property
-    def width(self) -> int:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> int:
-        return self.y2 - self.y1
+# The rectangle of the avatar an engine redraws, in pixels, half-open (x2, y2 excluded).
+Region = Rect
 
 
 @dataclass(frozen=True)

@@ -298,10 +298,9 @@ class Wav2LipEngine:
             shape = getattr(image, "shape", None)
             raise InvalidInputError(f"the avatar must be an (H, W, 3) uint8 BGR image, got {shape}")
         h, w = image.shape[:2]
-        padded = FaceBox(box.x1 - PAD_LEFT, box.y1 - PAD_TOP, box.x2 + PAD_RIGHT, box.y2 + PAD_BOTTOM).clip(w, h)
-        if padded.width < 2 or padded.height < 2:
+        region = Region(box.x1 - PAD_LEFT, box.y1 - PAD_TOP, box.x2 + PAD_RIGHT, box.y2 + PAD_BOTTOM).clip(w, h)
+        if region.width < 2 or region.height < 2:
             raise NoFaceError(f"the face box {box.as_list()} lies outside the {w}x{h} avatar")
-        region = Region(padded.x1, padded.y1, padded.x2, padded.y2)
         crop = image[region.y1:region.y2, region.x1:region.x2]
         # INTER_AREA when shrinking: a large face then looks like the
         # low-resolution faces the model was trained on instead of aliasing.

@@ -134,41 +134,16 @@ class S3FD(nn.Module):
         self.conv7_2_mbox_loc = conv(256, 4, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = F.relu(self.conv1_1(x))
-        h = F.relu(self.conv1_2(h))
-        h = F.max_pool2d(h, 2, 2)
-
-        h = F.relu(self.conv2_1(h))
-        h = F.relu(self.conv2_2(h))
-        h = F.max_pool2d(h, 2, 2)
-
-        h = F.relu(self.conv3_1(h))
-        h = F.relu(self.conv3_2(h))
-        h = F.relu(self.conv3_3(h))
-        f3_3 = h
-        h = F.max_pool2d(h, 2, 2)
-
-        h = F.relu(self.conv4_1(h))
-        h = F.relu(self.conv4_2(h))
-        h = F.relu(self.conv4_3(h))
-        f4_3 = h
-        h = F.max_pool2d(h, 2, 2)
-
-        h = F.relu(self.conv5_1(h))
-        h = F.relu(self.conv5_2(h))
-        h = F.relu(self.conv5_3(h))
-        f5_3 = h
-        h = F.max_pool2d(h, 2, 2)
-
-        h = F.relu(self.fc6(h))
-        h = F.relu(self.fc7(h))
-        ffc7 = h
-        h = F.relu(self.conv6_1(h))
-        h = F.relu(self.conv6_2(h))
-        f6_2 = h
-        h = F.relu(self.conv7_1(h))
-        h = F.relu(self.conv7_2(h))
-        f7_2 = h
+        # VGG-16 stages (ReLU after every convolution, 2x2 max-pooling between stages), then the
+        # extra layers; the detection heads read six of the feature maps.
+        h = F.max_pool2d(_relu_chain(x, self.conv1_1, self.conv1_2), 2, 2)
+        h = F.max_pool2d(_relu_chain(h, self.conv2_1, self.conv2_2), 2, 2)
+        f3_3 = _relu_chain(h, self.conv3_1, self.conv3_2, self.conv3_3)
+        f4_3 = _relu_chain(F.max_pool2d(f3_3, 2, 2), self.conv4_1, self.conv4_2, self.conv4_3)
+        f5_3 = _relu_chain(F.max_pool2d(f4_3, 2, 2), self.conv5_1, self.conv5_2, self.conv5_3)
+        ffc7 = _relu_chain(F.max_pool2d(f5_3, 2, 2), self.fc6, self.fc7)
+        f6_2 = _relu_chain(ffc7, self.conv6_1, self.conv6_2)
+        f7_2 = _relu_chain(f6_2, self.conv7_1, self.conv7_2)
 
         f3_3 = self.conv3_3_norm(f3_3)
         f4_3 = self.conv4_3_norm(f4_3)
@@ -192,6 +167,13 @@ class S3FD(nn.Module):
         cls1 = torch.cat([bmax, cls1[:, 3:4]], dim=1)
 
         return [cls1, reg1, cls2, reg2, cls3, reg3, cls4, reg4, cls5, reg5, cls6, reg6]
+
+
+def _relu_chain(h: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """``h`` through each of ``layers`` in turn, a ReLU after each."""
+    for layer in layers:
+        h = F.relu(layer(h))
+    return h
 
 
 # ---------------------------------------------------------------- decoding

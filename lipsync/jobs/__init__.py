@@ -13,6 +13,7 @@
 No Flask here: the web layer maps these calls to /api/jobs routes.
 """
 
+from lipsync.jobs.live import follow_live, open_live
 from lipsync.jobs.queue import (INTERRUPTED_ERROR, STAGE_SPANS, Job, JobQueue, JobRequest, LocalJobQueue,
                                 QueueFullError)
 from lipsync.jobs.store import FINAL_STATUSES, STATUSES, JobStore, new_job_id, valid_job_id
@@ -22,5 +23,5 @@ from lipsync.jobs.webhooks import (SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookSe
 __all__ = [
     "FINAL_STATUSES", "INTERRUPTED_ERROR", "Job", "JobQueue", "JobRequest", "JobStore", "LocalJobQueue",
     "QueueFullError", "SIGNATURE_HEADER", "STAGE_SPANS", "STATUSES", "TIMESTAMP_HEADER", "WebhookSender",
-    "new_job_id", "sign", "validate_callback_url", "valid_job_id", "verify_signature",
+    "follow_live", "new_job_id", "open_live", "sign", "validate_callback_url", "valid_job_id", "verify_signature",
 ]

@@ -352,21 +352,19 @@ class LocalJobQueue(JobQueue):
         return self.store.get(job_id)
 
     def result_path(self, job_id: str) -> str | None:
-        if not valid_job_id(job_id):
-            return None
-        row = self.store.row(job_id)
-        if row is None or row["status"] != DONE:
-            return None
-        path = os.path.join(self._job_dir(job_id), RESULT_NAME)
-        return path if os.path.isfile(path) else None
+        return self._file_while(job_id, DONE, RESULT_NAME)
 
     def live_path(self, job_id: str) -> str | None:
+        return self._file_while(job_id, RUNNING, LIVE_NAME)
+
+    def _file_while(self, job_id: str, status: str, name: str) -> str | None:
+        """Path of the job's file ``name`` when the job has ``status`` and the file exists, else None."""
         if not valid_job_id(job_id):
             return None
         row = self.store.row(job_id)
-        if row is None or row["status"] != RUNNING:
+        if row is None or row["status"] != status:
             return None
-        path = os.path.join(self._job_dir(job_id), LIVE_NAME)
+        path = os.path.join(self._job_dir(job_id), name)
         return path if os.path.isfile(path) else None
 
     def events(self, job_id: str, timeout: float | None = None, *,
