@@ -44,7 +44,6 @@ from lipsync.state_metrics import register_state_metrics
 from lipsync.tempdirs import process_temp_dir, sweep_stale_temp
 from lipsync.tts.base import LANGUAGES
 from lipsync.uploads import check_image, clean_text, normalize_recording, read_upload
-from lipsync.video import decode_image
 
 log = logging.getLogger("lipsync.web")
 
@@ -318,12 +317,11 @@ def _generate_inputs() -> dict:
             inputs["avatar_image"] = check_image(_read_upload(avatar_file, "avatar image", "invalid_image"),
                                                  settings.max_image_pixels)
             if request.endpoint == "api.submit_job":  # a job decodes it later: refuse a broken one now
-                decode_image(inputs["avatar_image"])
+                service.decode_avatar(inputs["avatar_image"])
         if audio_file is not None:
             inputs["recording"] = normalize_recording(_read_upload(audio_file, "audio file", "invalid_audio"),
                                                       settings, service.temp_root())
         elif "text" in request.form:
-            _check_tts_circuit(service)
             _log_text(request.form["text"])
             inputs.update(text=clean_text(request.form["text"]),
                           language=request.form.get("language", DEFAULT_LANGUAGE))
@@ -349,7 +347,6 @@ def _generate_inputs() -> dict:
         raise InvalidInputError("'text' is missing", code="missing_input")
     if not isinstance(body["text"], str):  # (null too: the same answer from both APIs)
         raise InvalidInputError("'text' must be a string", code="invalid_text")
-    _check_tts_circuit(service)
     _log_text(body["text"])
     return {"text": clean_text(body["text"]), "language": body.get("language", DEFAULT_LANGUAGE)}
 
@@ -357,14 +354,6 @@ def _generate_inputs() -> dict:
 def _log_text(text) -> None:
     if _settings().log_text and isinstance(text, str):
         request.environ[ENV_TEXT] = clip(text, 200)
-
-
-def _check_tts_circuit(service: LipsyncService) -> None:
-    """A text request while the remote TTS circuit is open: 503 ``tts_unavailable`` now, before
-    any work (and before a job is queued only to fail)."""
-    breaker = getattr(service.tts, "breaker", None)
-    if breaker is not None:
-        breaker.check()
 
 
 def _read_upload(file, what: str, invalid_code: str) -> bytes:

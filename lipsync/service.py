@@ -132,14 +132,17 @@ class LipsyncService:
         """Block until ``load()`` has finished (ready or error)."""
         return self._ready.wait(timeout)
 
-    @staticmethod
-    def _read_avatar_file(path: str) -> np.ndarray:
+    def _read_avatar_file(self, path: str) -> np.ndarray:
         try:
             with open(path, "rb") as f:
-                return video.decode_image(f.read())
+                return self.decode_avatar(f.read())
         except OSError as exc:
             raise InvalidInputError(f"cannot read the avatar image {path}: {exc.strerror}",
                                     code="invalid_image") from None
+
+    def decode_avatar(self, data: bytes) -> np.ndarray:
+        """An avatar image's bytes as (H, W, 3) uint8 BGR, within ``MAX_IMAGE_PIXELS``."""
+        return video.decode_image(data, self.settings.max_image_pixels)
 
     def prepare_avatar(self, image: np.ndarray) -> PreparedAvatar:
         """Scale an avatar to output size, find its face (cached) and let the engine prepare it."""
@@ -181,7 +184,11 @@ class LipsyncService:
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(f"'text' has {len(text)} characters; the limit is "
                                        f"{self.settings.max_text_chars}", code="text_too_long")
-        return validate_request(text, language)
+        text, language = validate_request(text, language)
+        breaker = getattr(self.tts, "breaker", None)
+        if breaker is not None:  # remote TTS known to be down: 503 now, before any work is queued
+            breaker.check()
+        return text, language
 
     def speech_from_recording(self, data: bytes) -> Speech:
         """Decode an uploaded recording (any format ffmpeg reads) into 16 kHz speech."""
@@ -222,7 +229,7 @@ class LipsyncService:
             text, language = self.validate_text(text, language)
         avatar = self.avatar
         if avatar_image is not None:
-            avatar = self.prepare_avatar(video.decode_image(avatar_image))
+            avatar = self.prepare_avatar(self.decode_avatar(avatar_image))
             timings["avatar"] = _ms_since(started)
 
         report("tts", 0.0)

@@ -28,21 +28,22 @@ from lipsync.image_header import image_size
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode JPEG/PNG/... bytes into (H, W, 3) uint8 BGR.
 
     Greyscale and alpha images are converted. Raises ``InvalidInputError``
-    (code ``invalid_image``) for anything that is not a readable image or is
-    larger than ``MAX_IMAGE_PIXELS``.
+    (code ``invalid_image``) for anything that is not a readable image, and
+    (code ``image_too_large``) for one over ``max_pixels``, read from its
+    header before decoding.
     """
     buf = np.frombuffer(data, np.uint8)
     if buf.size == 0:
         raise InvalidInputError("the image is empty", code="invalid_image")
     size = image_size(data, tolerant=True)  # every JPEG libjpeg would decode: no bomb slips past
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+    if size is not None and size[0] * size[1] > max_pixels:
         width, height = size
         raise InvalidInputError(f"the image is {width}x{height} pixels; at most "
-                                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted", code="image_too_large")
+                                f"{max_pixels / 1e6:g} megapixels are accepted", code="image_too_large")
     image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise InvalidInputError("the file is not a readable image", code="invalid_image")
