@@ -56,7 +56,11 @@ python3 bench/bench_encode.py --seconds $SECONDS_ --presets veryfast,ultrafast -
   --threads 0,8 --parallel 1,4 --runs 3 2>&1 | tee "$OUT/encode.txt"
 
 echo "== 3. whole request: 10 s of speech -> MP4, 720p, before / after, 1 and 4 at once =="
-common="--engine wav2lip --random-checkpoint --device cuda --seconds $SECONDS_ --runs $RUNS --face-box $BOX"
+# One random-weights checkpoint for every run (published weights run at the same speed); made by
+# this tree, so an older tree under --tree can be measured on the very same file.
+CKPT=${TMPDIR:-/tmp}/wav2lip-random.pth
+python3 -c "import sys; from lipsync.wav2lip import save_random_checkpoint; save_random_checkpoint(sys.argv[1], seed=0)" "$CKPT"
+common="--engine wav2lip --checkpoint $CKPT --device cuda --seconds $SECONDS_ --runs $RUNS --face-box $BOX"
 if [ -d .benchdata/head/lipsync ]; then
   python3 bench/bench_pipeline.py $common --tree .benchdata/head --concurrency 4 --label before \
     --json "$OUT/pipeline_before.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_before.txt"
