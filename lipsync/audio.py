@@ -31,12 +31,15 @@ MEL_FRAMES_PER_SECOND = SAMPLE_RATE / HOP_LENGTH
 MEL_STEP_SIZE = 16  # mel columns seen by the model per video frame (0.2 s)
 
 
-def load_audio(source: str | bytes, sr: int = SAMPLE_RATE, timeout: float = 120.0) -> np.ndarray:
+def load_audio(source: str | bytes, sr: int = SAMPLE_RATE, timeout: float = 120.0,
+               max_seconds: float | None = None) -> np.ndarray:
     """Decode any audio file ffmpeg understands to mono float32 at ``sr`` Hz.
 
     ``source`` is a path or the file's bytes. Returns shape (n,), values in
-    [-1, 1]. Raises ``InvalidInputError`` (code ``invalid_audio``) when the
-    input cannot be decoded or holds no sound samples.
+    [-1, 1]. With ``max_seconds``, decoding stops one second past it (so a
+    caller can tell "too long" without decoding an hour of audio). Raises
+    ``InvalidInputError`` (code ``invalid_audio``) when the input cannot be
+    decoded or holds no sound samples.
     """
     if isinstance(source, (bytes, bytearray)):
         # Formats like MP4/M4A keep their index at the end and need a seekable
@@ -45,8 +48,9 @@ def load_audio(source: str | bytes, sr: int = SAMPLE_RATE, timeout: float = 120.
             path = os.path.join(tmp, "input")
             with open(path, "wb") as f:
                 f.write(source)
-            return load_audio(path, sr, timeout)
-    raw = run_ffmpeg(["-i", source, "-vn", "-f", "s16le", "-acodec", "pcm_s16le",
+            return load_audio(path, sr, timeout, max_seconds)
+    limit = ["-t", f"{max_seconds + 1.0:.3f}"] if max_seconds is not None else []
+    raw = run_ffmpeg(["-i", source, "-vn", *limit, "-f", "s16le", "-acodec", "pcm_s16le",
                       "-ac", "1", "-ar", str(sr), "pipe:1"],
                      timeout=timeout, error=_invalid_audio, what="could not decode the audio")
     samples = np.frombuffer(raw, np.int16).astype(np.float32) / 32768.0

@@ -197,11 +197,11 @@ class LipsyncService:
                                        f"{self.settings.max_upload_bytes}", code="upload_too_large")
         if not data:
             raise InvalidInputError("the audio file is empty", code="invalid_audio")
-        samples = audio.load_audio(data, timeout=self.settings.ffmpeg_timeout)
-        seconds = len(samples) / audio.SAMPLE_RATE
-        if seconds > self.settings.max_audio_seconds:
-            raise PayloadTooLargeError(f"the audio lasts {seconds:.0f} s; the limit is "
-                                       f"{self.settings.max_audio_seconds:.0f} s", code="audio_too_long")
+        limit = self.settings.max_audio_seconds
+        samples = audio.load_audio(data, timeout=self.settings.ffmpeg_timeout, max_seconds=limit)
+        if len(samples) / audio.SAMPLE_RATE > limit:  # decoding stopped 1 s past the limit
+            raise PayloadTooLargeError(f"the audio lasts more than {limit:.0f} s, the limit",
+                                       code="audio_too_long")
         return Speech(samples=samples)
 
     # -------------------------------------------------------------- pipeline

@@ -66,3 +66,8 @@ def test_unreadable_audio_is_an_input_error(data):
         audio.load_audio(data)
     assert err.value.code == "invalid_audio"
     assert "Traceback" not in err.value.message
+
+
+def test_decoding_can_stop_past_a_limit(speech_wav_path):
+    wav = audio.load_audio(str(speech_wav_path), max_seconds=2.0)
+    assert len(wav) == 3 * 16000  # one second past the limit: enough to say "too long"
