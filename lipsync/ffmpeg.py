@@ -44,6 +44,8 @@ def run_ffmpeg(args: list[str], *, input: bytes | None = None, timeout: float = 
                               stdin=None if input is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise error(f"{what}: ffmpeg timed out after {timeout:.0f} s") from exc
+    except OSError as exc:  # the binary itself is missing or not executable: our fault, not the input's
+        raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
     if proc.returncode != 0:
         raise error(f"{what}: {stderr_tail(proc.stderr)}")
     return proc.stdout

@@ -30,9 +30,8 @@ from lipsync.tts.base import Speech, validate_request
 
 log = logging.getLogger("lipsync")
 
-# progress(stage, fraction): stage is one of STAGES, fraction in [0, 1]
+# progress(stage, fraction): stage is "tts", "lipsync" or "encode", fraction in [0, 1]
 ProgressCallback = Callable[[str, float], None]
-STAGES = ("tts", "audio", "lipsync", "encode")
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ class LipsyncService:
             self.engine = create_engine(s)
             image = self._read_avatar_file(s.avatar_path) if s.avatar_path else default_avatar()
             self.avatar = self.prepare_avatar(image)
-            ok, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+            _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
             self.status = "ready"
             log.info("ready in %.1f s: %s", time.perf_counter() - started, self.describe())

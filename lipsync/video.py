@@ -152,7 +152,6 @@ class Mp4Writer:
         self.live_path = live_path
         self._partial = os.path.join(self._work, "final.mp4")
         self._fifo = os.path.join(self._work, "audio.pcm")
-        os.mkfifo(self._fifo)
         self._stderr = tempfile.TemporaryFile()
         final = f"[f=mp4:movflags=+faststart]{_tee_escape(self._partial)}"
         # The live copy is the same encoded stream in fragments, written while
@@ -173,7 +172,13 @@ class Mp4Writer:
                "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        try:
+            os.mkfifo(self._fifo)
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=self._stderr)
+        except OSError as exc:  # no FIFO support, or no ffmpeg where FFMPEG_BINARY points: leave nothing behind
+            self._cleanup()
+            raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
         _grow_pipe(self._proc.stdin)
         frame_bytes = width * height * 3 // (2 if self._yuv else 1)
         self._frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=max(4, queue_bytes // frame_bytes))

@@ -149,3 +149,19 @@ def test_abort_before_ffmpeg_read_anything_is_quick(tmp_path):
                 raise RuntimeError("failed before any frame")
     assert time.monotonic() - start < 10.0  # a stuck feeder cost 5 s per abort
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_ffmpeg_binary_is_a_media_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from lipsync import ffmpeg
+
+    monkeypatch.setenv("FFMPEG_BINARY", str(tmp_path / "no-such-ffmpeg"))
+    ffmpeg.ffmpeg_exe.cache_clear()
+    try:
+        with pytest.raises(MediaError) as err:
+            video.Mp4Writer(str(tmp_path / "out.mp4"), 64, 48, 25)
+        assert "no-such-ffmpeg" in str(err.value)
+        with pytest.raises(MediaError):
+            audio.load_audio(b"RIFF....WAVE")
+    finally:
+        ffmpeg.ffmpeg_exe.cache_clear()
+    assert os.listdir(tmp_path) == []

@@ -149,18 +149,22 @@ class _CudaGraphDecoder:
         self.dtype = dtype
         self.memory_format = memory_format
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list[torch.Tensor], torch.Tensor]] = {}
-        self._loaded: dict[int, int] = {}  # batch -> id(state) whose constants are in the static inputs
+        # batch -> the state whose constants are in the static inputs. The object
+        # itself, not its id(): a per-request avatar's state is freed after the
+        # request and the next one may get the same id, which would skip the copy
+        # and draw the new request with the previous avatar's face.
+        self._loaded: dict[int, object] = {}
 
     def __call__(self, mel: torch.Tensor, state: "_Wav2LipState") -> torch.Tensor:
         batch = mel.size(0)
         if batch not in self._graphs:
             self._graphs[batch] = self._capture(mel, state.constants)
-            self._loaded[batch] = id(state)
+            self._loaded[batch] = state
         graph, static_mel, static_consts, static_out = self._graphs[batch]
-        if self._loaded.get(batch) != id(state):
+        if self._loaded.get(batch) is not state:
             for dst, src in zip(static_consts, state.constants):
                 dst.copy_(src)
-            self._loaded[batch] = id(state)
+            self._loaded[batch] = state
         static_mel.copy_(mel)
         graph.replay()
         return static_out

@@ -33,7 +33,9 @@ def open_live(jobs: JobQueue, job_id: str, state: dict, *, timeout: float,
         if live is not None:
             break
         time.sleep(POLL_SECONDS)
-        state = jobs.get(job_id) or state
+        state = jobs.get(job_id)
+        if state is None:  # deleted or expired meanwhile: nothing will ever stream
+            return None
     if live is None:
         return None
     try:
