@@ -28,7 +28,7 @@ from flask import (Blueprint, Flask, Response, current_app, g, jsonify, render_t
                    stream_with_context, url_for)
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.wsgi import LimitedStream
+from werkzeug.wsgi import LimitedStream, wrap_file
 
 from lipsync.errors import InvalidInputError, LipsyncError
 from lipsync.jobs import JobQueue, JobRequest, LocalJobQueue, follow_live, open_live
@@ -193,8 +193,10 @@ def generate():
         with process_temp_dir("http", service.temp_root()) as tmp:
             out_path = os.path.join(tmp, "avatar.mp4")
             result = service.generate(out_path, **inputs)
-            with open(out_path, "rb") as f:
-                body = f.read()
+            # Streamed from the open file, not read into memory; the folder can go
+            # at once (POSIX keeps the open file readable), the response closes it.
+            video_file = open(out_path, "rb")
+            size = os.fstat(video_file.fileno()).st_size
     current_app.extensions["metrics"].observe_stages(result.timings, "sync")
     timings = result.timings
     headers = {
@@ -204,8 +206,10 @@ def generate():
         "X-Video-Frames": str(result.frames),
         "X-Engine": result.engine,
         "Server-Timing": ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in timings.items()),
+        "Content-Length": str(size),
     }
-    return Response(body, mimetype="video/mp4", headers=headers)
+    return Response(wrap_file(request.environ, video_file), mimetype="video/mp4", headers=headers,
+                    direct_passthrough=True)
 
 
 @api.post("/jobs")
