@@ -34,12 +34,10 @@ PRECISIONS = ("fp32", "int8")
 
 
 def available() -> bool:
-    """Whether onnxruntime can be imported."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this backend can run: onnxruntime to run, onnx for torch's exporter (nothing imported)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def speechlike_mel_windows(count: int = 96, fps: int = 25, seed: int = 0) -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lipsync import audio
+from lipsync import audio, onnx_engine
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
@@ -114,13 +114,6 @@ def _resolve_device(device: str) -> torch.device:
                                code="device_unavailable")
         return torch.device(device)
     raise LipsyncError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", code="invalid_settings")
-
-
-def _onnxruntime_installed() -> bool:
-    """onnxruntime to run, onnx for torch's exporter."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def resize_faces_torch(faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -231,7 +224,7 @@ class Wav2LipEngine:
             raise LipsyncError("precision int8 is for CPUs (use fp16 on a GPU)", code="invalid_settings")
         self._backend_chosen = backend == "auto"
         if backend == "auto":  # ONNX Runtime is the faster CPU runtime (docs/PERFORMANCE.md) when installed
-            backend = "onnxruntime" if precision == "int8" or (not cuda and _onnxruntime_installed()) else "torch"
+            backend = "onnxruntime" if precision == "int8" or (not cuda and onnx_engine.available()) else "torch"
         if backend == "onnxruntime" and cuda:
             raise LipsyncError("the onnxruntime back end is for CPUs", code="invalid_settings")
         if precision == "int8" and backend != "onnxruntime":
@@ -344,10 +337,8 @@ class Wav2LipEngine:
         fp32. When the back end was chosen automatically and building fails,
         the engine falls back to PyTorch (logged) instead of failing.
         """
-        from lipsync.onnx_engine import OrtDecoder  # imports onnxruntime: only when wanted
-
-        try:
-            self._ort = OrtDecoder(self._decoder, constants, precision=self.precision)
+        try:  # onnxruntime itself is imported only here, when this back end is wanted
+            self._ort = onnx_engine.OrtDecoder(self._decoder, constants, precision=self.precision)
         except Exception as exc:  # noqa: BLE001 - a broken optional runtime must not stop the service
             if not self._backend_chosen or self.precision == "int8":
                 raise
