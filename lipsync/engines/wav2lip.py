@@ -350,7 +350,7 @@ class Wav2LipEngine:
             log.warning("int8 differs from fp32 by %.2f/255 on average (limit %.2f): using fp32",
                         self._ort.error, self.int8_max_error)
             error = self._ort.error
-            self._ort = OrtDecoder(self._decoder, constants, precision="fp32")
+            self._ort = onnx_engine.OrtDecoder(self._decoder, constants, precision="fp32")
             self._ort.error = error
             self.precision = "fp32"
 
