@@ -20,4 +20,4 @@ RUN mkdir -p outputs checkpoints .cache
 EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:3000/api/health').status != 200)"
-CMD ["gunicorn", "-c", "gunicorn.conf.py"]
+CMD ["gunicorn", "-c", "python:lipsync.server.gunicorn_conf"]

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lipsync.audio import load_audio  # noqa: E402
-from lipsync.engines.builtin import BuiltinEngine  # noqa: E402
+from lipsync.media.audio import load_audio  # noqa: E402
+from lipsync.engines.builtin.engine import BuiltinEngine  # noqa: E402
 from lipsync.faces.box import FaceBox  # noqa: E402
 from lipsync.tts.base import Speech  # noqa: E402
 

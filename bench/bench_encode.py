@@ -5,7 +5,7 @@
 
 Composites --seconds of 25 fps frames (the fixture avatar scaled to
 --height, a moving patch over the mouth region) and encodes them with
-``lipsync.video.Mp4Writer`` (yuv420p converted in Python, x264 with the
+``lipsync.media.video.Mp4Writer`` (yuv420p converted in Python, x264 with the
 given preset and threads, AAC speech). ``--parallel N`` runs N such encodes
 at once (concurrent requests). Prints frames per second of the whole
 composite+encode and the seconds of video made per second of wall time.
@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lipsync import video  # noqa: E402
+from lipsync.media import video  # noqa: E402
 from lipsync.engines.base import PreparedAvatar, Region  # noqa: E402
-from lipsync.engines.wav2lip import feather_mask  # noqa: E402
+from lipsync.engines.wav2lip.engine import feather_mask  # noqa: E402
 from lipsync.faces.box import FaceBox  # noqa: E402
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))

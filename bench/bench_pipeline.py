@@ -15,7 +15,7 @@ the wall time per round and the throughput (seconds of video made per
 second). ``--tree DIR`` imports ``lipsync`` from another checkout (e.g. the
 code before a change, for before/after numbers); the engine options
 (--precision, --mouth-only, --backend) need this tree's engine, and
-``--random-checkpoint`` a tree with ``lipsync.wav2lip.save_random_checkpoint``
+``--random-checkpoint`` a tree with ``lipsync.engines.wav2lip.model.save_random_checkpoint``
 (with an older one, pass ``--checkpoint``).
 """
 
@@ -48,7 +48,7 @@ sys.path.insert(0, _tree())
 import dataclasses  # noqa: E402
 import threading  # noqa: E402
 
-from lipsync import audio  # noqa: E402
+from lipsync.media import audio  # noqa: E402
 from lipsync import service as service_module  # noqa: E402
 from lipsync.service import LipsyncService  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> int:
         engine_options["mouth_only"] = True
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_checkpoint:
-            from lipsync.wav2lip import save_random_checkpoint
+            from lipsync.engines.wav2lip.model import save_random_checkpoint
 
             overrides["checkpoint_path"] = save_random_checkpoint(os.path.join(tmp, "random_wav2lip.pth"), seed=7)
         fields = {f.name for f in dataclasses.fields(Settings)}
@@ -181,7 +181,7 @@ def main() -> int:
 
 def _engine_options(options: dict) -> None:
     """Make the service build its Wav2Lip engine with ``options`` (precision, backend, mouth_only)."""
-    from lipsync.engines.wav2lip import Wav2LipEngine
+    from lipsync.engines.wav2lip.engine import Wav2LipEngine
 
     def create_engine(settings):
         checkpoint = service_module.find_checkpoint(settings)

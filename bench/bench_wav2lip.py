@@ -53,8 +53,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lipsync import audio  # noqa: E402
-from lipsync.wav2lip import (StillFaceDecoder, Wav2Lip, load_model, mouth_rows_start,  # noqa: E402
+from lipsync.media import audio  # noqa: E402
+from lipsync.engines.wav2lip.model import (StillFaceDecoder, Wav2Lip, load_model, mouth_rows_start,  # noqa: E402
                              random_generator, save_random_checkpoint)
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -147,7 +147,7 @@ def generator_variants(model: Wav2Lip, faces: torch.Tensor, mel: np.ndarray, dev
             m_in = m_dev.to(half)
             out[f"still{suffix}"] = (lambda d=dec, c=consts, m=m_in: sync(d(m, *c)), rows)
             if cuda and f"still{suffix}-graph" in names:
-                from lipsync.engines.wav2lip import _CudaGraphDecoder
+                from lipsync.engines.wav2lip.engine import _CudaGraphDecoder
 
                 class _S:  # a stand-in for the engine's per-avatar state
                     constants = consts
@@ -156,15 +156,15 @@ def generator_variants(model: Wav2Lip, faces: torch.Tensor, mel: np.ndarray, dev
                 state = _S()
                 out[f"still{suffix}-graph"] = (lambda r=runner, s=state, m=m_in: sync(r(m, s)), rows)
             if not cuda and any(n.startswith("ort") for n in names):
-                from lipsync import onnx_engine
+                from lipsync.engines.wav2lip import onnx_backend
 
-                if onnx_engine.available():
+                if onnx_backend.available():
                     for precision in ("fp32", "int8"):
                         name = f"ort-{precision}{suffix}"
                         if name not in names:
                             continue
                         t = time.perf_counter()
-                        ort = onnx_engine.OrtDecoder(dec32, consts32, precision=precision)
+                        ort = onnx_backend.OrtDecoder(dec32, consts32, precision=precision)
                         print(f"  built {name} in {time.perf_counter() - t:.1f} s"
                               + (f" (self-check error {ort.error:.2f}/255)" if ort.error is not None else ""),
                               flush=True)
@@ -193,7 +193,7 @@ def time_variants(variants: dict, device: torch.device, rounds: int) -> dict[str
 
 
 def engine_variants(checkpoint: str, device: str, batch: int, names: list[str]) -> dict:
-    from lipsync.engines.wav2lip import Wav2LipEngine
+    from lipsync.engines.wav2lip.engine import Wav2LipEngine
 
     configs = {
         "engine-before": None,
@@ -306,7 +306,7 @@ def main() -> int:
 
         engines = engine_variants(checkpoint, str(device), args.engine_batch or (64 if cuda else 32), names)
         if engines:
-            from lipsync.engines.wav2lip import Wav2LipEngine
+            from lipsync.engines.wav2lip.engine import Wav2LipEngine
             from lipsync.faces.box import FaceBox
             from lipsync.tts.base import Speech
 

@@ -59,7 +59,7 @@ echo "== 3. whole request: 10 s of speech -> MP4, 720p, before / after, 1 and 4 
 # One random-weights checkpoint for every run (published weights run at the same speed); made by
 # this tree, so an older tree under --tree can be measured on the very same file.
 CKPT=${TMPDIR:-/tmp}/wav2lip-random.pth
-python3 -c "import sys; from lipsync.wav2lip import save_random_checkpoint; save_random_checkpoint(sys.argv[1], seed=0)" "$CKPT"
+python3 -c "import sys; from lipsync.engines.wav2lip.model import save_random_checkpoint; save_random_checkpoint(sys.argv[1], seed=0)" "$CKPT"
 common="--engine wav2lip --checkpoint $CKPT --device cuda --seconds $SECONDS_ --runs $RUNS --face-box $BOX"
 if [ -d .benchdata/head/lipsync ]; then
   python3 bench/bench_pipeline.py $common --tree .benchdata/head --concurrency 4 --label before \

@@ -21,11 +21,11 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from lipsync import audio, video
+from lipsync.media import audio, ffmpeg, video
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.settings import Settings
-from lipsync.text import split_sentences
+from lipsync.tts.text import split_sentences
 from lipsync.tts.base import Speech, validate_request
 
 log = logging.getLogger("lipsync")
@@ -73,7 +73,7 @@ def create_engine(settings: Settings) -> Engine:
     if settings.engine != "builtin":
         checkpoint = find_checkpoint(settings)
         if checkpoint is not None:
-            from lipsync.engines.wav2lip import Wav2LipEngine  # imports torch: only when needed
+            from lipsync.engines.wav2lip.engine import Wav2LipEngine  # imports torch: only when needed
 
             return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size,
                                  precision=settings.wav2lip_precision, backend=settings.wav2lip_backend,
@@ -81,7 +81,7 @@ def create_engine(settings: Settings) -> Engine:
         if settings.engine == "wav2lip":
             raise CheckpointError(f"ENGINE=wav2lip but no checkpoint at {settings.checkpoint_path} "
                                   f"and no .pt/.pth file in {settings.checkpoint_dir}/")
-    from lipsync.engines.builtin import BuiltinEngine
+    from lipsync.engines.builtin.engine import BuiltinEngine
 
     return BuiltinEngine()
 
@@ -91,6 +91,8 @@ class LipsyncService:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        if settings.ffmpeg_binary:  # process-wide: there is one ffmpeg per machine
+            ffmpeg.use_binary(settings.ffmpeg_binary)
         self.status = "loading"          # loading | ready | error
         self.error: str | None = None
         self.engine: Engine | None = None

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app import create_app
-from lipsync.ffmpeg import run_ffmpeg
+from lipsync.server import close_app, create_app
+from lipsync.media.ffmpeg import run_ffmpeg
 from lipsync.settings import Settings
 from tests.media import moov_before_mdat, probe
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app import create_app
+from lipsync.server import close_app, create_app
 from lipsync.settings import Settings
 from tests.media import probe
 
@@ -21,7 +21,7 @@ def app(tmp_path_factory):
                         job_queue_size=2)
     app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
     yield app
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 @pytest.fixture

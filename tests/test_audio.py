@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lipsync import audio
+from lipsync.media import audio
 from lipsync.errors import InvalidInputError
-from lipsync.ffmpeg import run_ffmpeg
+from lipsync.media.ffmpeg import run_ffmpeg
 
 
 def _reference_mel(wav: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ import zlib
 import numpy as np
 import pytest
 
-from lipsync.audio import write_wav
-from lipsync.ffmpeg import run_ffmpeg
+from lipsync.media.audio import write_wav
+from lipsync.media.ffmpeg import run_ffmpeg
 from tests.test_faults import LiveServer, leftovers, proc_status
 
 pytestmark = pytest.mark.slow

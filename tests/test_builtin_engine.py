@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync.audio import frame_count, load_audio
-from lipsync.engines.builtin import BuiltinEngine
-from lipsync.engines.drive import mouth_track, viseme
-from lipsync.engines.mouth import locate_mouth
+from lipsync.media.audio import frame_count, load_audio
+from lipsync.engines.builtin.engine import BuiltinEngine
+from lipsync.engines.builtin.drive import mouth_track, viseme
+from lipsync.engines.builtin.mouth import locate_mouth
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import PhonemeEvent, Speech
 

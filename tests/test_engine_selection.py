@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app import create_app
+from lipsync.server import close_app, create_app
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
-from lipsync.wav2lip import Wav2Lip
+from lipsync.engines.wav2lip.model import Wav2Lip
 from tests.media import probe
 
 
@@ -78,7 +78,7 @@ def test_a_damaged_checkpoint_is_an_error_in_health_not_a_crash(tmp_path):
     r = app.test_client().get("/api/health")
     assert r.status_code == 503 and r.get_json()["status"] == "error"
     assert "Wav2Lip-SD-GAN.pt" in r.get_json()["error"]
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 def test_builtin_can_be_forced_while_a_checkpoint_exists(tmp_path, generator_weights):

@@ -24,14 +24,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from lipsync.settings import _ENV_NAMES, Settings
+from lipsync.server.settings import ServerSettings
+from lipsync.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_TEXT = " ".join(f"This is sentence number {i}, spoken while the next one is being prepared." for i in range(30))
 
 # Every environment variable Settings reads: removed from the servers' environment so that the
 # tests do not depend on the machine's settings.
-_SETTING_NAMES = {_ENV_NAMES.get(f.name, f.name.upper()) for f in fields(Settings)} | {"REDIS_URL", "FFMPEG_BINARY"}
+_SETTING_NAMES = ({cls.env_name(f.name) for cls in (Settings, ServerSettings) for f in fields(cls)}
+                  | {"REDIS_URL"})
 
 
 def free_port() -> int:
@@ -129,7 +131,7 @@ class LiveServer:
                    CACHE_DIR=str(self.cache_dir), ENGINE="builtin", FACE_DETECTOR="haar", LOG_FORMAT="json",
                    PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
         env.update(self.env_extra)
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"] if self.gunicorn else \
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:lipsync.server.gunicorn_conf"] if self.gunicorn else \
             [sys.executable, "app.py"]
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -295,7 +297,7 @@ class _TTSServer:
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> bytes:
-    from lipsync.audio import write_wav
+    from lipsync.media.audio import write_wav
     from lipsync.tts.espeak import EspeakTTS
 
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
@@ -359,7 +361,7 @@ def test_circuit_breaker_states_and_exactly_one_half_open_trial_under_a_race():
 
 @pytest.mark.slow
 def test_dead_tts_opens_the_circuit_gives_fast_503s_and_recovers(tmp_path, speech_wav):
-    from app import create_app
+    from lipsync.server import close_app, create_app
 
     tts = _TTSServer(speech_wav).start()
     settings = Settings(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin",
@@ -421,7 +423,7 @@ def test_dead_tts_opens_the_circuit_gives_fast_503s_and_recovers(tmp_path, speec
         assert "lipsync_tts_circuit_state 0.0" in client.get("/metrics").get_data(as_text=True)
     finally:
         tts.stop()
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 # ------------------------------------------------------------------- ffmpeg

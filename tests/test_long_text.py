@@ -7,7 +7,7 @@ import pytest
 
 from lipsync.service import LipsyncService, pad_to_frames
 from lipsync.settings import Settings
-from lipsync.text import split_sentences
+from lipsync.tts.text import split_sentences
 from tests.media import decoded_audio, decoded_frames, probe
 
 SENTENCES = ["Добрый день!", "Я расскажу вам о нашей компании.", "Спасибо за внимание."]

@@ -11,9 +11,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import create_app
-from lipsync.observability import JsonFormatter, configure_logging, sane_request_id
+from lipsync.server import close_app, create_app
+from lipsync.server.observability import JsonFormatter, configure_logging, sane_request_id
 from lipsync.settings import Settings
+from tests.apps import make_app
 
 SECRET_TEXT = "Zebra quartz phrase 4711, do not log me."
 
@@ -44,7 +45,7 @@ def app(tmp_path_factory):
     settings = Settings(output_dir=str(root / "o"), cache_dir=str(root / "c"), engine="builtin")
     app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
     yield app
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 @pytest.fixture
@@ -119,15 +120,13 @@ def test_one_json_line_per_request_without_the_text(app, logs):
 
 
 def test_log_text_puts_the_text_in_the_request_line_only_when_asked(tmp_path, logs):
-    settings = Settings(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin",
-                        log_text=True)
-    app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
+    app = make_app(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin", log_text=True)
     try:
         _call(app.test_client(), "post", "/api/generate", json={"text": SECRET_TEXT, "language": "en"},
               headers={"X-Request-ID": "obs-text"})
         assert logs.records(event="request", request_id="obs-text")[0]["text"] == SECRET_TEXT
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def test_one_json_line_per_job_with_timings_and_no_text(app, logs):

@@ -20,9 +20,11 @@ import time
 
 import pytest
 
-from app import create_app
-from lipsync.openapi import build_openapi
+from lipsync.server import close_app, create_app
+from lipsync.server.openapi import build_openapi
+from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings
+from tests.apps import make_app
 from tests.test_faults import LiveServer, free_port, leftovers, shared_cache  # noqa: F401 (fixture)
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef01234567"
@@ -42,11 +44,10 @@ def _routes(app) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("openapi")
-    settings = Settings(output_dir=str(root / "o"), cache_dir=str(root / "c"), engine="builtin",
-                        api_keys=(FUZZ_KEY,), max_text_chars=123)
-    app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
+    app = make_app(output_dir=str(root / "o"), cache_dir=str(root / "c"), engine="builtin",
+                   api_keys=(FUZZ_KEY,), max_text_chars=123)
     yield app
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 def test_every_route_is_documented_with_exactly_its_methods(app):
@@ -80,7 +81,7 @@ def test_the_document_states_the_running_limits_and_security(app):
                 if status.startswith(("4", "5")):  # errors are JSON
                     assert response["content"]["application/json"]["schema"], (method, status)
     # without keys: no security requirements, no 401
-    open_doc = build_openapi(Settings())
+    open_doc = build_openapi(Settings(), ServerSettings())
     assert "securitySchemes" not in open_doc["components"]
     assert "401" not in open_doc["paths"]["/api/generate"]["post"]["responses"]
 

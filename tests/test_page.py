@@ -35,7 +35,7 @@ expect = sync_api.expect
 
 from werkzeug.serving import make_server  # noqa: E402
 
-from app import create_app  # noqa: E402
+from lipsync.server import close_app, create_app  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def server(tmp_path_factory):
     thread.start()
     yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}", app=app, settings=settings)
     httpd.shutdown()
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,17 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 
-from app import CONTENT_SECURITY_POLICY, create_app
-from lipsync.security import Security
+from lipsync.server import close_app
+from lipsync.server.hooks import CONTENT_SECURITY_POLICY
+from lipsync.server.security import Security
+from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings, SettingsError
+from tests.apps import make_app
 
 KEY_A = "test-key-a-0123456789abcdef0123"
 KEY_B = "test-key-b-0123456789abcdef0123"
@@ -22,16 +27,14 @@ TEXT = {"text": "Hi.", "language": "en"}
 
 
 def _app(tmp_path, **overrides):
-    settings = Settings(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin",
-                        **overrides)
-    return create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
+    return make_app(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin", **overrides)
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
     app = _app(tmp_path_factory.mktemp("keyed"), api_keys=(KEY_A, KEY_B), rate_limit="off")
     yield app
-    app.extensions["jobs"].stop()
+    close_app(app)
 
 
 # ------------------------------------------------------------------ API keys
@@ -42,7 +45,7 @@ def test_without_api_keys_everything_is_open(tmp_path):
         assert client.post("/api/generate", json=TEXT).status_code == 200
         assert client.get("/metrics").status_code == 200
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def test_missing_or_wrong_key_is_401_with_a_challenge(keyed):
@@ -87,7 +90,7 @@ def test_metrics_can_be_made_public(tmp_path):
         assert client.get("/metrics").status_code == 200
         assert client.post("/api/generate", json=TEXT).status_code == 401
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def test_every_key_is_compared(keyed):
@@ -95,7 +98,7 @@ def test_every_key_is_compared(keyed):
     is compared in constant time (hmac.compare_digest over SHA-256 digests: equal lengths)."""
     security: Security = keyed.extensions["security"]
     calls = []
-    import lipsync.security as security_module
+    import lipsync.server.security as security_module
 
     real = security_module.hmac.compare_digest
 
@@ -137,7 +140,7 @@ def test_rate_limit_per_client_answers_429_with_retry_after(tmp_path):
         metrics = client.get("/metrics", headers={"X-API-Key": KEY_B}).get_data(as_text=True)
         assert 'lipsync_rate_limited_total{bucket="write"} 1.0' in metrics
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def test_clients_without_key_are_limited_by_ip_and_x_forwarded_for_needs_trusted_proxies(tmp_path):
@@ -154,7 +157,7 @@ def test_clients_without_key_are_limited_by_ip_and_x_forwarded_for_needs_trusted
         assert post("10.0.0.1", xff="203.0.113.9").status_code == 429
         assert post("10.0.0.2").status_code == 200  # another address, another budget
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
     app = _app(tmp_path / "proxied", rate_limit="1/minute", trusted_proxies=1)
     try:
@@ -170,7 +173,7 @@ def test_clients_without_key_are_limited_by_ip_and_x_forwarded_for_needs_trusted
         # only the address the trusted proxy appended counts, not what the client put before it
         assert via_proxy("1.2.3.4, 198.51.100.2").status_code == 429
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def _free_port() -> int:
@@ -221,10 +224,10 @@ def test_redis_storage_shares_the_limit_between_processes(tmp_path, redis_url):
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert one.post("/api/generate", json=TEXT, headers=a).status_code == 429
         # REDIS_URL works as well when RATE_LIMIT_STORAGE_URI is not set
-        assert Settings.from_env({"REDIS_URL": redis_url["url"]}).rate_limit_storage_uri == redis_url["url"]
+        assert ServerSettings.from_env({"REDIS_URL": redis_url["url"]}).rate_limit_storage_uri == redis_url["url"]
     finally:
         for a in apps:
-            a.extensions["jobs"].stop()
+            close_app(a)
 
 
 def test_redis_down_lets_requests_through_and_counts_the_failure(tmp_path):
@@ -237,7 +240,7 @@ def test_redis_down_lets_requests_through_and_counts_the_failure(tmp_path):
         assert time.monotonic() - started < 10
         assert "lipsync_rate_limit_storage_errors_total 3.0" in client.get("/metrics").get_data(as_text=True)
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 # ---------------------------------------------------------- CORS, headers
@@ -263,7 +266,7 @@ def test_cors_is_same_origin_by_default_and_an_allow_list_when_set(tmp_path, key
         assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
         assert "Access-Control-Allow-Credentials" not in r.headers
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 def test_security_headers_on_page_api_errors_and_video(keyed):
@@ -306,24 +309,25 @@ def test_sync_renders_beyond_the_slots_get_503_busy(tmp_path):
         assert results["slow"].status_code == 200
         assert app.test_client().post("/api/generate", json=TEXT).status_code == 200
     finally:
-        app.extensions["jobs"].stop()
+        close_app(app)
 
 
 # ------------------------------------------------------------------ settings
 def test_settings_from_the_environment():
-    s = Settings.from_env({"API_KEYS": f" {KEY_A}, {KEY_B} ,", "CORS_ORIGINS": "https://a.example,http://b:8080",
+    env = {"API_KEYS": f" {KEY_A}, {KEY_B} ,", "CORS_ORIGINS": "https://a.example,http://b:8080",
                            "RATE_LIMIT": "5/second;100/hour", "RATE_LIMIT_READ": "off", "TRUSTED_PROXIES": "1",
                            "METRICS_PUBLIC": "yes", "SHUTDOWN_GRACE_SECONDS": "12.5", "TTS_BREAKER_FAILURES": "3",
-                           "TTS_BREAKER_RESET_SECONDS": "7", "MAX_IMAGE_PIXELS": "1000000", "LOG_FORMAT": "text"})
+                           "TTS_BREAKER_RESET_SECONDS": "7", "MAX_IMAGE_PIXELS": "1000000", "LOG_FORMAT": "text"}
+    s = SimpleNamespace(**asdict(Settings.from_env(env)), **asdict(ServerSettings.from_env(env)))
     assert s.api_keys == (KEY_A, KEY_B) and s.cors_origins == ("https://a.example", "http://b:8080")
     assert s.rate_limit == "5/second;100/hour" and s.rate_limit_read == "off" and s.trusted_proxies == 1
     assert s.metrics_public is True and s.shutdown_grace_seconds == 12.5 and s.tts_breaker_failures == 3
     assert s.tts_breaker_reset_seconds == 7.0 and s.max_image_pixels == 1_000_000 and s.log_format == "text"
-    assert KEY_A not in repr(s)  # secrets stay out of logs and tracebacks
-    defaults = Settings.from_env({})
+    assert KEY_A not in repr(ServerSettings.from_env(env))  # secrets stay out of logs and tracebacks
+    defaults = ServerSettings.from_env({})
     assert defaults.api_keys == () and defaults.cors_origins == () and defaults.rate_limit == "30/minute"
     assert defaults.rate_limit_storage_uri == "memory://"
     for bad in ({"RATE_LIMIT": "lots"}, {"RATE_LIMIT_STORAGE_URI": "mysql://x"}, {"CORS_ORIGINS": "https://a/b"},
                 {"LOG_FORMAT": "xml"}, {"TRUSTED_PROXIES": "-1"}, {"API_KEYS": "a b"}, {"LOG_LEVEL": "LOUD"}):
         with pytest.raises(SettingsError):
-            Settings.from_env(bad)
+            ServerSettings.from_env(bad)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from lipsync.errors import InvalidInputError, TTSError, TTSTimeoutError
-from lipsync.ffmpeg import run_ffmpeg
+from lipsync.media.ffmpeg import run_ffmpeg
 from lipsync.settings import Settings
 from lipsync.tts import create_provider
 from lipsync.tts.espeak import EspeakTTS

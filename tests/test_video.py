@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync import audio, video
+from lipsync.media import audio, video
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.faces.box import FaceBox
@@ -152,10 +152,9 @@ def test_abort_before_ffmpeg_read_anything_is_quick(tmp_path):
 
 
 def test_a_missing_ffmpeg_binary_is_a_media_error_and_leaves_nothing(tmp_path, monkeypatch):
-    from lipsync import ffmpeg
+    from lipsync.media import ffmpeg
 
-    monkeypatch.setenv("FFMPEG_BINARY", str(tmp_path / "no-such-ffmpeg"))
-    ffmpeg.ffmpeg_exe.cache_clear()
+    ffmpeg.use_binary(str(tmp_path / "no-such-ffmpeg"))
     try:
         with pytest.raises(MediaError) as err:
             video.Mp4Writer(str(tmp_path / "out.mp4"), 64, 48, 25)
@@ -163,5 +162,5 @@ def test_a_missing_ffmpeg_binary_is_a_media_error_and_leaves_nothing(tmp_path, m
         with pytest.raises(MediaError):
             audio.load_audio(b"RIFF....WAVE")
     finally:
-        ffmpeg.ffmpeg_exe.cache_clear()
+        ffmpeg.use_binary(None)
     assert os.listdir(tmp_path) == []

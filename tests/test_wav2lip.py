@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lipsync.errors import CheckpointError
-from lipsync.wav2lip import (PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model,
+from lipsync.engines.wav2lip.model import (PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model,
                              random_generator)
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "wav2lip_state_dict.json"

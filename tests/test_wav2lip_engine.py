@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync import audio
+from lipsync.media import audio
 from lipsync.engines.base import Region
-from lipsync.engines.wav2lip import Wav2LipEngine
+from lipsync.engines.wav2lip.engine import Wav2LipEngine
 from lipsync.errors import InvalidInputError, NoFaceError
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech
-from lipsync.wav2lip import Wav2Lip, random_generator
+from lipsync.engines.wav2lip.model import Wav2Lip, random_generator
 from tests.conftest import fixture_path
 
 BOX = FaceBox(420, 137, 885, 602)       # the avatar's face, marked by hand

@@ -2,7 +2,7 @@
 
 An engine never touches the whole frame: ``prepare`` picks the region of the
 avatar it will redraw (once per avatar) and ``render`` yields that region for
-every video frame. Pasting the region back (``lipsync.video.composite``) and
+every video frame. Pasting the region back (``lipsync.media.video.composite``) and
 encoding are shared by all engines.
 """
 
@@ -54,7 +54,7 @@ class Engine(Protocol):
         """Yield the redrawn region for each video frame, in batches.
 
         Each item is (n, region.height, region.width, 3) uint8 BGR; together
-        they hold exactly ``lipsync.audio.frame_count(len(speech.samples), fps)``
+        they hold exactly ``lipsync.media.audio.frame_count(len(speech.samples), fps)``
         frames.
         """
         ...

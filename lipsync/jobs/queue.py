@@ -61,7 +61,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
-from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
+from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError, QueueFullError
 from lipsync.jobs.store import (CANCELLED, DONE, FAILED, FINAL_STATUSES, QUEUED, RUNNING, WEBHOOK_DELIVERED,
                                 WEBHOOK_FAILED, JobStore, new_job_id, valid_job_id)
 from lipsync.jobs.webhooks import WebhookSender, validate_callback_url
@@ -85,20 +85,6 @@ RESULT_NAME = "video.mp4"
 LIVE_NAME = "live.mp4"  # fragmented copy growing while the job renders (streaming)
 RECORDING_NAME = "recording.bin"
 AVATAR_NAME = "avatar.bin"
-
-
-class QueueFullError(LipsyncError):
-    """``job_queue_size`` jobs already wait: HTTP 429, ``Retry-After: <retry_after>``."""
-
-    code = "queue_full"
-    status = 429
-
-    def __init__(self, message: str, *, retry_after: int):
-        super().__init__(message)
-        self.retry_after = int(retry_after)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "retry_after": self.retry_after}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import numpy as np
 from lipsync.errors import InvalidInputError
 
 LANGUAGES = ("ru", "kk", "en")
+DEFAULT_LANGUAGE = "ru"  # an omitted `language` (the seed's clients always sent one)
 
 
 def validate_request(text: str, language: str) -> tuple[str, str]:

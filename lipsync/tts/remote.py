@@ -33,8 +33,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from lipsync.audio import SAMPLE_RATE, load_audio
-from lipsync.errors import InvalidInputError, TTSError, TTSTimeoutError
+from lipsync.media.audio import SAMPLE_RATE, load_audio
+from lipsync.errors import InvalidInputError, TTSError, TTSTimeoutError, TTSUnavailableError
 from lipsync.tts.base import Speech
 from lipsync.tts.espeak import validate_request
 
@@ -46,20 +46,6 @@ _CHUNK = 64 * 1024
 # error page or an error document despite HTTP 200.
 _NOT_AUDIO_TYPES = ("text/", "application/json", "application/problem+json", "application/xml",
                     "application/xhtml", "image/", "video/x-unknown")
-
-
-class TTSUnavailableError(TTSError):
-    """The circuit breaker is open: the speech service failed repeatedly, so it is not called."""
-
-    code = "tts_unavailable"
-    status = 503
-
-    def __init__(self, message: str, *, retry_after: int):
-        super().__init__(message)
-        self.retry_after = max(1, int(retry_after))
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "retry_after": self.retry_after}
 
 
 class CircuitBreaker:

@@ -19,10 +19,10 @@ from typing import Iterator
 
 import numpy as np
 
-from lipsync.audio import frame_count
+from lipsync.media.audio import frame_count
 from lipsync.engines.base import PreparedAvatar
-from lipsync.engines.drive import MouthTrack, mouth_track
-from lipsync.engines.mouth import MouthRenderer, locate_mouth
+from lipsync.engines.builtin.drive import MouthTrack, mouth_track
+from lipsync.engines.builtin.mouth import MouthRenderer, locate_mouth
 from lipsync.errors import InvalidInputError
 from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech

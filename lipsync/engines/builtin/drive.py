@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lipsync.audio import frame_count
+from lipsync.media.audio import frame_count
 from lipsync.tts.base import PhonemeEvent, Speech
 
 ANALYSIS_RATE = 100.0  # feature frames per second (10 ms hop)
@@ -483,7 +483,7 @@ def mouth_track(speech: Speech, fps: float, n_frames: int | None = None) -> Mout
 
     Uses the phoneme timeline when ``speech.phonemes`` holds any phoneme,
     the audio otherwise. ``n_frames`` defaults to
-    ``lipsync.audio.frame_count(len(speech.samples), fps)``.
+    ``lipsync.media.audio.frame_count(len(speech.samples), fps)``.
     """
     samples = np.asarray(speech.samples, dtype=np.float32).ravel()
     if n_frames is None:

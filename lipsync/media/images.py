@@ -1,7 +1,7 @@
 """What a PNG or JPEG header says, read without decoding: the kind of image and its size.
 
-The one header parser: the upload checks (``lipsync.uploads.check_image``) and the
-decompression-bomb limit of ``lipsync.video.decode_image`` both read sizes with it,
+The one header parser: the upload checks (``lipsync.inputs.check_image``) and the
+decompression-bomb limit of ``lipsync.media.video.decode_image`` both read sizes with it,
 before any decoder sees the bytes.
 """
 

@@ -12,7 +12,8 @@ from copy import deepcopy
 
 from lipsync.jobs.store import STATUSES
 from lipsync.jobs.webhooks import MAX_URL_LENGTH
-from lipsync.settings import Settings, parse_rate_limit
+from lipsync.server.settings import ServerSettings, parse_rate_limit
+from lipsync.settings import Settings
 from lipsync.tts.base import LANGUAGES
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"
@@ -44,13 +45,13 @@ def _ok(description: str, media: dict, headers: dict | None = None) -> dict:
             "content": media}
 
 
-def build_openapi(settings: Settings) -> dict:
-    """The OpenAPI 3.0 document for a server running with ``settings``."""
+def build_openapi(settings: Settings, server: ServerSettings) -> dict:
+    """The OpenAPI 3.0 document for a server running with ``settings`` and ``server``."""
     languages = list(LANGUAGES)
     max_chars = settings.max_text_chars
-    keys = bool(settings.api_keys)
-    write_limit = parse_rate_limit(settings.rate_limit)
-    read_limit = parse_rate_limit(settings.rate_limit_read)
+    keys = bool(server.api_keys)
+    write_limit = parse_rate_limit(server.rate_limit)
+    read_limit = parse_rate_limit(server.rate_limit_read)
     protected = [{"bearerAuth": []}, {"apiKeyHeader": []}] if keys else None
 
     text_schema = {"type": "string", "minLength": 1, "maxLength": max_chars,
@@ -210,8 +211,8 @@ def build_openapi(settings: Settings) -> dict:
         "/metrics": {"get": op("Prometheus metrics (text format).", {
             "200": _ok("Metrics.", {"text/plain": {"schema": {"type": "string"}}}),
             **({"401": _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)}
-               if keys and not settings.metrics_public else {}),
-        }, tags=["operations"], public=not keys or settings.metrics_public, get=True)},
+               if keys and not server.metrics_public else {}),
+        }, tags=["operations"], public=not keys or server.metrics_public, get=True)},
     }
 
     error_schema = {"type": "object", "required": ["error", "code"], "properties": {

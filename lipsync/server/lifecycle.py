@@ -17,8 +17,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from lipsync.errors import HttpError
-from lipsync.memory import release_memory
+from lipsync.errors import RefusedError
+from lipsync.server.memory import release_memory
 
 if TYPE_CHECKING:
     from lipsync.jobs import JobQueue
@@ -39,10 +39,10 @@ class RenderSlots:
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
-        """Hold a slot for the ``with`` block; ``HttpError`` 503 ``busy`` when none frees up in time.
+        """Hold a slot for the ``with`` block; ``RefusedError`` 503 ``busy`` when none frees up in time.
         When the last render ends, freed memory goes back to the OS."""
         if not self._semaphore.acquire(timeout=self.wait):
-            raise HttpError(f"the server is busy with {self.count} videos; try again shortly or use /api/jobs",
+            raise RefusedError(f"the server is busy with {self.count} videos; try again shortly or use /api/jobs",
                             code="busy", status=503, retry_after=5)
         with self._cond:
             self.active += 1
@@ -90,9 +90,9 @@ class Lifecycle:
         self._callbacks.append(callback)
 
     def check_accepting(self) -> None:
-        """Refuse new work once the shutdown began: ``HttpError`` 503 ``shutting_down``, Retry-After 10 s."""
+        """Refuse new work once the shutdown began: ``RefusedError`` 503 ``shutting_down``, Retry-After 10 s."""
         if self.stopping.is_set():
-            raise HttpError("the server is shutting down; send the request again in a moment", code="shutting_down",
+            raise RefusedError("the server is shutting down; send the request again in a moment", code="shutting_down",
                             status=503, retry_after=10)
 
     def begin(self, reason: str = "shutdown", grace: float | None = None) -> None:

@@ -18,9 +18,9 @@ import math
 import time
 from typing import Mapping
 
-from lipsync.errors import HttpError
-from lipsync.observability import Metrics
-from lipsync.settings import Settings, parse_rate_limit
+from lipsync.errors import RefusedError
+from lipsync.server.observability import Metrics
+from lipsync.server.settings import ServerSettings, parse_rate_limit
 
 log = logging.getLogger("lipsync.web")
 
@@ -44,7 +44,7 @@ def presented_key(headers: Mapping[str, str], method: str, query: Mapping[str, s
 class Security:
     """API keys and rate limits of one app."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: ServerSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
         # compare SHA-256 digests: equal lengths, so compare_digest leaks nothing, not even the length
@@ -70,7 +70,7 @@ class Security:
         return found
 
     def require_key(self, presented: str | None, key_id: str | None) -> None:
-        """When keys are configured, refuse a request without a valid one: ``HttpError`` 401
+        """When keys are configured, refuse a request without a valid one: ``RefusedError`` 401
         ``unauthorized`` with a ``WWW-Authenticate`` challenge (counted in ``auth_failures``).
 
         ``presented``: what the request sent (``presented_key``); ``key_id``: ``key_id(presented)``."""
@@ -79,7 +79,7 @@ class Security:
         self.metrics.auth_failures.inc()
         sent = presented is not None
         challenge = 'Bearer realm="lipsync"' + (', error="invalid_token"' if sent else "")
-        raise HttpError("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        raise RefusedError("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
                         if not sent else "the API key is not valid", code="unauthorized", status=401,
                         headers={"WWW-Authenticate": challenge})
 
@@ -92,7 +92,7 @@ class RateLimiter:
     counted (``lipsync_rate_limit_storage_errors_total``): the limiter protects, never takes the
     service down with it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: ServerSettings, metrics: Metrics):
         self.metrics = metrics
         self.buckets = {"write": parse_rate_limit(settings.rate_limit, "rate_limit"),
                         "read": parse_rate_limit(settings.rate_limit_read, "rate_limit_read")}
@@ -109,7 +109,7 @@ class RateLimiter:
 
     def hit(self, bucket: str, identity: str) -> dict | None:
         """Count one request of client ``identity`` in ``bucket`` (``write``/``read``); raise
-        ``HttpError`` 429 when over a limit. Returns the X-RateLimit-* headers (None: no limit)."""
+        ``RefusedError`` 429 when over a limit. Returns the X-RateLimit-* headers (None: no limit)."""
         items = self.buckets.get(bucket) or []
         if not items or self.strategy is None:
             return None
@@ -120,14 +120,14 @@ class RateLimiter:
                     stats = self.strategy.get_window_stats(item, "lipsync", bucket, identity)
                     retry = max(1, math.ceil(stats.reset_time - time.time()))
                     self.metrics.rate_limited.labels(bucket).inc()
-                    raise HttpError(f"too many requests: the limit is {item}; retry in {retry} s",
+                    raise RefusedError(f"too many requests: the limit is {item}; retry in {retry} s",
                                     code="rate_limited", status=429, retry_after=retry,
                                     headers=_limit_headers(item, 0, stats.reset_time))
                 if headers is None:
                     stats = self.strategy.get_window_stats(item, "lipsync", bucket, identity)
                     headers = _limit_headers(item, stats.remaining, stats.reset_time)
             return headers
-        except HttpError:
+        except RefusedError:
             raise
         except Exception as exc:  # noqa: BLE001 - storage down: let the request through
             self.metrics.rate_limit_errors.inc()

@@ -22,8 +22,8 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.ffmpeg import ffmpeg_exe, stderr_tail
-from lipsync.image_header import image_size
+from lipsync.media.ffmpeg import ffmpeg_exe, stderr_tail
+from lipsync.media.images import image_size
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from lipsync.lifecycle import Lifecycle, RenderSlots
-from lipsync.observability import Metrics, gauge
+from lipsync.server.lifecycle import Lifecycle, RenderSlots
+from lipsync.server.observability import Metrics, gauge
 
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 

@@ -8,7 +8,7 @@ published weights (``wav2lip.pth``, ``wav2lip_gan.pth``, the TorchScript
 
 Shapes used throughout:
 
-* mel windows: ``(B, 1, 80, 16)`` float, values in [-4, 4] (``lipsync.audio``)
+* mel windows: ``(B, 1, 80, 16)`` float, values in [-4, 4] (``lipsync.media.audio``)
 * faces: ``(B, 6, 96, 96)`` float in [0, 1], BGR; channels 0-2 are the crop
   with rows 48..95 zeroed, channels 3-5 the unmasked reference crop
 * output: ``(B, 3, 96, 96)`` float in [0, 1], BGR

@@ -1,4 +1,4 @@
-"""Production server: `gunicorn -c gunicorn.conf.py`.
+"""Production server: `gunicorn -c python:lipsync.server.gunicorn_conf` (what `make serve` runs).
 
 One worker per GPU (each worker preloads its own model and owns one card);
 threads serve health probes and queue requests while the engine is busy.
@@ -15,17 +15,17 @@ it that long plus a margin before the master kills it.
 import os
 import signal
 
-from lipsync.settings import Settings
+from lipsync.server.settings import ServerSettings
 
-_settings = Settings.from_env()
+_settings = ServerSettings.from_env()
 
 bind = f"{_settings.host}:{_settings.port}"
-wsgi_app = "app:create_app()"
+wsgi_app = "lipsync.server:create_app()"
 worker_class = "gthread"
-gpu_count = int(os.environ.get("GPU_COUNT", "0"))
-workers = int(os.environ.get("GUNICORN_WORKERS", str(max(1, gpu_count))))
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "600"))   # long texts take minutes on a CPU
+gpu_count = _settings.gpu_count
+workers = _settings.worker_count
+threads = _settings.gunicorn_threads
+timeout = _settings.gunicorn_timeout   # long texts take minutes on a CPU
 graceful_timeout = int(_settings.shutdown_grace_seconds) + 20
 preload_app = False  # CUDA must be initialised inside each worker, never in the master
 accesslog = None     # the app writes one JSON line per request (request id, route, status, duration, bytes)
@@ -33,8 +33,8 @@ loglevel = _settings.log_level.lower()
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"lipsync": {"()": "lipsync.observability.JsonFormatter" if _settings.log_format == "json"
-                               else "lipsync.observability.TextFormatter"}},
+    "formatters": {"lipsync": {"()": "lipsync.server.observability.JsonFormatter" if _settings.log_format == "json"
+                               else "lipsync.server.observability.TextFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "lipsync", "stream": "ext://sys.stderr"}},
     "root": {"level": _settings.log_level.upper(), "handlers": ["stderr"]},
     "loggers": {"gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stderr"], "propagate": False},
@@ -46,7 +46,7 @@ def post_fork(server, worker):
     """Pin each worker to its own GPU when GPU_COUNT is set; cap glibc's malloc arenas."""
     if gpu_count > 0:
         os.environ["CUDA_VISIBLE_DEVICES"] = str((worker.age - 1) % gpu_count)
-    from lipsync.memory import tune_malloc
+    from lipsync.server.memory import tune_malloc
 
     tune_malloc()
 

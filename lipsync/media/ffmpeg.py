@@ -8,19 +8,28 @@ have more codecs); otherwise the static binary shipped by the
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 
 from lipsync.errors import MediaError
 
 
+_explicit_binary: str | None = None
+
+
+def use_binary(path: str | None) -> None:
+    """Use the ffmpeg at ``path`` from now on in this process (the ``FFMPEG_BINARY`` setting);
+    None goes back to the search."""
+    global _explicit_binary
+    _explicit_binary = path or None
+    ffmpeg_exe.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary (``FFMPEG_BINARY`` overrides the search)."""
-    explicit = os.environ.get("FFMPEG_BINARY")
-    if explicit:
-        return explicit
+    """Path of the ffmpeg binary: the one given to ``use_binary``, else the search."""
+    if _explicit_binary:
+        return _explicit_binary
     found = shutil.which("ffmpeg")
     if found:
         return found

@@ -1,6 +1,6 @@
 """ONNX Runtime back end for the Wav2Lip engine on CPUs: fp32 and static int8.
 
-The per-frame network (``lipsync.wav2lip.StillFaceDecoder``: audio encoder
+The per-frame network (``lipsync.engines.wav2lip.model.StillFaceDecoder``: audio encoder
 plus decoder, BatchNorm folded, the face features' share precomputed per
 avatar) is exported once per engine with the per-avatar constants as graph
 inputs, so a new avatar needs no new export. ``precision="int8"`` quantises
@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lipsync import audio
+from lipsync.media import audio
 from lipsync.errors import LipsyncError
-from lipsync.wav2lip import MEL_BINS, MEL_STEPS, StillFaceDecoder
+from lipsync.engines.wav2lip.model import MEL_BINS, MEL_STEPS, StillFaceDecoder
 
 log = logging.getLogger("lipsync")
 

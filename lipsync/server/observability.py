@@ -48,7 +48,7 @@ ENV_ROUTE = "lipsync.route"            # the matched URL rule ("/api/jobs/<job_i
 ENV_ERROR_CODE = "lipsync.error_code"  # the JSON error code of a 4xx/5xx we answered
 ENV_KEY_ID = "lipsync.key_id"          # short hash of the API key that authenticated the request
 ENV_JOB_ID = "lipsync.job_id"          # the job a request created or read
-ENV_TEXT = "lipsync.text"              # the request text, only when LOG_TEXT is on (truncated)
+ENV_TEXT = "lipsync.tts.text"              # the request text, only when LOG_TEXT is on (truncated)
 
 STAGES = ("tts", "decode", "avatar", "audio", "lipsync", "composite", "encode", "total", "queue_wait")
 

@@ -19,10 +19,10 @@ import re
 import wave
 from typing import BinaryIO
 
-from lipsync.audio import SAMPLE_RATE
+from lipsync.media.audio import SAMPLE_RATE
 from lipsync.errors import InvalidInputError, PayloadTooLargeError
-from lipsync.ffmpeg import run_ffmpeg
-from lipsync.image_header import image_size, sniff_image
+from lipsync.media.ffmpeg import run_ffmpeg
+from lipsync.media.images import image_size, sniff_image
 from lipsync.settings import Settings
 from lipsync.tempdirs import process_temp_dir
 

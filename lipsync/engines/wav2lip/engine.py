@@ -8,7 +8,7 @@ Per avatar (``prepare``): the face box is padded (spec: bottom + 10 px,
 clipped), the crop resized to 96x96, the model's 6-channel input built and
 the face encoder run once; its features are reused for every frame, and
 with an eager model the decoder's face-feature terms are folded into
-per-avatar constants (``lipsync.wav2lip.StillFaceDecoder``). Per request
+per-avatar constants (``lipsync.engines.wav2lip.model.StillFaceDecoder``). Per request
 (``render``): 16 kHz speech -> mel -> one 16-column window per video frame ->
 batches through the audio encoder and decoder -> 96x96 BGR faces resized to
 the region.
@@ -40,13 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lipsync import audio, onnx_engine
+from lipsync.media import audio
+from lipsync.engines.wav2lip import onnx_backend
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
 from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
 from lipsync.tts.base import Speech
-from lipsync.wav2lip import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
+from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 
 log = logging.getLogger("lipsync")
 
@@ -180,7 +181,7 @@ class _CudaGraphDecoder:
 class Wav2LipEngine:
     """``lipsync.engines.base.Engine`` backed by a Wav2Lip checkpoint.
 
-    ``model_path``: any layout ``lipsync.wav2lip.load_model`` reads.
+    ``model_path``: any layout ``lipsync.engines.wav2lip.model.load_model`` reads.
     ``device``: "auto" (CUDA when available), "cpu" or "cuda".
     ``batch_size``: video frames per model call (memory grows linearly; about
     8 MB per frame on CPU in fp32).
@@ -224,7 +225,7 @@ class Wav2LipEngine:
             raise LipsyncError("precision int8 is for CPUs (use fp16 on a GPU)", code="invalid_settings")
         self._backend_chosen = backend == "auto"
         if backend == "auto":  # ONNX Runtime is the faster CPU runtime (docs/PERFORMANCE.md) when installed
-            backend = "onnxruntime" if precision == "int8" or (not cuda and onnx_engine.available()) else "torch"
+            backend = "onnxruntime" if precision == "int8" or (not cuda and onnx_backend.available()) else "torch"
         if backend == "onnxruntime" and cuda:
             raise LipsyncError("the onnxruntime back end is for CPUs", code="invalid_settings")
         if precision == "int8" and backend != "onnxruntime":
@@ -245,7 +246,7 @@ class Wav2LipEngine:
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
         self._memory_format = torch.channels_last if self._eager else torch.contiguous_format
         self._decoder: StillFaceDecoder | None = None
-        self._ort = None                     # lipsync.onnx_engine.OrtDecoder, built at the first prepare
+        self._ort = None                     # lipsync.onnx_backend.OrtDecoder, built at the first prepare
         self._graphs: _CudaGraphDecoder | None = None
         if self._eager:
             self._decoder = StillFaceDecoder(model, self.rows_from).eval()
@@ -338,7 +339,7 @@ class Wav2LipEngine:
         the engine falls back to PyTorch (logged) instead of failing.
         """
         try:  # onnxruntime itself is imported only here, when this back end is wanted
-            self._ort = onnx_engine.OrtDecoder(self._decoder, constants, precision=self.precision)
+            self._ort = onnx_backend.OrtDecoder(self._decoder, constants, precision=self.precision)
         except Exception as exc:  # noqa: BLE001 - a broken optional runtime must not stop the service
             if not self._backend_chosen or self.precision == "int8":
                 raise
@@ -350,7 +351,7 @@ class Wav2LipEngine:
             log.warning("int8 differs from fp32 by %.2f/255 on average (limit %.2f): using fp32",
                         self._ort.error, self.int8_max_error)
             error = self._ort.error
-            self._ort = onnx_engine.OrtDecoder(self._decoder, constants, precision="fp32")
+            self._ort = onnx_backend.OrtDecoder(self._decoder, constants, precision="fp32")
             self._ort.error = error
             self.precision = "fp32"
 

@@ -14,7 +14,7 @@ import wave
 import numpy as np
 
 from lipsync.errors import InvalidInputError
-from lipsync.ffmpeg import run_ffmpeg
+from lipsync.media.ffmpeg import run_ffmpeg
 
 SAMPLE_RATE = 16000
 N_FFT = 800

@@ -1,0 +1,121 @@
+"""What runs around every request: the guard (API key, rate limit, shutdown), the response
+decoration (security headers, CORS, rate-limit headers) and the JSON error answers.
+
+The guards themselves are ``lipsync.server.security`` (keys, limits) and
+``lipsync.server.lifecycle`` (shutdown); this module decides which routes they apply to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from lipsync.errors import LipsyncError
+from lipsync.server import context
+from lipsync.server.observability import ENV_ERROR_CODE, ENV_KEY_ID, ENV_ROUTE
+from lipsync.server.security import Security, presented_key
+
+log = logging.getLogger("lipsync.web")
+
+# Never behind an API key: the page and what it loads before the user can do anything.
+PUBLIC_ENDPOINTS = frozenset({"pages.index", "static", "api.health", "api.avatar", "api.openapi"})
+# Endpoints that start work: the strict rate limit, refused while shutting down.
+WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit"})
+# The looser limit: reads and cancels of jobs.
+READ_ENDPOINTS = frozenset({"jobs.status", "jobs.events", "jobs.video", "jobs.stream", "jobs.cancel"})
+
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                           "media-src 'self' blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
+                           "base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), geolocation=(), payment=(), usb=()",
+}
+CORS_EXPOSED = ("X-Request-ID, Retry-After, Location, Content-Range, Accept-Ranges, Content-Length, Server-Timing, "
+                "X-Processing-Time, X-Video-Duration, X-Video-Frames, X-Engine, X-RateLimit-Limit, "
+                "X-RateLimit-Remaining, X-RateLimit-Reset")
+CORS_ALLOWED_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-ID, Range"
+# werkzeug's HTTP errors whose code is not simply their name in snake case
+HTTP_ERROR_CODES = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}
+
+
+def guard():
+    """Before every request: route label, rate limit, API key, shutdown."""
+    env = request.environ
+    env[ENV_ROUTE] = request.url_rule.rule if request.url_rule is not None else None
+    endpoint = request.endpoint
+    if request.method == "OPTIONS" or endpoint is None:
+        return None  # CORS preflight / unknown path: nothing to protect (404/405 follow)
+    security: Security = current_app.extensions["security"]
+    presented = presented_key(request.headers, request.method, request.args)
+    key_id = security.key_id(presented)
+    if key_id:
+        env[ENV_KEY_ID] = key_id
+    bucket = "write" if endpoint in WRITE_ENDPOINTS else "read" if endpoint in READ_ENDPOINTS else None
+    if bucket is not None:
+        identity = f"key:{key_id}" if key_id else f"ip:{request.remote_addr}"
+        g.rate_limit_headers = security.limiter.hit(bucket, identity)
+    if not (endpoint in PUBLIC_ENDPOINTS or (endpoint == "ops.metrics" and context.server_settings().metrics_public)):
+        security.require_key(presented, key_id)
+    if endpoint in WRITE_ENDPOINTS:
+        context.lifecycle().check_accepting()
+    return None
+
+
+def decorate(response: Response) -> Response:
+    """After every request: security headers, CORS, rate-limit headers."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.mimetype == "application/json":
+        response.headers.setdefault("Cache-Control", "no-store")
+    for name, value in (getattr(g, "rate_limit_headers", None) or {}).items():
+        response.headers.setdefault(name, value)
+    origin = request.headers.get("Origin")
+    allowed = context.server_settings().cors_origins
+    if origin and allowed and request.path.startswith("/api/") and ("*" in allowed or origin in allowed):
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOWED_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+    if allowed and "*" not in allowed:
+        response.vary.add("Origin")
+    return response
+
+
+def lipsync_error(exc: LipsyncError):
+    """Any ``LipsyncError``: its JSON (``error``, ``code``, maybe ``retry_after``), status and headers."""
+    if exc.status >= 500:  # 503s (busy, circuit open, shutting down) are expected under stress: warnings
+        log.log(logging.WARNING if exc.status == 503 else logging.ERROR, "%s: %s", exc.code, exc.message)
+    request.environ[ENV_ERROR_CODE] = exc.code
+    if exc.status in (400, 413, 422):  # bad input (401/429/503 have counters and gauges of their own)
+        context.metrics().refused.labels(exc.code).inc()
+    return jsonify(exc.to_dict()), exc.status, exc.response_headers()
+
+
+def http_error(exc: HTTPException):
+    """werkzeug's own errors (404, 405, 413 from MAX_CONTENT_LENGTH...) as the same JSON."""
+    code = HTTP_ERROR_CODES.get(exc.code, (exc.name or "http_error").lower().replace(" ", "_"))
+    message = exc.description or exc.name
+    if exc.code == 413:
+        limit = request.max_content_length or context.settings().max_upload_bytes
+        message = f"the request body is larger than the limit of {limit} bytes"
+    request.environ[ENV_ERROR_CODE] = code
+    response = jsonify({"error": message, "code": code})
+    response.status_code = exc.code or 500
+    if exc.code == 405 and getattr(exc, "valid_methods", None):
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def unexpected_error(exc: Exception):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    request.environ[ENV_ERROR_CODE] = "internal_error"
+    return jsonify({"error": "internal error; the server log has the details", "code": "internal_error"}), 500

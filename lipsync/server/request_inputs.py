@@ -1,0 +1,105 @@
+"""What a generate request (``POST /api/generate`` and ``POST /api/jobs``) asks for, checked
+before any work: the keyword arguments of ``LipsyncService.generate``.
+
+The checks of the content itself (text, image, recording) are the library's
+(``lipsync.inputs``); this module only takes them out of the HTTP request.
+"""
+
+from __future__ import annotations
+
+from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import LimitedStream
+
+from lipsync.errors import InvalidInputError, LipsyncError
+from lipsync.inputs import check_image, clean_text, normalize_recording, read_upload
+from lipsync.server import context
+from lipsync.server.observability import ENV_TEXT, clip
+from lipsync.tts.base import DEFAULT_LANGUAGE
+
+JOB_ENDPOINT = "jobs.submit"
+
+
+def generate_inputs() -> dict:
+    """The generate request as keyword arguments of ``LipsyncService.generate``, checked before any work.
+
+    JSON: ``{"text", "language"}``. multipart/form-data: an ``audio`` file
+    (lip-sync a recording, no TTS) or ``text``/``language`` fields, plus an
+    optional ``avatar`` image replacing the preloaded one for this request.
+    Uploads are checked by content (not by name): the avatar must be a PNG or
+    JPEG within ``MAX_IMAGE_PIXELS``; a recording must be a known audio
+    container, is decoded once with ffmpeg forced to that demuxer and cut at
+    ``MAX_AUDIO_SECONDS`` (so a tiny file that expands to hours is refused
+    without being decoded whole), and goes on as 16 kHz WAV.
+    """
+    service = context.service()
+    if service.status == "error":
+        raise LipsyncError(f"the service failed to load: {service.error}", code="not_ready", status=503)
+    if request.mimetype == "multipart/form-data":
+        return _form_inputs()
+    return _json_inputs()
+
+
+def callback_url() -> str | None:
+    """The job's optional ``callback_url`` (checked by the job queue)."""
+    if request.mimetype == "multipart/form-data":
+        return request.form.get("callback_url")
+    return request.get_json(force=True, silent=True).get("callback_url")
+
+
+def _form_inputs() -> dict:
+    settings = context.settings()
+    service = context.service()
+    inputs: dict = {}
+    audio_file = request.files.get("audio")
+    avatar_file = request.files.get("avatar")
+    if avatar_file is not None:
+        inputs["avatar_image"] = check_image(_read_upload(avatar_file, "avatar image", "invalid_image"),
+                                             settings.max_image_pixels)
+        if request.endpoint == JOB_ENDPOINT:  # a job decodes it later: refuse a broken one now
+            service.decode_avatar(inputs["avatar_image"])
+    if audio_file is not None:
+        inputs["recording"] = normalize_recording(_read_upload(audio_file, "audio file", "invalid_audio"),
+                                                  settings, service.temp_root())
+    elif "text" in request.form:
+        _log_text(request.form["text"])
+        inputs.update(text=clean_text(request.form["text"]),
+                      language=request.form.get("language", DEFAULT_LANGUAGE))
+    else:
+        raise InvalidInputError("send an 'audio' file or a 'text' field", code="missing_input")
+    return inputs
+
+
+def _json_inputs() -> dict:
+    settings = context.settings()
+    # A JSON body holds at most the text: refuse a huge one before parsing it. (12 bytes per
+    # character covers \\uXXXX escapes of surrogate pairs; plus room for the other fields.)
+    request.max_content_length = min(settings.max_upload_bytes, settings.max_text_chars * 12 + 64 * 1024)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # absurdly deep nesting: not a request we take
+        body = None
+    stream = request.stream
+    if isinstance(stream, LimitedStream) and stream.limit == request.max_content_length and stream.is_exhausted:
+        # a body without Content-Length (chunked) was cut at the limit: say so, not "invalid JSON"
+        raise RequestEntityTooLarge()
+    if body is None:
+        raise InvalidInputError("the request body is not valid JSON", code="invalid_json")
+    if not isinstance(body, dict):
+        raise InvalidInputError("the JSON body must be an object with 'text' and 'language'", code="invalid_json")
+    if "text" not in body:
+        raise InvalidInputError("'text' is missing", code="missing_input")
+    if not isinstance(body["text"], str):  # (null too: the same answer from both APIs)
+        raise InvalidInputError("'text' must be a string", code="invalid_text")
+    _log_text(body["text"])
+    return {"text": clean_text(body["text"]), "language": body.get("language", DEFAULT_LANGUAGE)}
+
+
+def _log_text(text) -> None:
+    if context.server_settings().log_text and isinstance(text, str):
+        request.environ[ENV_TEXT] = clip(text, 200)
+
+
+def _read_upload(file, what: str, invalid_code: str) -> bytes:
+    """An uploaded file's bytes (werkzeug ``FileStorage``), within ``MAX_UPLOAD_BYTES``."""
+    return read_upload(file.stream, context.settings().max_upload_bytes, what, invalid_code)

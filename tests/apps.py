@@ -1,0 +1,25 @@
+"""Building the Flask app in tests: one set of keyword values for both settings objects."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from lipsync.server import create_app
+from lipsync.server.settings import ServerSettings
+from lipsync.settings import Settings
+
+_SERVER_FIELDS = {f.name for f in fields(ServerSettings)}
+
+
+def split_settings(**values) -> tuple[Settings, ServerSettings]:
+    """``Settings`` and ``ServerSettings`` from keyword values, each field to the object that has it."""
+    server = {k: v for k, v in values.items() if k in _SERVER_FIELDS}
+    pipeline = {k: v for k, v in values.items() if k not in _SERVER_FIELDS}
+    return Settings(**pipeline), ServerSettings(**server)
+
+
+def make_app(config: dict | None = None, **values):
+    """``create_app`` with the settings from ``values`` (models loaded before it returns unless
+    ``config`` says otherwise); stop it with ``lipsync.server.close_app``."""
+    settings, server = split_settings(**values)
+    return create_app({"SETTINGS": settings, "SERVER": server, "LOAD_IN_BACKGROUND": False, **(config or {})})
