@@ -11,6 +11,6 @@ Importing this package does not import torch; ``lipsync.faces.s3fd`` does.
 
 from lipsync.errors import NoFaceError
 from lipsync.faces.box import FaceBox
-from lipsync.faces.cache import FaceLocator
+from lipsync.faces.locator import FaceLocator
 
 __all__ = ["FaceBox", "FaceLocator", "NoFaceError"]

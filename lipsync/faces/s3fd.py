@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lipsync.devices import resolve_device
 from lipsync.errors import CheckpointError
 from lipsync.faces.box import FaceBox
 
@@ -352,15 +353,6 @@ def _check_against(state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
             )
         if not state[k].is_floating_point():
             raise CheckpointError(f"{path} is not an S3FD checkpoint: {k} is {state[k].dtype}, expected floats")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``/``"cuda[:n]"`` as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError("device cuda was requested for S3FD but CUDA is not available")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------- detector

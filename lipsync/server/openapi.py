@@ -9,7 +9,6 @@ routes and fuzzes a live server with it (Schemathesis).
 from __future__ import annotations
 
 from copy import deepcopy
-
 from lipsync.jobs.store import STATUSES
 from lipsync.jobs.webhooks import MAX_URL_LENGTH
 from lipsync.server.settings import ServerSettings, parse_rate_limit
@@ -47,54 +46,51 @@ def _ok(description: str, media: dict, headers: dict | None = None) -> dict:
 
 def build_openapi(settings: Settings, server: ServerSettings) -> dict:
     """The OpenAPI 3.0 document for a server running with ``settings`` and ``server``."""
-    languages = list(LANGUAGES)
-    max_chars = settings.max_text_chars
-    keys = bool(server.api_keys)
-    write_limit = parse_rate_limit(server.rate_limit)
-    read_limit = parse_rate_limit(server.rate_limit_read)
-    protected = [{"bearerAuth": []}, {"apiKeyHeader": []}] if keys else None
+    return _Document(settings, server).build()
 
-    text_schema = {"type": "string", "minLength": 1, "maxLength": max_chars,
-                   "description": f"What the avatar says: at most {max_chars} characters and not only spaces. "
-                                  "Control characters are read as spaces; lone surrogates are refused."}
-    # The service accepts the codes in any case and with surrounding spaces ("EN", " ru ").
-    any_case = "|".join("".join(f"[{c.upper()}{c}]" for c in code) for code in languages)
-    language_schema = {"type": "string", "pattern": f"^\\s*({any_case})\\s*$", "default": "ru", "example": "ru",
-                       "description": "Speech language, case-insensitive: " + ", ".join(languages)
-                                      + " (ru: Russian, kk: Kazakh, en: English)."}
-    callback_schema = {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH, "nullable": True,
-                       "description": "http(s) URL that receives the final job state as a signed POST "
-                                      "(see the webhook headers X-Signature, X-Signature-Timestamp); "
-                                      "null or absent: no webhook."}
-    upload_note = (f"Uploads: at most {settings.max_upload_bytes} bytes each. `audio`: WAV, MP3, AAC, OGG/Opus, "
-                   f"FLAC, M4A/MP4, WebM/MKV, AIFF or AMR, recognised by content, at most "
-                   f"{settings.max_audio_seconds:g} s. `avatar`: PNG or JPEG with a face, at most "
-                   f"{settings.max_image_pixels} pixels.")
 
-    def generate_body(with_callback: bool) -> dict:
-        json_props = {"text": text_schema, "language": language_schema}
-        form_props = {"audio": {"type": "string", "format": "binary",
-                                "description": "A recording to lip-sync instead of speaking `text`."},
-                      "avatar": {"type": "string", "format": "binary",
-                                 "description": "An image that replaces the preloaded avatar for this request."},
-                      "text": text_schema, "language": language_schema}
-        if with_callback:
-            json_props["callback_url"] = callback_schema
-            form_props["callback_url"] = callback_schema
-        return {"required": True, "description": upload_note, "content": {
-            "application/json": {"schema": {"type": "object", "required": ["text"], "properties": json_props},
-                                 "example": {"text": "Привет! Я ваш виртуальный помощник.", "language": "ru"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": form_props,
-                                               "anyOf": [{"required": ["audio"]}, {"required": ["text"]}]},
-                                    "encoding": {"audio": {"contentType": "application/octet-stream"},
-                                                 "avatar": {"contentType": "image/png, image/jpeg"}}}}}
+class _Document:
+    """The document's parts, each from the settings that shape it."""
 
-    def guarded(responses: dict, *, bucket: str | None, write: bool) -> dict:
+    def __init__(self, settings: Settings, server: ServerSettings):
+        self.settings = settings
+        self.server = server
+        self.keys = bool(server.api_keys)
+        self.write_limit = parse_rate_limit(server.rate_limit)
+        self.read_limit = parse_rate_limit(server.rate_limit_read)
+
+    def build(self) -> dict:
+        document = {
+            "openapi": "3.0.3",
+            "info": {"title": "Talking avatar", "version": "1",
+                     "description": "Text (Russian, Kazakh, English) or a recording in, an MP4 of the avatar "
+                                    "speaking it out. Every response carries X-Request-ID; errors are JSON "
+                                    "`{\"error\", \"code\"}`; 429 and most 503 answers carry Retry-After."},
+            "servers": [{"url": "/"}],
+            "tags": [{"name": n} for n in ("page", "generate", "jobs", "avatar", "operations")],
+            "paths": {**self.page_paths(), **self.generate_paths(), **self.job_paths(), **self.ops_paths()},
+            "components": {"schemas": _schemas(), "headers": _HEADERS},
+        }
+        if self.keys:
+            document["components"]["securitySchemes"] = _SECURITY_SCHEMES
+        return deepcopy(document)  # the shared parts below become independent copies
+
+    # ------------------------------------------------------------ helpers
+    def op(self, summary: str, responses: dict, *, tags: list[str], public: bool = False, get: bool = False,
+           **extra) -> dict:
+        operation = {"summary": summary, "tags": tags, "responses": responses, **extra}
+        if self.keys:
+            # GETs also take ?api_key= (EventSource and <video> cannot send headers)
+            protected = [{"bearerAuth": []}, {"apiKeyHeader": []}] + ([{"apiKeyQuery": []}] if get else [])
+            operation["security"] = [] if public else protected
+        return operation
+
+    def guarded(self, responses: dict, *, bucket: str, write: bool) -> dict:
         """Add the refusals every protected operation can answer."""
         responses = dict(responses)
-        if keys:
-            responses["401"] = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)
-        limits = write_limit if bucket == "write" else read_limit if bucket == "read" else []
+        if self.keys:
+            responses["401"] = _UNAUTHORIZED
+        limits = self.write_limit if bucket == "write" else self.read_limit
         if limits:
             responses["429"] = _error(
                 f"Rate limited (code `rate_limited`, limit {'; '.join(str(i) for i in limits)} per client)"
@@ -103,119 +99,159 @@ def build_openapi(settings: Settings, server: ServerSettings) -> dict:
             responses["429"] = _error("The job queue is full (code `queue_full`).", retry_after=True)
         return responses
 
-    def op(summary: str, responses: dict, *, tags: list[str], public: bool = False, get: bool = False,
-           **extra) -> dict:
-        operation = {"summary": summary, "tags": tags, "responses": responses, **extra}
-        if keys:
-            # GETs also take ?api_key= (EventSource and <video> cannot send headers)
-            operation["security"] = [] if public else deepcopy(protected) + ([{"apiKeyQuery": []}] if get else [])
-        return operation
+    def read_op(self, summary: str, responses: dict, *, get: bool = True) -> dict:
+        """A jobs operation under the read rate limit."""
+        return self.op(summary, self.guarded(responses, bucket="read", write=False), tags=["jobs"], get=get)
 
-    job_id_param = {"name": "job_id", "in": "path", "required": True,
-                    "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
-                    "description": "The id `POST /api/jobs` returned (32 hex characters)."}
-    not_found = _error("No such job (unknown, expired, deleted or not a job id): code `job_not_found`, "
-                       "or `not_found` for a path that is no route.")
+    def text_schema(self) -> dict:
+        max_chars = self.settings.max_text_chars
+        return {"type": "string", "minLength": 1, "maxLength": max_chars,
+                "description": f"What the avatar says: at most {max_chars} characters and not only spaces. "
+                               "Control characters are read as spaces; lone surrogates are refused."}
 
-    video_headers = {name: _header(name) for name in
-                     ("X-Processing-Time", "X-Video-Duration", "X-Video-Frames", "X-Engine", "Server-Timing")}
-    write_errors = {
-        "400": _error("Bad input: `invalid_json`, `missing_input`, `invalid_text`, `empty_text`, "
-                      "`unsupported_language`, `invalid_audio`, `invalid_image`, `image_too_large`, "
-                      "`invalid_callback_url`."),
-        "413": _error("Over a limit: `text_too_long`, `upload_too_large`, `payload_too_large`, `audio_too_long`."),
-        "503": _error("Not now: `not_ready` (models loading or failed), `busy` (all render slots taken), "
-                      "`shutting_down`, `tts_unavailable` (the remote TTS circuit is open), `tts_timeout`.",
-                      retry_after=False),
-    }
+    def generate_body(self, with_callback: bool) -> dict:
+        s = self.settings
+        upload_note = (f"Uploads: at most {s.max_upload_bytes} bytes each. `audio`: WAV, MP3, AAC, OGG/Opus, "
+                       f"FLAC, M4A/MP4, WebM/MKV, AIFF or AMR, recognised by content, at most "
+                       f"{s.max_audio_seconds:g} s. `avatar`: PNG or JPEG with a face, at most "
+                       f"{s.max_image_pixels} pixels.")
+        text, language = self.text_schema(), _language_schema()
+        json_props = {"text": text, "language": language}
+        form_props = {"audio": {"type": "string", "format": "binary",
+                                "description": "A recording to lip-sync instead of speaking `text`."},
+                      "avatar": {"type": "string", "format": "binary",
+                                 "description": "An image that replaces the preloaded avatar for this request."},
+                      "text": text, "language": language}
+        if with_callback:
+            json_props["callback_url"] = _CALLBACK_SCHEMA
+            form_props["callback_url"] = _CALLBACK_SCHEMA
+        return {"required": True, "description": upload_note, "content": {
+            "application/json": {"schema": {"type": "object", "required": ["text"], "properties": json_props},
+                                 "example": {"text": "Привет! Я ваш виртуальный помощник.", "language": "ru"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": form_props,
+                                               "anyOf": [{"required": ["audio"]}, {"required": ["text"]}]},
+                                    "encoding": {"audio": {"contentType": "application/octet-stream"},
+                                                 "avatar": {"contentType": "image/png, image/jpeg"}}}}}
 
-    paths = {
-        "/": {"get": op("The page: text box, language, avatar preview, player.", {
-            "200": _ok("HTML page.", {"text/html": {"schema": {"type": "string"}}})}, tags=["page"], public=True)},
-        "/static/{filename}": {"get": op("Static files of the page.", {
-            "200": _ok("The file.", {"*/*": {"schema": {"type": "string", "format": "binary"}}}),
-            "304": {"description": "Not modified.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
-            "404": _error("No such file (code `not_found`)."),
-        }, tags=["page"], public=True, parameters=[
-            {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"},
-             "example": "app.js"}])},
-        "/api/health": {"get": op("Readiness: engine, device, TTS, face detector.", {
-            "200": _ok("Ready.", {"application/json": {"schema": _ref("Health")}}),
-            "503": _ok("Loading, failed to load, or shutting down (see `status`, `error`).",
-                       {"application/json": {"schema": _ref("Health")}}),
-        }, tags=["operations"], public=True)},
-        "/api/openapi.json": {"get": op("This document.", {
-            "200": _ok("OpenAPI 3 document.", {"application/json": {"schema": {"type": "object"}}})},
-            tags=["operations"], public=True)},
-        "/api/avatar": {"get": op("The preloaded avatar at output size.", {
-            "200": _ok("JPEG image.", {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}),
-            "503": _error("Not loaded yet (code `not_ready`)."),
-        }, tags=["avatar"], public=True)},
-        "/api/generate": {"post": op("Make the MP4 now and answer with it (synchronous).", guarded({
-            "200": _ok("The MP4 (H.264 + AAC, faststart).",
-                       {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, video_headers),
-            **write_errors,
-            "422": _error("No face in the avatar (code `no_face`)."),
-            "500": _error("The encoder failed (code `media_error`) or an internal error (`internal_error`)."),
-            "502": _error("The remote TTS answered an error or no audio (code `tts_failed`)."),
-        }, bucket="write", write=False), tags=["generate"], requestBody=generate_body(False))},
-        "/api/jobs": {"post": op("Queue a video; follow it by id.", guarded({
-            "202": _ok("Queued.", {"application/json": {"schema": _ref("Job")}},
-                       {"Location": _header("Location")}),
-            **write_errors,
-        }, bucket="write", write=True), tags=["jobs"], requestBody=generate_body(True))},
-        "/api/jobs/{job_id}": {
-            "parameters": [job_id_param],
-            "get": op("A job's state.", guarded({
-                "200": _ok("The state.", {"application/json": {"schema": _ref("Job")}}),
-                "404": not_found}, bucket="read", write=False), tags=["jobs"], get=True),
-            "delete": op("Cancel a queued/running job; delete an ended one (its record and files).", guarded({
-                "200": _ok("Cancelled: the final state.", {"application/json": {"schema": _ref("JobState")}}),
-                "204": {"description": "Deleted.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
-                "404": not_found}, bucket="read", write=False), tags=["jobs"]),
-        },
-        "/api/jobs/{job_id}/events": {
-            "parameters": [job_id_param],
-            "get": op("Server-Sent Events: the state, then every change, until the job ends.", guarded({
-                "200": _ok("One event per state change: `data: <JobState JSON>`; `: keep-alive` comments "
-                           "in between. The stream ends after a final state.",
-                           {"text/event-stream": {"schema": {
-                               "type": "object", "required": ["data"], "description": "One event.",
-                               "properties": {"data": {"type": "string", "contentMediaType": "application/json",
-                                                       "contentSchema": _ref("JobState")},
-                                              "event": {"type": "string"}, "id": {"type": "string"}}}}}),
-                "404": not_found}, bucket="read", write=False), tags=["jobs"], get=True),
-        },
-        "/api/jobs/{job_id}/video": {
-            "parameters": [job_id_param,
-                           {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
-                            "description": "A byte range (`bytes=0-1023`) for seeking."}],
-            "get": op("The finished MP4 (Range requests supported).", guarded({
-                "200": _ok("The MP4.", {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                           {"Accept-Ranges": _header("Accept-Ranges")}),
-                "206": _ok("The requested range.", {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                           {"Content-Range": _header("Content-Range")}),
-                "404": not_found,
-                "409": _error("Not done yet (code `job_not_done`)."),
-                "416": _error("The range is outside the file (code `requested_range_not_satisfiable`)."),
-            }, bucket="read", write=False), tags=["jobs"], get=True),
-        },
-        "/api/jobs/{job_id}/stream": {
-            "parameters": [job_id_param],
-            "get": op("The MP4 while it is being made (fragmented, chunked); the finished file once done.", guarded({
-                "200": _ok("Fragmented MP4.", {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}),
-                "404": not_found,
-                "409": _error("The job failed or was cancelled (code `job_not_done`)."),
-            }, bucket="read", write=False), tags=["jobs"], get=True),
-        },
-        "/metrics": {"get": op("Prometheus metrics (text format).", {
-            "200": _ok("Metrics.", {"text/plain": {"schema": {"type": "string"}}}),
-            **({"401": _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)}
-               if keys and not server.metrics_public else {}),
-        }, tags=["operations"], public=not keys or server.metrics_public, get=True)},
-    }
+    # -------------------------------------------------------------- paths
+    def page_paths(self) -> dict:
+        return {
+            "/": {"get": self.op("The page: text box, language, avatar preview, player.", {
+                "200": _ok("HTML page.", {"text/html": {"schema": {"type": "string"}}})}, tags=["page"],
+                public=True)},
+            "/static/{filename}": {"get": self.op("Static files of the page.", {
+                "200": _ok("The file.", _binary("*/*")),
+                "304": {"description": "Not modified.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
+                "404": _error("No such file (code `not_found`)."),
+            }, tags=["page"], public=True, parameters=[
+                {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"},
+                 "example": "app.js"}])},
+            "/api/avatar": {"get": self.op("The preloaded avatar at output size.", {
+                "200": _ok("JPEG image.", _binary("image/jpeg")),
+                "503": _error("Not loaded yet (code `not_ready`)."),
+            }, tags=["avatar"], public=True)},
+        }
 
-    error_schema = {"type": "object", "required": ["error", "code"], "properties": {
+    def generate_paths(self) -> dict:
+        video_headers = {name: _header(name) for name in
+                         ("X-Processing-Time", "X-Video-Duration", "X-Video-Frames", "X-Engine", "Server-Timing")}
+        return {
+            "/api/generate": {"post": self.op("Make the MP4 now and answer with it (synchronous).", self.guarded({
+                "200": _ok("The MP4 (H.264 + AAC, faststart).", _binary("video/mp4"), video_headers),
+                **_WRITE_ERRORS,
+                "422": _error("No face in the avatar (code `no_face`)."),
+                "500": _error("The encoder failed (code `media_error`) or an internal error (`internal_error`)."),
+                "502": _error("The remote TTS answered an error or no audio (code `tts_failed`)."),
+            }, bucket="write", write=False), tags=["generate"], requestBody=self.generate_body(False))},
+            "/api/jobs": {"post": self.op("Queue a video; follow it by id.", self.guarded({
+                "202": _ok("Queued.", {"application/json": {"schema": _ref("Job")}},
+                           {"Location": _header("Location")}),
+                **_WRITE_ERRORS,
+            }, bucket="write", write=True), tags=["jobs"], requestBody=self.generate_body(True))},
+        }
+
+    def job_paths(self) -> dict:
+        not_found = _error("No such job (unknown, expired, deleted or not a job id): code `job_not_found`, "
+                           "or `not_found` for a path that is no route.")
+        range_header = {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "A byte range (`bytes=0-1023`) for seeking."}
+        events = {"type": "object", "required": ["data"], "description": "One event.",
+                  "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                          "contentSchema": _ref("JobState")},
+                                 "event": {"type": "string"}, "id": {"type": "string"}}}
+        return {
+            "/api/jobs/{job_id}": {
+                "parameters": [_JOB_ID_PARAM],
+                "get": self.read_op("A job's state.", {
+                    "200": _ok("The state.", {"application/json": {"schema": _ref("Job")}}), "404": not_found}),
+                "delete": self.read_op("Cancel a queued/running job; delete an ended one (its record and files).", {
+                    "200": _ok("Cancelled: the final state.", {"application/json": {"schema": _ref("JobState")}}),
+                    "204": {"description": "Deleted.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
+                    "404": not_found}, get=False),
+            },
+            "/api/jobs/{job_id}/events": {
+                "parameters": [_JOB_ID_PARAM],
+                "get": self.read_op("Server-Sent Events: the state, then every change, until the job ends.", {
+                    "200": _ok("One event per state change: `data: <JobState JSON>`; `: keep-alive` comments "
+                               "in between. The stream ends after a final state.",
+                               {"text/event-stream": {"schema": events}}),
+                    "404": not_found}),
+            },
+            "/api/jobs/{job_id}/video": {
+                "parameters": [_JOB_ID_PARAM, range_header],
+                "get": self.read_op("The finished MP4 (Range requests supported).", {
+                    "200": _ok("The MP4.", _binary("video/mp4"), {"Accept-Ranges": _header("Accept-Ranges")}),
+                    "206": _ok("The requested range.", _binary("video/mp4"),
+                               {"Content-Range": _header("Content-Range")}),
+                    "404": not_found,
+                    "409": _error("Not done yet (code `job_not_done`)."),
+                    "416": _error("The range is outside the file (code `requested_range_not_satisfiable`)."),
+                }),
+            },
+            "/api/jobs/{job_id}/stream": {
+                "parameters": [_JOB_ID_PARAM],
+                "get": self.read_op("The MP4 while it is being made (fragmented, chunked); the finished file "
+                                    "once done.", {
+                                        "200": _ok("Fragmented MP4.", _binary("video/mp4")),
+                                        "404": not_found,
+                                        "409": _error("The job failed or was cancelled (code `job_not_done`)."),
+                                    }),
+            },
+        }
+
+    def ops_paths(self) -> dict:
+        metrics_public = not self.keys or self.server.metrics_public
+        return {
+            "/api/health": {"get": self.op("Readiness: engine, device, TTS, face detector.", {
+                "200": _ok("Ready.", {"application/json": {"schema": _ref("Health")}}),
+                "503": _ok("Loading, failed to load, or shutting down (see `status`, `error`).",
+                           {"application/json": {"schema": _ref("Health")}}),
+            }, tags=["operations"], public=True)},
+            "/api/openapi.json": {"get": self.op("This document.", {
+                "200": _ok("OpenAPI 3 document.", {"application/json": {"schema": {"type": "object"}}})},
+                tags=["operations"], public=True)},
+            "/metrics": {"get": self.op("Prometheus metrics (text format).", {
+                "200": _ok("Metrics.", {"text/plain": {"schema": {"type": "string"}}}),
+                **({} if metrics_public else {"401": _UNAUTHORIZED}),
+            }, tags=["operations"], public=metrics_public, get=True)},
+        }
+
+
+def _binary(media_type: str) -> dict:
+    return {media_type: {"schema": {"type": "string", "format": "binary"}}}
+
+
+def _language_schema() -> dict:
+    languages = list(LANGUAGES)
+    # The service accepts the codes in any case and with surrounding spaces ("EN", " ru ").
+    any_case = "|".join("".join(f"[{c.upper()}{c}]" for c in code) for code in languages)
+    return {"type": "string", "pattern": f"^\\s*({any_case})\\s*$", "default": "ru", "example": "ru",
+            "description": "Speech language, case-insensitive: " + ", ".join(languages)
+                           + " (ru: Russian, kk: Kazakh, en: English)."}
+
+
+def _schemas() -> dict:
+    error = {"type": "object", "required": ["error", "code"], "properties": {
         "error": {"type": "string", "description": "What went wrong, in English; never a traceback."},
         "code": {"type": "string", "description": "Stable machine-readable code."},
         "retry_after": {"type": "integer", "minimum": 1, "description": "Seconds; also in Retry-After."}}}
@@ -226,7 +262,7 @@ def build_openapi(settings: Settings, server: ServerSettings) -> dict:
         "stage": {"type": "string", "nullable": True, "description": "tts, audio, lipsync or encode; None while queued."},
         "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "queue_position": {"type": "integer", "minimum": 1, "nullable": True},
-        "error": {**error_schema, "nullable": True},
+        "error": {**error, "nullable": True},
         "timings": {"type": "object", "additionalProperties": {"type": "number"},
                     "description": "Stage durations in ms, plus queue_wait."},
         "created_at": {"type": "string", "format": "date-time"},
@@ -237,10 +273,9 @@ def build_openapi(settings: Settings, server: ServerSettings) -> dict:
         "engine": nullable_str,
         "callback_url": nullable_str,
     }}
-    job = {"allOf": [_ref("JobState"), {"type": "object",
-                                        "required": ["status_url", "events_url", "video_url", "stream_url"],
-                                        "properties": {name: {"type": "string"} for name in
-                                                       ("status_url", "events_url", "video_url", "stream_url")}}]}
+    urls = ("status_url", "events_url", "video_url", "stream_url")
+    job = {"allOf": [_ref("JobState"), {"type": "object", "required": list(urls),
+                                        "properties": {name: {"type": "string"} for name in urls}}]}
     health = {"type": "object", "required": ["status"], "properties": {
         "status": {"type": "string", "enum": ["loading", "ready", "error", "shutting_down"]},
         "models_loaded": {"type": "boolean"}, "avatar_loaded": {"type": "boolean"},
@@ -249,47 +284,50 @@ def build_openapi(settings: Settings, server: ServerSettings) -> dict:
         "avatar": {"type": "object", "properties": {
             "width": {"type": "integer"}, "height": {"type": "integer"},
             "face_box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4}}}}}
+    return {"Error": error, "JobState": job_state, "Job": job, "Health": health}
 
-    int_header = {"schema": {"type": "integer", "minimum": 0}}
-    document = {
-        "openapi": "3.0.3",
-        "info": {"title": "Talking avatar", "version": "1",
-                 "description": "Text (Russian, Kazakh, English) or a recording in, an MP4 of the avatar speaking "
-                                "it out. Every response carries X-Request-ID; errors are JSON "
-                                "`{\"error\", \"code\"}`; 429 and most 503 answers carry Retry-After."},
-        "servers": [{"url": "/"}],
-        "tags": [{"name": n} for n in ("page", "generate", "jobs", "avatar", "operations")],
-        "paths": paths,
-        "components": {
-            "schemas": {"Error": error_schema, "JobState": job_state, "Job": job, "Health": health},
-            "headers": {
-                "X-Request-ID": {"required": True, "description": "The request's id: the sane X-Request-ID you "
-                                 "sent, or a generated one. Also in the server's log line.",
-                                 "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
-                "Retry-After": {"description": "Seconds to wait before trying again.", **int_header},
-                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}},
-                "Location": {"required": True, "description": "The job's status URL.", "schema": {"type": "string"}},
-                "Content-Range": {"required": True, "schema": {"type": "string"}},
-                "Accept-Ranges": {"schema": {"type": "string"}},
-                "X-Processing-Time": {"required": True, "description": "Seconds spent.",
-                                      "schema": {"type": "number"}},
-                "X-Video-Duration": {"required": True, "schema": {"type": "number"}},
-                "X-Video-Frames": {"required": True, "schema": {"type": "integer"}},
-                "X-Engine": {"required": True, "schema": {"type": "string"}},
-                "Server-Timing": {"required": True, "description": "Stage timings: `tts;dur=12.3, ...` (ms).",
-                                  "schema": {"type": "string"}},
-            },
-        },
-    }
-    if keys:
-        document["components"]["securitySchemes"] = {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
-            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            "apiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
-                            "description": "GET requests only, for clients that cannot set headers "
-                                           "(EventSource, <video src>). Prefer a header: URLs end up in logs."},
-        }
-    return document
+
+_UNAUTHORIZED = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)
+_WRITE_ERRORS = {
+    "400": _error("Bad input: `invalid_json`, `missing_input`, `invalid_text`, `empty_text`, "
+                  "`unsupported_language`, `invalid_audio`, `invalid_image`, `image_too_large`, "
+                  "`invalid_callback_url`."),
+    "413": _error("Over a limit: `text_too_long`, `upload_too_large`, `payload_too_large`, `audio_too_long`."),
+    "503": _error("Not now: `not_ready` (models loading or failed), `busy` (all render slots taken), "
+                  "`shutting_down`, `tts_unavailable` (the remote TTS circuit is open), `tts_timeout`.",
+                  retry_after=False),
+}
+_JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True,
+                 "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+                 "description": "The id `POST /api/jobs` returned (32 hex characters)."}
+_CALLBACK_SCHEMA = {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH, "nullable": True,
+                    "description": "http(s) URL that receives the final job state as a signed POST "
+                                   "(see the webhook headers X-Signature, X-Signature-Timestamp); "
+                                   "null or absent: no webhook."}
+_INT_HEADER = {"schema": {"type": "integer", "minimum": 0}}
+_HEADERS = {
+    "X-Request-ID": {"required": True, "description": "The request's id: the sane X-Request-ID you "
+                     "sent, or a generated one. Also in the server's log line.",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+    "Retry-After": {"description": "Seconds to wait before trying again.", **_INT_HEADER},
+    "WWW-Authenticate": {"required": True, "schema": {"type": "string"}},
+    "Location": {"required": True, "description": "The job's status URL.", "schema": {"type": "string"}},
+    "Content-Range": {"required": True, "schema": {"type": "string"}},
+    "Accept-Ranges": {"schema": {"type": "string"}},
+    "X-Processing-Time": {"required": True, "description": "Seconds spent.", "schema": {"type": "number"}},
+    "X-Video-Duration": {"required": True, "schema": {"type": "number"}},
+    "X-Video-Frames": {"required": True, "schema": {"type": "integer"}},
+    "X-Engine": {"required": True, "schema": {"type": "string"}},
+    "Server-Timing": {"required": True, "description": "Stage timings: `tts;dur=12.3, ...` (ms).",
+                      "schema": {"type": "string"}},
+}
+_SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "apiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
+                    "description": "GET requests only, for clients that cannot set headers "
+                                   "(EventSource, <video src>). Prefer a header: URLs end up in logs."},
+}
 
 
 __all__ = ["JOB_ID_PATTERN", "build_openapi"]

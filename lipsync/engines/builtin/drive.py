@@ -36,6 +36,7 @@ import numpy as np
 
 from lipsync.media.audio import frame_count
 from lipsync.tts.base import PhonemeEvent, Speech
+from lipsync.engines.blend import smoothstep
 
 ANALYSIS_RATE = 100.0  # feature frames per second (10 ms hop)
 WINDOW_S = 0.025       # analysis window
@@ -133,11 +134,6 @@ def loudness(level_db: np.ndarray) -> Loudness:
     return Loudness(peak_db=peak, floor_db=floor, gate_db=gate)
 
 
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - e0) / max(e1 - e0, 1e-9), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def attack_release(x: np.ndarray, rate: float, attack_s: float, release_s: float) -> np.ndarray:
     """One-pole follower: rises with time constant ``attack_s``, falls with ``release_s``."""
     x = np.asarray(x, dtype=np.float64)
@@ -191,7 +187,7 @@ def audio_envelope(samples: np.ndarray, sr: int = 16000) -> tuple[np.ndarray, np
     span = max(cal.peak_db - cal.gate_db, 6.0)
     # Openness grows over the top 30 dB below the peak; the gate removes noise.
     lin = np.clip((feats.level_db - (cal.peak_db - min(30.0, span))) / min(30.0, span), 0.0, 1.0)
-    gate = _smoothstep(cal.gate_db, cal.gate_db + 6.0, feats.level_db)
+    gate = smoothstep(cal.gate_db, cal.gate_db + 6.0, feats.level_db)
     return feats.times, (lin ** 1.5) * gate
 
 
@@ -207,7 +203,7 @@ def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
     weight = energy
     z1 = np.tanh(_zscore(feats.f1_db, weight) / 1.5)      # +: open vowel
     z2 = np.tanh(_zscore(feats.f2_db, weight) / 1.5)      # +: spread, -: rounded
-    zf = _smoothstep(-2.0, 8.0, feats.fric_db - np.average(feats.fric_db, weights=weight + 1e-9))
+    zf = smoothstep(-2.0, 8.0, feats.fric_db - np.average(feats.fric_db, weights=weight + 1e-9))
     # Syllable nuclei: the level against its running maximum over about a
     # syllable, so the jaw also closes between syllables of loud speech.
     level = smooth_both_ways(feats.level_db, ANALYSIS_RATE, 0.012)
@@ -220,7 +216,7 @@ def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
     voiced = energy > 0.05
     typical = float(np.percentile(openness[voiced], 95)) if np.any(voiced) else 1.0
     openness = openness * (0.9 / max(typical, 0.5))
-    wide = (0.7 * z2 + 0.25 * zf) * _smoothstep(0.02, 0.25, energy)
+    wide = (0.7 * z2 + 0.25 * zf) * smoothstep(0.02, 0.25, energy)
     openness = attack_release(np.clip(openness, 0.0, 1.0), ANALYSIS_RATE, 0.02, 0.04)
     wide = smooth_both_ways(np.clip(wide, -1.0, 1.0), ANALYSIS_RATE, 0.04)
     o = _to_frames(openness, times, n_frames, fps)
@@ -445,7 +441,7 @@ def track_from_phonemes(phonemes: Sequence[PhonemeEvent], samples: np.ndarray, f
         mid, half = 0.5 * (a + b), 0.5 * (b - a)
         i0, i1 = np.searchsorted(t, [a - 0.03, b + 0.03])
         if i1 > i0:
-            closure[i0:i1] = np.maximum(closure[i0:i1], 1.0 - _smoothstep(half, half + 0.02, np.abs(t[i0:i1] - mid)))
+            closure[i0:i1] = np.maximum(closure[i0:i1], 1.0 - smoothstep(half, half + 0.02, np.abs(t[i0:i1] - mid)))
     openness = openness * (1.0 - closure)
     # Audio level modulates the size of each opening (stressed vowels open
     # more, stop closures and pauses inside words shut).

@@ -23,6 +23,7 @@ import numpy as np
 
 from lipsync.engines.base import Region
 from lipsync.faces.box import FaceBox
+from lipsync.engines.blend import smoothstep
 
 # Where the mouth is in an S3FD box (forehead to chin), as fractions of it.
 PRIOR_LINE_Y = 0.79
@@ -104,15 +105,14 @@ def locate_mouth(image: np.ndarray, box: FaceBox) -> MouthGeometry:
     cx, cy, hw, curve, up, lo = pcx, pcy, phw, (0.0, 0.0), pup, plo
     profile: tuple = ()
     if found is not None:
-        fcx, fcy, fhw, fcurve, fup, flo, fprofile = found
-        plausible = (abs(fcx - pcx) < 0.2 * bw and abs(fcy - pcy) < 0.17 * bh
-                     and 0.08 * bw <= fhw <= 0.24 * bw)
+        plausible = (abs(found.cx - pcx) < 0.2 * bw and abs(found.cy - pcy) < 0.17 * bh
+                     and 0.08 * bw <= found.half_width <= 0.24 * bw)
         if plausible:
-            cx, cy, hw, curve, method = fcx, fcy, fhw, fcurve, "analysis"
-            profile = fprofile
+            cx, hw, curve, method = found.cx, found.half_width, found.curve, "analysis"
+            profile = found.profile
             cy = float(np.interp(cx, [p[0] for p in profile], [p[1] for p in profile]))
-            up = fup if fup is not None else pup
-            lo = flo if flo is not None else plo
+            up = found.upper if found.upper is not None else pup
+            lo = found.lower if found.lower is not None else plo
     up = float(np.clip(up, 0.025 * bh, 0.075 * bh))
     lo = float(np.clip(lo, 0.03 * bh, 0.085 * bh))
     lip = _mean_color(image, cx - 0.5 * hw, cy + 0.25 * lo, cx + 0.5 * hw, cy + 0.75 * lo)
@@ -152,7 +152,34 @@ def _blur_sigma(image: np.ndarray, box: FaceBox) -> float:
     return float(np.clip(np.sqrt(max(sig2, 0.0)), 0.5, 0.02 * bh))
 
 
-def _analyse(image: np.ndarray, box: FaceBox):
+@dataclass(frozen=True)
+class _LipLine:
+    """What the pixels say about the closed mouth, in image pixels."""
+
+    cx: float                       # centre between the corners
+    cy: float                       # the fitted line's height at the centre
+    half_width: float               # centre to corner
+    curve: tuple[float, float]      # (a, b) of y = cy + b*d + a*d^2, d = x - cx
+    upper: float | None             # upper lip thickness (None: not measurable, e.g. greyscale)
+    lower: float | None             # lower lip thickness
+    profile: tuple                  # ((x, y), ...) the traced line, corner to corner
+
+
+@dataclass(frozen=True)
+class _Band:
+    """The lower face cut out and scaled so the box is ``_CANON_W`` wide, as analysis planes."""
+
+    x1: int                         # where the band starts in the image (pixels)
+    y1: int
+    scale: float                    # band pixels per image pixel
+    lightness: np.ndarray           # (h, w) float32 L* (lightly blurred)
+    valley: np.ndarray              # (h, w) how much darker each pixel is than 4 px above and below
+    red: np.ndarray                 # (h, w) redness above the band's median a*
+    red_top: float                  # the 98th percentile of ``red``
+    colourful: bool                 # False for greyscale photos (no redness to use)
+
+
+def _analyse(image: np.ndarray, box: FaceBox) -> _LipLine | None:
     """Lip line, corners and thicknesses from the pixels, or None when unsure.
 
     Works at a canonical scale (box width 200 px). Candidates are long dark
@@ -162,107 +189,135 @@ def _analyse(image: np.ndarray, box: FaceBox):
     are traced sideways to the corners; the one that looks most like a mouth
     (strong, long enough, near the expected place) wins.
     """
+    band = _lower_face_band(image, box)
+    if band is None:
+        return None
+    pts = _best_lip_line(band, box)
+    if pts is None:
+        return None
+    s = band.scale
+    xl, xr = pts[0, 0], pts[-1, 0]
+    centre_x = 0.5 * (xl + xr)
+    half_width = 0.5 * (xr - xl)
+    centre_y, slope, bend = _fit_curve(pts, centre_x, half_width)
+    upper, lower = _lip_thickness(band, box, centre_x, centre_y) if band.colourful else (None, None)
+    profile = tuple((float(band.x1 + x / s), float(band.y1 + y / s))
+                    for x, y in zip(pts[:, 0], _smooth_line(pts[:, 1])))
+    return _LipLine(cx=band.x1 + centre_x / s, cy=band.y1 + centre_y / s, half_width=half_width / s,
+                    curve=(bend * s, slope), upper=upper, lower=lower, profile=profile)
+
+
+def _lower_face_band(image: np.ndarray, box: FaceBox) -> _Band | None:
+    """The part of the face where the mouth can be, as analysis planes (None: too small)."""
     bw, bh = float(box.width), float(box.height)
     if bw < 24 or bh < 24:
         return None
     s = _CANON_W / bw  # analysis scale
     h_img, w_img = image.shape[:2]
-    X1, X2 = int(max(0, box.x1 + 0.08 * bw)), int(min(w_img, box.x1 + 0.92 * bw))
-    Y1, Y2 = int(max(0, box.y1 + 0.55 * bh)), int(min(h_img, box.y1 + 1.02 * bh))
-    if X2 - X1 < 8 or Y2 - Y1 < 8:
+    x1, x2 = int(max(0, box.x1 + 0.08 * bw)), int(min(w_img, box.x1 + 0.92 * bw))
+    y1, y2 = int(max(0, box.y1 + 0.55 * bh)), int(min(h_img, box.y1 + 1.02 * bh))
+    if x2 - x1 < 8 or y2 - y1 < 8:
         return None
-    crop = cv2.resize(image[Y1:Y2, X1:X2],
-                      (max(8, int(round((X2 - X1) * s))), max(8, int(round((Y2 - Y1) * s)))),
+    crop = cv2.resize(image[y1:y2, x1:x2],
+                      (max(8, int(round((x2 - x1) * s))), max(8, int(round((y2 - y1) * s)))),
                       interpolation=cv2.INTER_AREA)
     lab = cv2.cvtColor(crop, cv2.COLOR_BGR2LAB).astype(np.float32)
-    L = cv2.GaussianBlur(lab[..., 0], (0, 0), 1.2)
-    A = cv2.GaussianBlur(lab[..., 1], (0, 0), 2.0)
-    ch, cw = L.shape
-    if ch < 12 or cw < 12:
+    lightness = cv2.GaussianBlur(lab[..., 0], (0, 0), 1.2)
+    green_red = cv2.GaussianBlur(lab[..., 1], (0, 0), 2.0)
+    if min(lightness.shape) < 12:
         return None
     # Dark horizontal line: lighter 4 px above and below than on the line.
     k = 4
-    valley = np.zeros_like(L)
-    valley[k:-k] = 0.5 * (L[:-2 * k] + L[2 * k:]) - L[k:-k]
+    valley = np.zeros_like(lightness)
+    valley[k:-k] = 0.5 * (lightness[:-2 * k] + lightness[2 * k:]) - lightness[k:-k]
     valley = np.maximum(valley, 0)
     # Redness: lips against the skin (the band is mostly skin).
-    red = np.clip(A - float(np.median(A)), 0, None)
+    red = np.clip(green_red - float(np.median(green_red)), 0, None)
     red_top = float(np.percentile(red, 98))
-    colourful = red_top > 4.0  # greyscale photos have none
+    return _Band(x1=x1, y1=y1, scale=s, lightness=lightness, valley=valley, red=red, red_top=red_top,
+                 colourful=red_top > 4.0)
+
+
+def _best_lip_line(band: _Band, box: FaceBox) -> np.ndarray | None:
+    """The traced line ((n, 3) [x, y, strength] in band pixels) that looks most like a mouth."""
+    s = band.scale
+    bw, bh = float(box.width), float(box.height)
+    ch, cw = band.lightness.shape
     # Long horizontal support: the valley averaged over a fifth of the face width.
     win = int(0.2 * _CANON_W) | 1
-    support = cv2.blur(valley, (win, 3))
-    if colourful:
+    support = cv2.blur(band.valley, (win, 3))
+    if band.colourful:
         d = int(max(2, 0.03 * bh * s))
-        red_w = cv2.blur(red, (win, 3))
+        red_w = cv2.blur(band.red, (win, 3))
         near = np.zeros_like(red_w)
         near[d:-d] = np.minimum(red_w[:-2 * d], red_w[2 * d:])
         support = support * (0.4 + near / (near.max() + 1e-6))
     # Where a mouth sits in the box (loose: boxes are off by 10-15 %).
-    px = (box.x1 + 0.5 * bw - X1) * s
-    py = (box.y1 + PRIOR_LINE_Y * bh - Y1) * s
+    px = (box.x1 + 0.5 * bw - band.x1) * s
+    py = (box.y1 + PRIOR_LINE_Y * bh - band.y1) * s
     yy = np.arange(ch, dtype=np.float32)[:, None]
     xx = np.arange(cw, dtype=np.float32)[None, :]
     prior = np.exp(-0.5 * (((yy - py) / (0.1 * bh * s)) ** 2 + ((xx - px) / (0.15 * _CANON_W)) ** 2))
-    score = support * prior
     noise = float(np.median(support)) + 1e-3
-    best = None
-    work = score.copy()
+    best_quality, best = None, None
+    work = support * prior
     for _ in range(4):  # the strongest few candidates, far enough apart
         yi, xi = np.unravel_index(int(np.argmax(work)), work.shape)
         if work[yi, xi] <= 0 or support[yi, xi] < 2.0 * noise or support[yi, xi] < 0.8:
             break
         work[max(0, yi - 6):yi + 7, :] = 0
-        traced = _trace(valley, red if colourful else None, red_top, int(yi), int(xi))
-        if traced is None:
+        pts = _trace(band.valley, band.red if band.colourful else None, band.red_top, int(yi), int(xi))
+        if pts is None:
             continue
-        pts = traced
-        xl, xr = pts[0, 0], pts[-1, 0]
-        half = 0.5 * (xr - xl)
+        half = 0.5 * (pts[-1, 0] - pts[0, 0])
         if not (0.08 * _CANON_W <= half <= 0.24 * _CANON_W):
             continue
         strength = float(np.mean(pts[:, 2]))
         quality = strength * float(prior[yi, xi]) * min(1.0, half / (0.12 * _CANON_W))
-        if best is None or quality > best[0]:
-            best = (quality, pts)
-    if best is None:
-        return None
-    pts = best[1]
-    xl, xr = pts[0, 0], pts[-1, 0]
-    cx_c = 0.5 * (xl + xr)
-    hw_c = 0.5 * (xr - xl)
-    # y = c + b*d + a*d^2 fitted through the traced line (weighted by strength).
-    d = pts[:, 0] - cx_c
-    A_ = np.stack([np.ones_like(d), d, d * d], axis=1) * pts[:, 2:3]
-    coef, *_ = np.linalg.lstsq(A_, pts[:, 1] * pts[:, 2], rcond=None)
+        if best is None or quality > best_quality:
+            best_quality, best = quality, pts
+    return best
+
+
+def _fit_curve(pts: np.ndarray, centre_x: float, half_width: float) -> tuple[float, float, float]:
+    """(c, b, a) of y = c + b*d + a*d^2 (d = x - centre_x) through the traced line, weighted by
+    strength, with slope and bend kept modest: a smile, not a parabola gone wild."""
+    d = pts[:, 0] - centre_x
+    design = np.stack([np.ones_like(d), d, d * d], axis=1) * pts[:, 2:3]
+    coef, *_ = np.linalg.lstsq(design, pts[:, 1] * pts[:, 2], rcond=None)
     c0, b1, a2 = (float(v) for v in coef)
-    # Keep the curve modest: a smile, not a parabola gone wild.
-    a2 = float(np.clip(a2, -0.15 / max(hw_c, 1), 0.15 / max(hw_c, 1)))
+    a2 = float(np.clip(a2, -0.15 / max(half_width, 1), 0.15 / max(half_width, 1)))
     b1 = float(np.clip(b1, -0.1, 0.1))
-    up = lo = None
-    if colourful:
-        # Lip thickness from the redness profile along the centre column.
-        centre = red[:, max(0, int(cx_c) - 3): int(cx_c) + 4].mean(axis=1)
-        yc = int(np.clip(round(c0), 0, ch - 1))
-        thr = 0.4 * max(centre[max(0, yc - int(0.06 * bh * s)): yc + int(0.08 * bh * s)].max(), 1e-3)
-        top = yc
-        while top > 0 and centre[top - 1] > thr and yc - top < 0.09 * bh * s:
-            top -= 1
-        bot = yc
-        while bot < ch - 1 and centre[bot + 1] > thr and bot - yc < 0.1 * bh * s:
-            bot += 1
-        if yc - top >= 2:
-            up = (yc - top) / s
-        if bot - yc >= 2:
-            lo = (bot - yc) / s
-    # The line itself, column by column (follows asymmetric mouths), lightly smoothed.
-    k_ = min(7, len(pts) // 2 * 2 - 1)
-    ys = pts[:, 1]
-    if k_ >= 3:
-        padded = np.pad(ys, k_ // 2, mode="edge")
-        ys = np.convolve(padded, np.ones(k_) / k_, mode="valid")
-    profile = tuple((float(X1 + x / s), float(Y1 + y / s)) for x, y in zip(pts[:, 0], ys))
-    return (X1 + cx_c / s, Y1 + c0 / s, hw_c / s, (a2 * s, b1), up, lo, profile)
+    return c0, b1, a2
+
+
+def _lip_thickness(band: _Band, box: FaceBox, centre_x: float, centre_y: float) -> tuple[float | None, float | None]:
+    """Upper and lower lip thickness (image pixels) from the redness profile along the centre
+    column; None where the lip is thinner than 2 band pixels."""
+    s = band.scale
+    bh = float(box.height)
+    ch = band.red.shape[0]
+    centre = band.red[:, max(0, int(centre_x) - 3): int(centre_x) + 4].mean(axis=1)
+    yc = int(np.clip(round(centre_y), 0, ch - 1))
+    thr = 0.4 * max(centre[max(0, yc - int(0.06 * bh * s)): yc + int(0.08 * bh * s)].max(), 1e-3)
+    top = yc
+    while top > 0 and centre[top - 1] > thr and yc - top < 0.09 * bh * s:
+        top -= 1
+    bot = yc
+    while bot < ch - 1 and centre[bot + 1] > thr and bot - yc < 0.1 * bh * s:
+        bot += 1
+    upper = (yc - top) / s if yc - top >= 2 else None
+    lower = (bot - yc) / s if bot - yc >= 2 else None
+    return upper, lower
+
+
+def _smooth_line(ys: np.ndarray) -> np.ndarray:
+    """The line's heights column by column (follows asymmetric mouths), lightly smoothed."""
+    width = min(7, len(ys) // 2 * 2 - 1)
+    if width < 3:
+        return ys
+    padded = np.pad(ys, width // 2, mode="edge")
+    return np.convolve(padded, np.ones(width) / width, mode="valid")
 
 
 def _trace(valley: np.ndarray, red: np.ndarray | None, red_top: float, yi: int, xi: int):
@@ -309,11 +364,6 @@ def _trace(valley: np.ndarray, red: np.ndarray | None, red_top: float, yi: int, 
 
 # --------------------------------------------------------------------------
 # rendering
-
-
-def _smoothstep(e0, e1, x):
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
 
 
 def _cos_window(d: np.ndarray, inner: float, outer: float) -> np.ndarray:
@@ -363,17 +413,17 @@ class MouthRenderer:
         chin_r = chin - y1
         fade_end = min(chin_r + 0.12 * bh, rh - 0.05 * bh)
         fade_start = min(chin_r - 0.04 * bh, fade_end - 0.04 * bh)
-        fade = 1.0 - _smoothstep(fade_start, fade_end, Y)
+        fade = 1.0 - smoothstep(fade_start, fade_end, Y)
         # Lower lip + jaw (downwards, unit = max drop).
         T = max(2.2 * g.lower, 2.2 * self.max_drop)
-        s = _smoothstep(0.0, T, dyl)
+        s = smoothstep(0.0, T, dyl)
         jawx = _cos_window(dx, 1.25 * hw, max(jaw_half, 1.25 * hw + 0.1 * bw))
         low = (lens * (1.0 - s) + JAW_FOLLOW * jawx * s) * fade
         low = np.where(dyl >= 0, low, lens)
         # Upper lip (upwards, unit = max lift); fades out before the nose.
         # (the nose starts about 0.11 of the box height above the lip line)
         Tu = min(2.5 * g.upper, 0.08 * bh)
-        up = lens * (1.0 - _smoothstep(0.0, Tu, -dyl))
+        up = lens * (1.0 - smoothstep(0.0, Tu, -dyl))
         up = np.where(dyl < 0, up, lens)
         # Smooth kinks (the lens has a vertical tangent at the corners).
         sig = max(0.6, 0.006 * bh)
@@ -487,22 +537,22 @@ class MouthRenderer:
         col = self.dark[None, None, :] * (1 - wl) + self.inner[None, None, :] * wl
         col = col * (1 - wu) + (0.7 * self.inner)[None, None, :] * wu
         # Tongue: a rounded reddish mass low in a wide opening, lit from the front.
-        tongue_amt = _smoothstep(0.35, 0.85, o) * 0.75
+        tongue_amt = smoothstep(0.35, 0.85, o) * 0.75
         if tongue_amt > 0:
             th = 0.42 * g * np.clip(1.0 - (t / 0.75) ** 2, 0.0, 1.0)[None, :] ** 0.5
-            tg = _smoothstep(-aa, 1.5 * aa + 0.1 * g, th - dl) * tongue_amt
-            shade = (0.65 + 0.35 * _smoothstep(0.0, 1.0, 1.0 - dl / np.maximum(th, 1e-3)))[..., None]
+            tg = smoothstep(-aa, 1.5 * aa + 0.1 * g, th - dl) * tongue_amt
+            shade = (0.65 + 0.35 * smoothstep(0.0, 1.0, 1.0 - dl / np.maximum(th, 1e-3)))[..., None]
             col = col * (1 - tg[..., None]) + (self.tongue[None, None, :] * shade) * tg[..., None]
         # Upper teeth: a band right under the upper lip, receding at the sides.
-        teeth_amt = _smoothstep(0.3, 0.8, o) * (1.0 - 0.6 * max(0.0, -w))  # rounded lips hide them
+        teeth_amt = smoothstep(0.3, 0.8, o) * (1.0 - 0.6 * max(0.0, -w))  # rounded lips hide them
         if teeth_amt > 0:
             tb = np.minimum(self.teeth_h * (0.4 + 0.6 * teeth_amt), 0.4 * g) \
                 * np.clip(1.0 - (t / 0.72) ** 4, 0.0, 1.0)[None, :] ** 0.5
-            ta = (1.0 - _smoothstep(tb - aa, tb + aa, du)) * (tb > 0.5)
+            ta = (1.0 - smoothstep(tb - aa, tb + aa, du)) * (tb > 0.5)
             ta = ta * teeth_amt * 0.7
             light = (0.8 + 0.2 * np.clip(1.0 - at / 0.72, 0, 1)) \
-                * (1.0 - 0.25 * _smoothstep(0.0, 1.0, du / np.maximum(tb, 1e-3)))
-            light = light * (0.75 + 0.25 * _smoothstep(0.0, 1.5 * aa, du))  # lip shadow
+                * (1.0 - 0.25 * smoothstep(0.0, 1.0, du / np.maximum(tb, 1e-3)))
+            light = light * (0.75 + 0.25 * smoothstep(0.0, 1.5 * aa, du))  # lip shadow
             col = col * (1 - ta[..., None]) + (self.teeth[None, None, :] * light[..., None]) * ta[..., None]
         col = col * (1.0 - 0.45 * np.clip(at, 0, 1) ** 2)[..., None]  # darker towards the corners
         sub = out[r1:r2, self.mx1:self.mx2].astype(np.float32)

@@ -42,7 +42,9 @@ from torch import nn
 
 from lipsync.media import audio
 from lipsync.engines.wav2lip import onnx_backend
+from lipsync.devices import resolve_device
 from lipsync.engines.base import PreparedAvatar, Region
+from lipsync.engines.blend import smoothstep
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
 from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
@@ -69,11 +71,6 @@ MASK_BOTTOM_FEATHER = 0.07
 MASK_SIDE_FEATHER = 0.16
 
 
-def _smoothstep(t: np.ndarray) -> np.ndarray:
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
 def feather_mask(height: int, width: int) -> np.ndarray:
     """(height, width, 1) float32 blend weight: 1 over mouth and chin, 0 on every border.
 
@@ -85,10 +82,10 @@ def feather_mask(height: int, width: int) -> np.ndarray:
     """
     y = np.arange(height, dtype=np.float64)
     x = np.arange(width, dtype=np.float64)
-    top = _smoothstep((y - MASK_TOP_ZERO * (height - 1)) / max(1.0, (MASK_TOP_FULL - MASK_TOP_ZERO) * height))
-    bottom = _smoothstep((height - 1 - y) / max(1.0, MASK_BOTTOM_FEATHER * height))
+    top = smoothstep(0.0, 1.0, (y - MASK_TOP_ZERO * (height - 1)) / max(1.0, (MASK_TOP_FULL - MASK_TOP_ZERO) * height))
+    bottom = smoothstep(0.0, 1.0, (height - 1 - y) / max(1.0, MASK_BOTTOM_FEATHER * height))
     side_px = max(1.0, MASK_SIDE_FEATHER * width)
-    sides = _smoothstep(x / side_px) * _smoothstep((width - 1 - x) / side_px)
+    sides = smoothstep(0.0, 1.0, x / side_px) * smoothstep(0.0, 1.0, (width - 1 - x) / side_px)
     mask = (top * bottom)[:, None] * sides[None, :]
     return mask[:, :, None].astype(np.float32)
 
@@ -102,19 +99,6 @@ class _Wav2LipState:
     crop: np.ndarray                         # (96, 96, 3) uint8 BGR reference crop
     constants: tuple[Any, ...] = ()          # StillFaceDecoder.constants(features) (tensors, or arrays for ORT)
     top: torch.Tensor | None = None          # (1, 3, rows_from, 96) float32 crop rows above the mouth, CUDA only
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise LipsyncError("device 'cuda' was requested but no CUDA GPU is available (use 'auto' or 'cpu')",
-                               code="device_unavailable")
-        return torch.device(device)
-    raise LipsyncError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", code="invalid_settings")
 
 
 def resize_faces_torch(faces: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -215,7 +199,7 @@ class Wav2LipEngine:
             raise LipsyncError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}",
                                code="invalid_settings")
         self.batch_size = int(batch_size)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if precision == "auto":
             precision = "fp16" if cuda else "fp32"
