@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import wave
@@ -117,6 +120,25 @@ def server(media):
                 self._send(200, json.dumps({"error": "model not loaded"}).encode(), "application/json")
             elif path == "/empty":
                 self._send(200, b"", "audio/mpeg")
+            elif path == "/trickle":  # the headers at once, then the body a byte every 50 ms
+                self.send_response(200)
+                self.send_header("Content-Type", "audio/wav")
+                self.send_header("Content-Length", str(len(media["wav"])))
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    for i in range(60):  # 3 s, then it hangs up with the body incomplete
+                        self.wfile.write(media["wav"][i:i + 1])
+                        time.sleep(0.05)
+                except OSError:  # the client gave up
+                    pass
+            elif path == "/cookie":
+                self.send_response(200)
+                self.send_header("Set-Cookie", "session=abc123; Path=/")
+                self.send_header("Content-Type", "audio/wav")
+                self.send_header("Content-Length", str(len(media["wav"])))
+                self.end_headers()
+                self.wfile.write(media["wav"])
             elif path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "http://example.invalid/elsewhere")
@@ -308,3 +330,78 @@ def test_create_provider_picks_from_settings(srv):
     assert isinstance(remote, HttpTTS) and remote.name == "http"
     assert remote.timeout == 7.0 and remote.retries == 1
     assert create_provider(Settings(tts_provider="espeak", tts_api_url=srv["base"])).name == "espeak"
+
+
+def test_an_answer_trickling_in_times_out_at_the_deadline(srv):
+    """The read timeout bounds each wait on the socket; a body that keeps arriving, a byte at a
+    time, must still end the attempt at ``timeout``."""
+    tts = HttpTTS(srv["base"] + "/trickle", timeout=0.5, retries=1, **FAST)
+    started = time.monotonic()
+    with pytest.raises(TTSTimeoutError) as info:
+        tts.synthesize("Hello", "en")
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 2.0  # two attempts of 0.5 s, not the 3 s the trickle lasts
+    assert "did not answer within 0.5 s (2 attempts)" in info.value.message
+    assert srv["hits"] == {"/trickle": 2}
+
+
+def test_requests_carry_what_they_did_and_nothing_more(srv, tmp_path, monkeypatch):
+    """No cookie kept between calls, no credentials from ~/.netrc, the body uncompressed."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login mallory password fromnetrc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    tts = HttpTTS(srv["base"] + "/cookie", timeout=5)
+    tts.synthesize("one", "en")
+    tts.synthesize("two", "en")
+    for request in srv["requests"]:
+        headers = {k.lower(): v for k, v in request["headers"].items()}
+        assert "cookie" not in headers and "authorization" not in headers
+        assert headers["accept-encoding"] == "identity" and headers["user-agent"] == "lipsync-tts/1"
+    assert len(srv["requests"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tls_server(media, tmp_path_factory):
+    """An HTTPS TTS service with a certificate from a CA only the test knows: (base URL, CA file)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    root = tmp_path_factory.mktemp("tls")
+    key, cert = root / "key.pem", root / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(media["wav"])))
+            self.end_headers()
+            self.wfile.write(media["wav"])
+
+    httpd = _Server(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", str(cert)
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_trusts_the_systems_certificate_authorities(tls_server, media, monkeypatch):
+    """As with urllib: the CAs OpenSSL trusts (here SSL_CERT_FILE), not only certifi's bundle."""
+    url, ca_file = tls_server
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(TTSError) as info:  # a CA nobody trusts: refused
+        HttpTTS(url + "/tts", timeout=5, retries=0).synthesize("Hello", "en")
+    assert "could not connect" in info.value.message and "CERTIFICATE_VERIFY_FAILED" in info.value.message
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)  # the system now trusts it
+    speech = HttpTTS(url + "/tts", timeout=5, retries=0).synthesize("Hello", "en")
+    assert speech.duration == pytest.approx(media["wav_seconds"], abs=0.002)

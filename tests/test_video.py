@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import cv2
 import numpy as np
 import pytest
 
-from lipsync.media import audio, video
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.faces.box import FaceBox
+from lipsync.media import audio, video
 from tests.media import decoded_frames, moov_before_mdat, probe
 
 
@@ -133,6 +134,7 @@ def test_decode_image_refuses_what_is_not_an_image(data):
 def test_decode_image_refuses_decompression_bombs_before_decoding():
     png = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
     png[16:24] = (20000).to_bytes(4, "big") + (20000).to_bytes(4, "big")  # IHDR says 20000x20000
+    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, "big")  # with a valid checksum, as a real bomb has
     with pytest.raises(InvalidInputError) as err:
         video.decode_image(bytes(png))
     assert err.value.code == "image_too_large"

@@ -1,78 +1,77 @@
-"""What a PNG or JPEG header says, read without decoding: the kind of image and its size.
+"""What an image file's header says, read by Pillow without decoding: its format and size.
 
-The one header parser: the upload checks (``lipsync.inputs.check_image``) and the
+The one header reader: the upload check (``lipsync.inputs.check_image``) and the
 decompression-bomb limit of ``lipsync.media.video.decode_image`` both read sizes with it,
-before any decoder sees the bytes.
+before any decoder sees the bytes. Pillow's plugins parse a header when a file is opened
+and decode only on ``load()``, which is never called here. Its JPEG reader skips what
+libjpeg's marker reader skips (stray bytes between segments, fill bytes, ``FF 00``), so a
+JPEG that libjpeg would still decode has its size read too: a bomb cannot hide behind a
+byte of junk.
+
+Pillow's own decompression-bomb check is a process-wide global (``PIL.Image.MAX_IMAGE_PIXELS``:
+a warning above about 89 megapixels, ``DecompressionBombError`` above twice that) applied by
+``Image.open``. Our limit is a setting (``max_image_pixels``) that the callers compare with
+the size read here, so headers are read through the plugins ``Image.open`` would use, minus
+that global check: it is neither relied on nor changed, and a header beyond Pillow's limit
+still gives its width and height for the error message.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from PIL import Image
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SOI = b"\xff\xd8"  # start of image
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...): they carry the size.
-_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-_SOS = 0xDA  # start of scan: image data follows
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # start of image, then the first marker
+_FIRST = ("PNG", "JPEG")  # tried first when any format goes: what avatars nearly always are
+
+
+class ImageHeader(NamedTuple):
+    """An image's format (Pillow's name: ``PNG``, ``JPEG``, ``MPO`` for a camera JPEG with
+    more frames after the first, ``WEBP``...) and its size in pixels (> 0 for PNG and JPEG)."""
+
+    format: str
+    width: int
+    height: int
 
 
 def sniff_image(data: bytes) -> str | None:
-    """``png`` or ``jpeg`` from the file's first bytes, else None."""
+    """``png`` or ``jpeg`` from the file's signature (its first bytes), else None."""
     if data[:8] == PNG_SIGNATURE:
         return "png"
-    if data[:3] == JPEG_SOI + b"\xff":
+    if data[:3] == JPEG_SIGNATURE:
         return "jpeg"
     return None
 
 
-def image_size(data: bytes, *, tolerant: bool = False) -> tuple[int, int] | None:
-    """(width, height) in pixels from a PNG's IHDR chunk or a JPEG's frame (SOF) header, without decoding.
+def read_header(data: bytes, formats: Iterable[str] | None = None) -> ImageHeader | None:
+    """Format and size of the image in ``data`` from its header alone, without decoding.
 
-    None when ``data`` is neither kind (see ``sniff_image``), or its header is truncated or
-    malformed. ``tolerant`` reads a JPEG as libjpeg does: it may start ``FF D8`` without a
-    marker right after, and stray bytes between segments are skipped, so the size of every
-    JPEG a decoder would still decode is found (for a pixel limit checked before decoding).
-    Otherwise such a file is malformed: None.
+    ``formats`` (Pillow's names, e.g. ``("PNG",)``) limits what ``data`` may be; by default any
+    format Pillow reads. None when no plugin reads the header: not an image, a format Pillow
+    lacks, a truncated or malformed header, a PNG or JPEG of size zero. The caller checks the size
+    against its limit: Pillow's global limit is not applied (see the module docstring).
     """
-    if data[:8] == PNG_SIGNATURE:
-        if len(data) >= 24 and data[12:16] == b"IHDR":
-            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        return None
-    if sniff_image(data) == "jpeg" or (tolerant and data[:2] == JPEG_SOI):
-        return _jpeg_size(data, tolerant)
-    return None
-
-
-def _jpeg_size(data: bytes, tolerant: bool) -> tuple[int, int] | None:
-    """(width, height) from the first SOF marker, walking the segments after the SOI.
-
-    Tolerant, it skips what libjpeg's marker reader skips: bytes other than FF before a
-    marker, FF 00 pairs, and nothing but the length of a segment whose length is under 2."""
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            if not tolerant:
-                return None  # a marker was expected here: not a well-formed JPEG
-            i += 1  # a stray byte
+    Image.init()  # registers every plugin (imports them on the first call only)
+    names = formats if formats is not None else _FIRST + tuple(n for n in Image.ID if n not in _FIRST)
+    prefix = bytes(data[:16])
+    fp = io.BytesIO(data)
+    for name in names:
+        # What Image.open does for each format, without its _decompression_bomb_check.
+        factory, accept = Image.OPEN.get(name.upper(), (None, None))
+        if factory is None:
             continue
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
+        try:
+            if accept is not None:
+                claimed = accept(prefix)
+                if not claimed or isinstance(claimed, str):  # a string: "this format, but unsupported"
+                    continue
+            fp.seek(0)
+            with factory(fp, "") as image:
+                return ImageHeader(image.format, image.size[0], image.size[1])
+        except Exception:  # noqa: BLE001 - this plugin cannot read it (Image.open moves on too)
             continue
-        if marker == 0x00 and tolerant:  # a stuffed zero outside image data: stray bytes
-            i += 2
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in _SOF_MARKERS:
-            if i + 9 > len(data):
-                return None
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        if marker == _SOS:  # image data before any frame header
-            return None
-        if length < 2:
-            if not tolerant:
-                return None
-            length = 2
-        i += 2 + length
     return None

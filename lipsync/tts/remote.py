@@ -2,7 +2,9 @@
 
 Protocol: ``POST <url>`` with ``{"text": ..., "lang": "ru"|"kk"|"en"}`` as
 JSON; the answer's body is the audio (MP3, WAV or anything else ffmpeg
-decodes). Only the standard library is used.
+decodes). The transport is ``requests`` (connection pooling, proxies from the
+environment as before, redirects never followed); the attempts, their retries
+and the breaker are this module's.
 
 Credentials in the URL (``https://user:secret@host/tts``) are sent as HTTP
 Basic auth and never appear in messages or logs; neither does the query
@@ -23,18 +25,22 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.cookiejar
 import json
 import logging
 import math
 import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
-from lipsync.media.audio import SAMPLE_RATE, load_audio
+import requests
+import requests.adapters
+import requests.auth
+import urllib3.exceptions
+
 from lipsync.errors import InvalidInputError, TTSError, TTSTimeoutError, TTSUnavailableError
+from lipsync.media.audio import SAMPLE_RATE, load_audio
 from lipsync.tts.base import Speech
 from lipsync.tts.espeak import validate_request
 
@@ -46,6 +52,10 @@ _CHUNK = 64 * 1024
 # error page or an error document despite HTTP 200.
 _NOT_AUDIO_TYPES = ("text/", "application/json", "application/problem+json", "application/xml",
                     "application/xhtml", "image/", "video/x-unknown")
+_HEADERS = {"Content-Type": "application/json; charset=utf-8",
+            "Accept": "audio/mpeg, audio/wav, audio/*;q=0.9, */*;q=0.1",
+            "Accept-Encoding": "identity",  # the body as sent, as before (requests asks for gzip by default)
+            "User-Agent": "lipsync-tts/1"}
 
 
 class CircuitBreaker:
@@ -134,27 +144,59 @@ class CircuitBreaker:
             self._trial = False
 
 
-class _Timeout(Exception):
+class _AttemptTimeoutError(Exception):
     """One attempt ran out of time."""
 
 
-class _Retryable(Exception):
+class _RetryableError(Exception):
     """One attempt failed in a way that may pass: connection error or HTTP 5xx."""
 
 
-class _Refused(TTSError):
+class _RefusedError(TTSError):
     """The service answered and refused (HTTP 4xx, a redirect): it is up, not a breaker failure."""
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect would re-send the Authorization header to wherever it points;
-    # report it instead (the operator should configure the final address).
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+class _BasicAuth(requests.auth.AuthBase):
+    """The URL's credentials as an ``Authorization: Basic`` header (UTF-8; requests' own
+    ``HTTPBasicAuth`` encodes Latin-1), or none. Always passed: with no ``auth`` requests
+    would look for credentials in ``~/.netrc``, which urllib never did."""
+
+    def __init__(self, header: str | None):
+        self.header = header
+
+    def __call__(self, request):
+        if self.header:
+            request.headers["Authorization"] = self.header
+        return request
+
+
+class _SystemTrustAdapter(requests.adapters.HTTPAdapter):
+    """requests' transport adapter, verifying TLS certificates against the system's
+    certificate authorities, as urllib did (an in-house TTS service often has a certificate
+    from an in-house CA installed system-wide); requests alone trusts certifi's bundle only.
+    A bundle named by ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` still replaces it."""
+
+    def cert_verify(self, conn, url, verify, cert):
+        super().cert_verify(conn, url, verify, cert)
+        if verify is True:  # no bundle named: urllib3 then loads the system's default certificates
+            conn.ca_certs = conn.ca_cert_dir = None
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    # No retries down there (requests' default, said aloud): each attempt is ours, since the
+    # breaker counts attempts, timeouts are retried and a body that trickles in past the
+    # deadline must end one (urllib3's Retry sees none of that).
+    adapter = _SystemTrustAdapter(max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # none kept, as before
+    return session
 
 
 class HttpTTS:
-    """Client of a remote TTS endpoint. Stateless per call, so thread-safe.
+    """Client of a remote TTS endpoint. Thread-safe: calls share only a pool of connections
+    (kept alive between calls) and the breaker.
 
     ``timeout`` bounds each attempt (connecting, waiting and downloading);
     ``retries`` extra attempts follow a connection error, a timeout or an HTTP
@@ -179,17 +221,18 @@ class HttpTTS:
         if port is not None:
             netloc += f":{port}"
         self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        self._auth: str | None = None
+        header = None
         if parts.username is not None:
             user = urllib.parse.unquote(parts.username)
             password = urllib.parse.unquote(parts.password or "")
-            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        self._auth = _BasicAuth(header)
         # Safe to show operators: no credentials, no query string.
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", "", ""))
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        self._session = _session()  # thread-safe as used here: a pool of connections, no cookies
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset)
 
     def __repr__(self) -> str:
@@ -212,14 +255,14 @@ class HttpTTS:
                 speech = self._decode(audio_bytes, content_type)
                 healthy = True
                 return speech
-            except _Timeout:
+            except _AttemptTimeoutError:
                 healthy = False
                 timeouts += 1
                 last = f"no answer within {self.timeout:g} s"
-            except _Retryable as exc:
+            except _RetryableError as exc:
                 healthy = False
                 last = str(exc)
-            except _Refused:
+            except _RefusedError:
                 healthy = True  # a 4xx or a redirect: the service is up and said no
                 raise
             except TTSError:
@@ -240,48 +283,38 @@ class HttpTTS:
 
     # ------------------------------------------------------------- one attempt
     def _post(self, body: bytes) -> tuple[bytes, str]:
-        """One request: (body, content type). Raises _Timeout, _Retryable or TTSError."""
-        headers = {"Content-Type": "application/json; charset=utf-8",
-                   "Accept": "audio/mpeg, audio/wav, audio/*;q=0.9, */*;q=0.1",
-                   "User-Agent": "lipsync-tts/1"}
-        if self._auth:
-            headers["Authorization"] = self._auth
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        """One request: (body, content type). Raises _AttemptTimeoutError, _RetryableError or TTSError."""
         deadline = time.monotonic() + self.timeout
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
+            # timeout: for connecting and for each wait on the socket; the deadline bounds the rest
+            with self._session.post(self._url, data=body, headers=_HEADERS, auth=self._auth, timeout=self.timeout,
+                                    allow_redirects=False, stream=True) as response:
+                status = response.status_code
+                if not 200 <= status < 300:
+                    detail = self._error_detail(response)
+                    if status >= 500:
+                        raise _RetryableError(f"it answered HTTP {status}{detail}")
+                    if 300 <= status < 400:
+                        # A redirect would re-send the Authorization header to wherever it points;
+                        # report it instead (the operator should configure the final address).
+                        raise _RefusedError(f"the speech service redirected the request (HTTP {status}); "
+                                       "set TTS_API_URL to the final address")
+                    raise _RefusedError(f"the speech service rejected the request: HTTP {status}{detail}")
                 content_type = response.headers.get("Content-Type", "") or ""
                 return self._read(response, deadline), content_type
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            detail = self._error_detail(exc)
-            if status >= 500:
-                raise _Retryable(f"it answered HTTP {status}{detail}") from None
-            if 300 <= status < 400:
-                raise _Refused(f"the speech service redirected the request (HTTP {status}); "
-                               "set TTS_API_URL to the final address") from None
-            raise _Refused(f"the speech service rejected the request: HTTP {status}{detail}") from None
-        except (socket.timeout, TimeoutError):
-            raise _Timeout() from None
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise _Timeout() from None
-            raise _Retryable(f"could not connect to it ({_describe(reason)})") from None
-        except (ConnectionError, OSError) as exc:  # reset while reading, bad status line...
-            raise _Retryable(f"the connection failed ({_describe(exc)})") from None
-        except http.client.HTTPException as exc:  # cut-off or malformed answer
-            raise _Retryable(f"it sent a broken answer ({type(exc).__name__})") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            raise _attempt_error(exc) from None
 
-    def _read(self, response, deadline: float) -> bytes:
+    def _read(self, response: requests.Response, deadline: float) -> bytes:
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > MAX_ANSWER_BYTES:
             raise TTSError(f"the speech service's answer is too large ({int(length)} bytes)")
         chunks, size = [], 0
         while True:
             if time.monotonic() > deadline:
-                raise _Timeout()
-            chunk = response.read(_CHUNK)
+                raise _AttemptTimeoutError()
+            # read1: what has arrived (up to _CHUNK), so a body trickling in meets the deadline
+            chunk = response.raw.read1(_CHUNK, decode_content=False)
             if not chunk:
                 return b"".join(chunks)
             size += len(chunk)
@@ -289,16 +322,14 @@ class HttpTTS:
                 raise TTSError(f"the speech service's answer is too large (over {MAX_ANSWER_BYTES} bytes)")
             chunks.append(chunk)
 
-    def _error_detail(self, exc: urllib.error.HTTPError) -> str:
+    def _error_detail(self, response: requests.Response) -> str:
         """' <reason phrase>' for the message; the body (maybe a traceback) goes to the log."""
         try:
-            raw = exc.read(2048)
+            raw = response.raw.read(2048, decode_content=False)
         except Exception:  # noqa: BLE001 - the body is optional
             raw = b""
-        finally:
-            exc.close()
-        log.warning("speech service %s answered HTTP %s: %s", self.endpoint, exc.code, _preview(raw))
-        reason = exc.reason.strip() if isinstance(exc.reason, str) else ""
+        log.warning("speech service %s answered HTTP %s: %s", self.endpoint, response.status_code, _preview(raw))
+        reason = response.reason.strip() if isinstance(response.reason, str) else ""
         return f" {reason}" if reason else ""
 
     @staticmethod
@@ -318,11 +349,43 @@ class HttpTTS:
         return Speech(samples=samples, sample_rate=SAMPLE_RATE)
 
 
-def _describe(reason) -> str:
-    if isinstance(reason, BaseException):
-        text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-    else:
-        text = str(reason)
+def _attempt_error(exc: BaseException) -> Exception:
+    """What a failed request means for the attempt: ``_AttemptTimeoutError`` or ``_RetryableError`` with a message."""
+    chain = _causes(exc)
+    if isinstance(exc, requests.Timeout) or any(
+            isinstance(e, (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError)) for e in chain):
+        return _AttemptTimeoutError()
+    root = chain[-1]
+    if any(isinstance(e, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.SSLError,
+                          urllib3.exceptions.ProxyError)) for e in chain):
+        return _RetryableError(f"could not connect to it ({_describe(root)})")
+    if isinstance(root, http.client.HTTPException) and not isinstance(root, OSError):  # cut-off or malformed answer
+        return _RetryableError(f"it sent a broken answer ({type(root).__name__})")
+    return _RetryableError(f"the connection failed ({_describe(root)})")  # reset while reading, bad status line...
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps, outermost first: requests wraps urllib3's errors, which wrap
+    the socket's (as an argument, a ``reason`` or a ``__cause__``)."""
+    chain = [exc]
+    while len(chain) < 16:
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in reversed(exc.args) if isinstance(a, BaseException)), None)
+        inner = inner or exc.__cause__ or exc.__context__
+        if inner is None or inner in chain:
+            break
+        chain.append(inner)
+        exc = inner
+    return chain
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost error for a message: the operating system's words, never a URL (the
+    messages of requests' and urllib3's own errors carry the query string)."""
+    if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):
+        return type(exc).__name__
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text.strip() or "unknown error"
 
 
