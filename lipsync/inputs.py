@@ -1,14 +1,19 @@
 """Checks of what a client sends, by content (never by file name), before any work.
 
-* ``read_upload``: an uploaded file's bytes, within the upload limit.
-* ``clean_text``: request text as the TTS may receive it.
+* ``check_service_loaded``: work is refused (503) when the service failed to load.
+* ``check_upload`` / ``read_upload``: an uploaded file's bytes, within the upload limit.
+* ``check_text`` / ``clean_text``: request text is a string, as the TTS may receive it.
 * ``check_image``: an avatar upload is a PNG/JPEG within the pixel limit (header only).
 * ``sniff_audio`` / ``normalize_recording``: a recording is a known audio container,
   decoded once with ffmpeg forced to that demuxer, cut at the duration limit and
   handed on as 16 kHz mono WAV.
+* ``recording_samples``: the samples the pipeline renders from; that WAV is read as it
+  is (no second ffmpeg pass), anything else (CLI, library) is decoded here.
+* ``check_audio_length``: the one duration check (``MAX_AUDIO_SECONDS``).
 
-Every refusal is an ``InvalidInputError`` (400) or ``PayloadTooLargeError`` (413) with a
-stable code; the web layer answers them as JSON.
+Each check and each message lives here once; the server, the job queue and the service
+all call these. Every refusal is an ``InvalidInputError`` (400) or ``PayloadTooLargeError``
+(413) with a stable code; the web layer answers them as JSON.
 """
 
 from __future__ import annotations
@@ -16,40 +21,69 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import wave
 from typing import BinaryIO
 
+import numpy as np
+
 from lipsync.media.audio import SAMPLE_RATE
-from lipsync.errors import InvalidInputError, PayloadTooLargeError
+from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.media.ffmpeg import run_ffmpeg
-from lipsync.media.images import image_size, sniff_image
+from lipsync.media.images import read_header, sniff_image
 from lipsync.settings import Settings
 from lipsync.tempdirs import process_temp_dir
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def read_upload(stream: BinaryIO, limit: int, what: str, invalid_code: str) -> bytes:
-    """The bytes of an uploaded file, read from ``stream`` up to ``limit`` bytes (+1 to tell).
+# An upload as messages name it, and the code of an invalid one.
+RECORDING = ("audio file", "invalid_audio")
+AVATAR = ("avatar image", "invalid_image")
 
-    ``PayloadTooLargeError`` (``upload_too_large``) when it holds more than ``limit`` bytes,
-    ``InvalidInputError`` with ``invalid_code`` when it is empty; ``what`` names the file
-    in the message ("avatar image").
+
+def check_service_loaded(service) -> None:
+    """Refuse work (503 ``not_ready``) when ``service`` failed to load; one still loading is fine
+    (jobs wait for it). ``service`` is anything with ``status`` and ``error``."""
+    if getattr(service, "status", "ready") == "error":
+        raise LipsyncError(f"the service failed to load: {getattr(service, 'error', '')}",
+                           code="not_ready", status=503)
+
+
+def check_upload(data, limit: int, kind: tuple[str, str]) -> bytes:
+    """``data`` when it is the bytes of a non-empty upload of at most ``limit`` bytes.
+
+    ``kind`` is ``RECORDING`` or ``AVATAR``: what the messages call the file and the code
+    of an invalid one. ``PayloadTooLargeError`` (``upload_too_large``) when larger than
+    ``limit``, ``InvalidInputError`` when empty or not bytes.
     """
-    data = stream.read(limit + 1)
+    what, invalid_code = kind
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(f"the {what} must be bytes", code=invalid_code)
     if len(data) > limit:
         raise PayloadTooLargeError(f"the {what} is larger than the limit of {limit} bytes", code="upload_too_large")
-    if not data:
+    if len(data) == 0:
         raise InvalidInputError(f"the {what} is empty", code=invalid_code)
     return data
 
 
-def clean_text(text):
-    """Text as the TTS may receive it: control characters become spaces; lone surrogates
-    (possible in JSON, not encodable as UTF-8) are refused. Non-strings pass through for
-    the service's own ``invalid_text`` check."""
+def read_upload(stream: BinaryIO, limit: int, kind: tuple[str, str]) -> bytes:
+    """The bytes of an uploaded file, read from ``stream`` up to ``limit`` bytes (+1 to tell),
+    checked by ``check_upload``."""
+    return check_upload(stream.read(limit + 1), limit, kind)
+
+
+def check_text(text) -> str:
+    """``text`` when it is a string; else ``InvalidInputError`` (``invalid_text``)."""
     if not isinstance(text, str):
-        return text
+        raise InvalidInputError("'text' must be a string", code="invalid_text")
+    return text
+
+
+def clean_text(text) -> str:
+    """Text as the TTS may receive it: control characters become spaces; a non-string
+    (``check_text``) and lone surrogates (possible in JSON, not encodable as UTF-8) are refused."""
+    check_text(text)
     if any("\ud800" <= ch <= "\udfff" for ch in text):
         raise InvalidInputError("'text' contains invalid Unicode (a lone surrogate)", code="invalid_text")
     return _CONTROL_CHARS.sub(" ", text)
@@ -60,10 +94,10 @@ def check_image(data: bytes, max_pixels: int) -> bytes:
     kind = sniff_image(data)
     if kind is None:
         raise InvalidInputError("the avatar must be a PNG or JPEG image", code="invalid_image")
-    size = image_size(data)
-    if size is None or size[0] == 0 or size[1] == 0:
+    header = read_header(data, formats=(kind.upper(),))  # Pillow's names: PNG, JPEG
+    if header is None:  # also a width or height of zero
         raise InvalidInputError(f"the avatar is not a readable {kind.upper()} image", code="invalid_image")
-    width, height = size
+    width, height = header.width, header.height
     if width * height > max_pixels:
         raise InvalidInputError(f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted",
                                 code="image_too_large")
@@ -100,38 +134,101 @@ def sniff_audio(data: bytes) -> str | None:
     return None
 
 
+# Decoding stops this far past MAX_AUDIO_SECONDS: enough to tell "too long" without decoding it all.
+DECODE_PAST_LIMIT = 0.1  # s
+
+# normalize_recording's output: the canonical 44-byte header of 16 kHz mono 16-bit PCM WAV, then the samples.
+_WAV_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+_WAV_FIELDS = (b"RIFF", b"WAVE", b"fmt ", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data")
+
+
 def normalize_recording(data: bytes, settings: Settings, temp_root: str) -> bytes:
     """An upload as 16 kHz mono 16-bit WAV bytes, refusing what is not audio or lasts more than
     ``settings.max_audio_seconds`` before the render.
 
     The upload is written to a per-request folder under ``temp_root`` and decoded by ffmpeg
     (at most ``settings.ffmpeg_timeout`` s, 120 s at the most) with the sniffed demuxer.
+    ``recording_samples`` reads the result without decoding it again.
     """
     demuxer = sniff_audio(data)
     if demuxer is None:
         raise InvalidInputError("the audio file is not in a supported format (WAV, MP3, AAC, OGG/Opus, FLAC, "
                                 "M4A/MP4, WebM/MKV, AIFF, AMR)", code="invalid_audio")
-    limit = settings.max_audio_seconds
-    with process_temp_dir("up", temp_root) as tmp:
-        path = os.path.join(tmp, "upload")
-        with open(path, "wb") as f:
-            f.write(data)
-        # -f: the demuxer we sniffed, never ffmpeg's own guess (no playlists, no concat lists);
-        # -t: stop decoding just past the limit.
-        pcm = run_ffmpeg(["-protocol_whitelist", "file", "-f", demuxer, "-i", path, "-t", f"{limit + 0.1:.3f}",
-                          "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le",
-                          "-acodec", "pcm_s16le", "pipe:1"], timeout=min(settings.ffmpeg_timeout, 120.0),
-                         error=lambda message: InvalidInputError(message, code="invalid_audio"),
-                         what="could not decode the audio")
-    samples = len(pcm) // 2
-    if samples == 0:
-        raise InvalidInputError("the audio contains no sound samples", code="invalid_audio")
-    if samples > limit * SAMPLE_RATE:
-        raise PayloadTooLargeError(f"the audio lasts more than {limit:.0f} s, the limit", code="audio_too_long")
+    pcm = _decode(data, demuxer, settings, temp_root)
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm[: samples * 2])
+        w.writeframes(pcm)
     return out.getvalue()
+
+
+def recording_samples(data: bytes, settings: Settings, temp_root: str) -> np.ndarray:
+    """A recording given to the pipeline as 16 kHz mono float32 samples in [-1, 1].
+
+    ``normalize_recording``'s WAV (what the server hands on) is read as it is: the upload
+    is decoded by ffmpeg once. Anything else (the CLI's or a library caller's file, any
+    format ffmpeg reads) is decoded here with ffmpeg's own format detection. Either way
+    the same upload and duration checks apply.
+    """
+    pcm = check_recording(data, settings)
+    if pcm is None:
+        pcm = _decode(data, None, settings, temp_root)
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+
+
+def check_recording(data, settings: Settings) -> bytes | None:
+    """Check a recording before work: ``normalize_recording``'s WAV by its length (its size
+    follows from that, and may exceed the upload limit that the compressed original met), any
+    other file by the upload limit. Returns the WAV's 16-bit samples, or None for another file."""
+    pcm = _own_wav_pcm(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+    if pcm is None:
+        check_upload(data, settings.max_upload_bytes, RECORDING)
+        return None
+    check_audio_length(len(pcm) // 2, settings.max_audio_seconds)
+    return pcm
+
+
+def check_audio_length(samples: int, limit: float) -> None:
+    """Refuse ``samples`` (16 kHz) that hold no sound (400) or last more than ``limit`` s (413)."""
+    if samples == 0:
+        raise InvalidInputError("the audio contains no sound samples", code="invalid_audio")
+    if samples > limit * SAMPLE_RATE:
+        raise PayloadTooLargeError(f"the audio lasts more than {limit:.0f} s, the limit", code="audio_too_long")
+
+
+def _decode(data: bytes, demuxer: str | None, settings: Settings, temp_root: str) -> bytes:
+    """``data`` decoded by ffmpeg to 16 kHz mono s16le PCM, cut just past ``max_audio_seconds``
+    and checked by ``check_audio_length``. ``demuxer``: the sniffed one (an upload: never
+    ffmpeg's own guess, so no playlists or concat lists), None to let ffmpeg detect it."""
+    limit = settings.max_audio_seconds
+    forced = ["-f", demuxer] if demuxer else []
+    with process_temp_dir("up", temp_root) as tmp:
+        # a file, not a pipe: MP4/M4A keep their index at the end and need a seekable input
+        path = os.path.join(tmp, "upload")
+        with open(path, "wb") as f:
+            f.write(data)
+        pcm = run_ffmpeg(["-protocol_whitelist", "file", *forced, "-i", path,
+                          "-t", f"{limit + DECODE_PAST_LIMIT:.3f}",
+                          "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "s16le",
+                          "-acodec", "pcm_s16le", "pipe:1"], timeout=min(settings.ffmpeg_timeout, 120.0),
+                         error=lambda message: InvalidInputError(message, code="invalid_audio"),
+                         what="could not decode the audio")
+    samples = len(pcm) // 2
+    check_audio_length(samples, limit)
+    return pcm[: samples * 2]
+
+
+def _own_wav_pcm(data) -> bytes | None:
+    """The samples of ``data`` when it is exactly ``normalize_recording``'s kind of WAV (the
+    canonical 44-byte header of 16 kHz mono 16-bit PCM, then whole samples); None otherwise."""
+    if len(data) < _WAV_HEADER.size:
+        return None
+    riff, riff_size, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id, size = \
+        _WAV_HEADER.unpack_from(data)
+    if (riff, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id) != _WAV_FIELDS:
+        return None
+    if size != len(data) - _WAV_HEADER.size or riff_size != len(data) - 8 or size % 2:
+        return None
+    return bytes(data[_WAV_HEADER.size:])

@@ -24,13 +24,16 @@ import numpy as np
 from lipsync.media import audio, ffmpeg, video
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
+from lipsync.inputs import check_text, recording_samples
 from lipsync.settings import Settings
 from lipsync.tts.text import split_sentences
 from lipsync.tts.base import Speech, validate_request
 
 log = logging.getLogger("lipsync")
 
-# progress(stage, fraction): stage is "tts", "lipsync" or "encode", fraction in [0, 1]
+# progress(stage, fraction): stage is "tts", "lipsync" or "encode", fraction in [0, 1]. (There is no
+# stage between TTS and lip-sync: each piece's mel features are computed inside the engine's render,
+# while the next sentence is being synthesised, so that time is part of "lipsync".)
 ProgressCallback = Callable[[str, float], None]
 
 
@@ -180,8 +183,7 @@ class LipsyncService:
     # ------------------------------------------------------------- validation
     def validate_text(self, text, language) -> tuple[str, str]:
         """Check a text request; returns (text, language) or raises a 4xx ``LipsyncError``."""
-        if not isinstance(text, str):
-            raise InvalidInputError("'text' must be a string", code="invalid_text")
+        check_text(text)
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(f"'text' has {len(text)} characters; the limit is "
                                        f"{self.settings.max_text_chars}", code="text_too_long")
@@ -192,18 +194,9 @@ class LipsyncService:
         return text, language
 
     def speech_from_recording(self, data: bytes) -> Speech:
-        """Decode an uploaded recording (any format ffmpeg reads) into 16 kHz speech."""
-        if len(data) > self.settings.max_upload_bytes:
-            raise PayloadTooLargeError(f"the upload is {len(data)} bytes; the limit is "
-                                       f"{self.settings.max_upload_bytes}", code="upload_too_large")
-        if not data:
-            raise InvalidInputError("the audio file is empty", code="invalid_audio")
-        limit = self.settings.max_audio_seconds
-        samples = audio.load_audio(data, timeout=self.settings.ffmpeg_timeout, max_seconds=limit)
-        if len(samples) / audio.SAMPLE_RATE > limit:  # decoding stopped 1 s past the limit
-            raise PayloadTooLargeError(f"the audio lasts more than {limit:.0f} s, the limit",
-                                       code="audio_too_long")
-        return Speech(samples=samples)
+        """An uploaded recording as 16 kHz speech: the server's normalised WAV as it is, any
+        other format ffmpeg reads decoded (``inputs.recording_samples``: limits checked there)."""
+        return Speech(samples=recording_samples(data, self.settings, self.temp_root()))
 
     # -------------------------------------------------------------- pipeline
     def generate(self, out_path: str, *, text: str | None = None, language: str | None = None,

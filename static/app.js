@@ -7,7 +7,7 @@
 
   const I18N = window.I18N || {};
   const UI_LANGS = ["ru", "kk", "en"];
-  const STAGES = ["tts", "audio", "lipsync", "encode"];
+  const STAGES = ["tts", "lipsync", "encode"];
   const KEYS = { uiLang: "talking-avatar.ui-lang", speechLang: "talking-avatar.speech-lang",
                  history: "talking-avatar.history", apiKey: "talking-avatar.api-key" };
   const HISTORY_MAX = 5;

@@ -224,7 +224,7 @@ def test_generate_shows_the_stages_streams_while_running_then_plays_the_video(op
     running = [p for p in rec["progress"] if p["status"] == "running"]
     stages = [p["stage"] for p in running if p["stage"]]  # a job just claimed has no stage yet
     assert "lipsync" in stages and "encode" in stages, rec["progress"]
-    order = ["tts", "audio", "lipsync", "encode"]
+    order = ["tts", "lipsync", "encode"]
     assert [order.index(s) for s in stages] == sorted(order.index(s) for s in stages)
     values = [p["value"] for p in rec["progress"]]
     assert values == sorted(values) and values[-1] == 100 and len(set(values)) >= 4

@@ -13,9 +13,10 @@
 No Flask here: the web layer maps these calls to /api/jobs routes.
 """
 
+from lipsync.errors import QueueFullError
 from lipsync.jobs.live import follow_live, open_live
-from lipsync.jobs.queue import (INTERRUPTED_ERROR, STAGE_SPANS, Job, JobQueue, JobRequest, LocalJobQueue,
-                                QueueFullError)
+from lipsync.jobs.local import LocalJobQueue
+from lipsync.jobs.queue import INTERRUPTED_ERROR, STAGE_SPANS, Job, JobQueue, JobRequest
 from lipsync.jobs.store import FINAL_STATUSES, STATUSES, JobStore, new_job_id, valid_job_id
 from lipsync.jobs.webhooks import (SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookSender, sign, validate_callback_url,
                                    verify_signature)

@@ -255,14 +255,8 @@ class WebhookSender:
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is pending (tests, graceful shutdown); False on timeout."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self._heap or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            return self._cond.wait_for(lambda: not (self._heap or self._busy), timeout)
 
     def _run(self) -> None:
         while True:

@@ -59,14 +59,8 @@ class RenderSlots:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s until no render runs; False if one still does."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self.active:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            return self._cond.wait_for(lambda: not self.active, timeout)
 
 
 class Lifecycle:

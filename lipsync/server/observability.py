@@ -50,7 +50,7 @@ ENV_KEY_ID = "lipsync.key_id"          # short hash of the API key that authenti
 ENV_JOB_ID = "lipsync.job_id"          # the job a request created or read
 ENV_TEXT = "lipsync.tts.text"              # the request text, only when LOG_TEXT is on (truncated)
 
-STAGES = ("tts", "decode", "avatar", "audio", "lipsync", "composite", "encode", "total", "queue_wait")
+STAGES = ("tts", "decode", "avatar", "lipsync", "composite", "encode", "total", "queue_wait")
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("lipsync_request_id", default=None)
 

@@ -259,7 +259,7 @@ def _schemas() -> dict:
     job_state = {"type": "object", "required": ["id", "status", "progress", "timings", "created_at"], "properties": {
         "id": {"type": "string", "pattern": JOB_ID_PATTERN},
         "status": {"type": "string", "enum": list(STATUSES)},
-        "stage": {"type": "string", "nullable": True, "description": "tts, audio, lipsync or encode; None while queued."},
+        "stage": {"type": "string", "nullable": True, "description": "tts, lipsync or encode; None while queued."},
         "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "queue_position": {"type": "integer", "minimum": 1, "nullable": True},
         "error": {**error, "nullable": True},
