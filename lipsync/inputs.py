@@ -18,16 +18,13 @@ all call these. Every refusal is an ``InvalidInputError`` (400) or ``PayloadTooL
 
 from __future__ import annotations
 
-import io
 import os
 import re
-import struct
-import wave
 from typing import BinaryIO
 
 import numpy as np
 
-from lipsync.media.audio import SAMPLE_RATE
+from lipsync.media.audio import SAMPLE_RATE, pcm_from_wav, pcm_wav
 from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.media.ffmpeg import run_ffmpeg
 from lipsync.media.images import read_header, sniff_image
@@ -137,9 +134,6 @@ def sniff_audio(data: bytes) -> str | None:
 # Decoding stops this far past MAX_AUDIO_SECONDS: enough to tell "too long" without decoding it all.
 DECODE_PAST_LIMIT = 0.1  # s
 
-# normalize_recording's output: the canonical 44-byte header of 16 kHz mono 16-bit PCM WAV, then the samples.
-_WAV_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
-_WAV_FIELDS = (b"RIFF", b"WAVE", b"fmt ", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data")
 
 
 def normalize_recording(data: bytes, settings: Settings, temp_root: str) -> bytes:
@@ -154,14 +148,7 @@ def normalize_recording(data: bytes, settings: Settings, temp_root: str) -> byte
     if demuxer is None:
         raise InvalidInputError("the audio file is not in a supported format (WAV, MP3, AAC, OGG/Opus, FLAC, "
                                 "M4A/MP4, WebM/MKV, AIFF, AMR)", code="invalid_audio")
-    pcm = _decode(data, demuxer, settings, temp_root)
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm)
-    return out.getvalue()
+    return pcm_wav(_decode(data, demuxer, settings, temp_root))
 
 
 def recording_samples(data: bytes, settings: Settings, temp_root: str) -> np.ndarray:
@@ -182,7 +169,7 @@ def check_recording(data, settings: Settings) -> bytes | None:
     """Check a recording before work: ``normalize_recording``'s WAV by its length (its size
     follows from that, and may exceed the upload limit that the compressed original met), any
     other file by the upload limit. Returns the WAV's 16-bit samples, or None for another file."""
-    pcm = _own_wav_pcm(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+    pcm = pcm_from_wav(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
     if pcm is None:
         check_upload(data, settings.max_upload_bytes, RECORDING)
         return None
@@ -218,17 +205,3 @@ def _decode(data: bytes, demuxer: str | None, settings: Settings, temp_root: str
     samples = len(pcm) // 2
     check_audio_length(samples, limit)
     return pcm[: samples * 2]
-
-
-def _own_wav_pcm(data) -> bytes | None:
-    """The samples of ``data`` when it is exactly ``normalize_recording``'s kind of WAV (the
-    canonical 44-byte header of 16 kHz mono 16-bit PCM, then whole samples); None otherwise."""
-    if len(data) < _WAV_HEADER.size:
-        return None
-    riff, riff_size, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id, size = \
-        _WAV_HEADER.unpack_from(data)
-    if (riff, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id) != _WAV_FIELDS:
-        return None
-    if size != len(data) - _WAV_HEADER.size or riff_size != len(data) - 8 or size % 2:
-        return None
-    return bytes(data[_WAV_HEADER.size:])

@@ -16,6 +16,7 @@ import pytest
 from lipsync.server import close_app, create_app
 from lipsync.media.ffmpeg import run_ffmpeg
 from lipsync.settings import Settings
+from tests.apps import make_app
 from tests.media import moov_before_mdat, probe
 
 
@@ -113,6 +114,28 @@ def test_uploaded_recording_is_lip_synced_without_tts(client, app, tmp_path, spe
     info = probe(_save(tmp_path, r))
     assert abs(info["video_duration"] - 7.0) < 0.12 and abs(info["audio_duration"] - 7.0) < 0.12
     _assert_clean(app)
+
+
+def test_a_compressed_recording_within_the_upload_limit_is_not_refused_after_decoding(tmp_path, speech_wav_path):
+    """The limit is on what the client sends: 7 s of MP3 (~60 KB) fits 100 KB, although its
+    16 kHz WAV (~270 KB) would not; as a job too (the queue stores the decoded WAV)."""
+    mp3 = tmp_path / "speech.mp3"
+    run_ffmpeg(["-i", str(speech_wav_path), "-c:a", "libmp3lame", "-b:a", "64k", str(mp3)])
+    assert mp3.stat().st_size < 100_000 < 16000 * 2 * 7
+    app = make_app(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin",
+                   max_upload_bytes=100_000)
+    try:
+        client = app.test_client()
+        r = client.post("/api/generate", data={"audio": (io.BytesIO(mp3.read_bytes()), "speech.mp3")},
+                        content_type="multipart/form-data")
+        assert r.status_code == 200, r.get_data(as_text=True)
+        r = client.post("/api/jobs", data={"audio": (io.BytesIO(mp3.read_bytes()), "speech.mp3")},
+                        content_type="multipart/form-data")
+        assert r.status_code == 202, r.get_data(as_text=True)
+        state = app.extensions["jobs"].wait(r.get_json()["id"], timeout=120)
+        assert state is not None and state["status"] == "done", state
+    finally:
+        close_app(app)
 
 
 # ------------------------------------------------------------------- errors

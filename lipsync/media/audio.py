@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-import wave
+import struct
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def load_audio(source: str | bytes, sr: int = SAMPLE_RATE, timeout: float = 120.
                      timeout=timeout, error=_invalid_audio, what="could not decode the audio")
     samples = np.frombuffer(raw, np.int16).astype(np.float32) / 32768.0
     if samples.size == 0:
-        raise InvalidInputError("the audio contains no samples", code="invalid_audio")
+        raise InvalidInputError("the audio contains no sound samples", code="invalid_audio")
     return samples
 
 
@@ -63,14 +63,38 @@ def _invalid_audio(message: str) -> InvalidInputError:
     return InvalidInputError(message, code="invalid_audio")
 
 
+# 16-bit mono PCM WAV with the canonical 44-byte header: what pcm_wav writes and pcm_from_wav reads.
+_WAV_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+
+
+def pcm_wav(pcm: bytes, sr: int = SAMPLE_RATE) -> bytes:
+    """16-bit little-endian mono samples ``pcm`` as WAV file bytes (canonical 44-byte header)."""
+    pcm = bytes(pcm[: len(pcm) // 2 * 2])
+    header = _WAV_HEADER.pack(b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 1, sr, sr * 2, 2, 16,
+                              b"data", len(pcm))
+    return header + pcm
+
+
+def pcm_from_wav(data, sr: int = SAMPLE_RATE) -> bytes | None:
+    """The samples of ``data`` when it is exactly what ``pcm_wav`` writes at ``sr`` Hz (16-bit mono
+    PCM, the canonical header, whole samples, sizes that match); None for anything else."""
+    if len(data) < _WAV_HEADER.size:
+        return None
+    riff, riff_size, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id, size = \
+        _WAV_HEADER.unpack_from(data)
+    if (riff, wave_id, fmt, fmt_size, tag, channels, rate, byte_rate, align, bits, data_id) != \
+            (b"RIFF", b"WAVE", b"fmt ", 16, 1, 1, sr, sr * 2, 2, 16, b"data"):
+        return None
+    if size != len(data) - _WAV_HEADER.size or riff_size != len(data) - 8 or size % 2:
+        return None
+    return bytes(data[_WAV_HEADER.size:])
+
+
 def write_wav(path: str, samples: np.ndarray, sr: int = SAMPLE_RATE) -> None:
     """Write float samples in [-1, 1], shape (n,), as 16-bit mono PCM WAV."""
     pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
+    with open(path, "wb") as f:
+        f.write(pcm_wav(pcm.tobytes(), sr))
 
 
 @functools.lru_cache(maxsize=1)
