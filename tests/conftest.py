@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,47 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+def in_ci() -> bool:
+    """True on CI (``CI=true``, as GitHub Actions, GitLab and most others set it)."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def skip_or_fail(reason: str):
+    """Skip the test saying why, except on CI (``CI=true``), where what is missing must be there:
+    the test fails with the same reason instead, so no skip can hide a failure."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI=true: a missing requirement fails instead of skipping]", pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, message: str | None = None):
+    """Poll ``predicate()`` until it returns something truthy and return that; fail (AssertionError)
+    with a clear message (``message`` or the predicate's source) if it has not within ``timeout`` s.
+    The timeout is a deadline for a condition, never a measurement: make it generous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    what = message
+    if what is None:
+        try:
+            import inspect
+
+            what = inspect.getsource(predicate).strip()
+        except (OSError, TypeError):
+            what = repr(predicate)
+    raise AssertionError(f"condition not met within {timeout} s: {what}")
+
+
 def fixture_path(name: str) -> Path:
-    """Path of a file in ../shared/fixtures, or skip the test saying why."""
+    """Path of a file in ../shared/fixtures, or skip the test saying why (fail on CI)."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"fixture {name} not found in {FIXTURES} (set LIPSYNC_FIXTURES to the shared fixtures folder)")
+        skip_or_fail(f"fixture {name} not found in {FIXTURES} (set LIPSYNC_FIXTURES to the shared fixtures folder)")
     return path
 
 

@@ -2,34 +2,56 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
-from lipsync.media import audio
 from lipsync.errors import InvalidInputError
+from lipsync.media import audio
 from lipsync.media.ffmpeg import run_ffmpeg
+from tests.conftest import skip_or_fail
+from tests.data.make_mel_reference import FIXTURE, reference_mel, samples_digest
+from tests.data.make_mel_reference import OUT as MEL_REFERENCE
 
 
-def _reference_mel(wav: np.ndarray) -> np.ndarray:
-    """Wav2Lip's own recipe (its audio.py) on librosa with the reflect padding it was trained with."""
-    librosa = pytest.importorskip("librosa")
-    from scipy import signal
-
-    emphasised = signal.lfilter([1, -0.97], [1], wav)
-    stft = librosa.stft(y=emphasised, n_fft=800, hop_length=200, win_length=800, pad_mode="reflect")
-    mel_basis = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
-    db = 20 * np.log10(np.maximum(1e-5, mel_basis @ np.abs(stft))) - 20
-    return np.clip(8 * ((db + 100) / 100) - 4, -4, 4)
+def _stored_reference_mel(wav: np.ndarray) -> np.ndarray:
+    """The reference recipe's mel of the fixture speech, computed once with librosa
+    (tests/data/make_mel_reference.py): importing librosa and numba costs many seconds."""
+    stored = np.load(MEL_REFERENCE)
+    assert str(stored["samples_sha256"]) == samples_digest(wav), (
+        f"{MEL_REFERENCE.name} was computed from other samples of {FIXTURE}: "
+        "regenerate it with `.venv/bin/python -m tests.data.make_mel_reference`")
+    return stored["mel"]
 
 
-def test_mel_of_real_speech_matches_the_reference_recipe(speech_wav_path):
+def _live_reference_mel(wav: np.ndarray) -> np.ndarray:
+    """The same recipe on live librosa (slow to import)."""
+    if importlib.util.find_spec("librosa") is None:
+        skip_or_fail("librosa is not installed (requirements-dev.txt): the mel reference is not checked")
+    return reference_mel(wav)
+
+
+def _check_mel_of_real_speech(speech_wav_path, reference) -> None:
     wav = audio.load_audio(str(speech_wav_path))
     assert wav.dtype == np.float32 and abs(len(wav) / 16000 - 7.0) < 0.02
     mel = audio.melspectrogram(wav)
     assert mel.shape == (80, 1 + len(wav) // 200) and mel.dtype == np.float32
-    assert np.abs(mel - _reference_mel(wav)).max() < 1e-3
+    assert np.abs(mel - reference(wav)).max() < 1e-3
     # the recording starts with 1.5 s of silence: quiet columns there, loud ones in the speech
     assert mel[:, 10:110].mean() < mel[:, 130:].mean() - 1.0
+
+
+def test_mel_of_real_speech_matches_the_reference_recipe(speech_wav_path):
+    _check_mel_of_real_speech(speech_wav_path, _stored_reference_mel)
+
+
+@pytest.mark.slow
+def test_mel_of_real_speech_matches_the_reference_recipe_on_live_librosa(speech_wav_path):
+    _check_mel_of_real_speech(speech_wav_path, _live_reference_mel)
+    # and the stored reference the fast test uses is still what librosa computes
+    wav = audio.load_audio(str(speech_wav_path))
+    assert np.abs(_stored_reference_mel(wav) - _live_reference_mel(wav)).max() < 1e-5
 
 
 def test_windows_follow_the_spec_indexing():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +14,7 @@ from lipsync.server import close_app, create_app
 from lipsync.server.observability import JsonFormatter, configure_logging, sane_request_id
 from lipsync.settings import Settings
 from tests.apps import make_app
+from tests.conftest import wait_until
 
 SECRET_TEXT = "Zebra quartz phrase 4711, do not log me."
 
@@ -135,9 +135,7 @@ def test_one_json_line_per_job_with_timings_and_no_text(app, logs):
               headers={"X-Request-ID": "obs-job"})
     job_id = r.get_json()["id"]
     assert logs.records(event="request", request_id="obs-job")[0]["job_id"] == job_id
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not logs.records(event="job", job_id=job_id):
-        time.sleep(0.05)
+    wait_until(lambda: logs.records(event="job", job_id=job_id), timeout=60, interval=0.05)
     (line,) = logs.records(event="job", job_id=job_id)
     assert line["status"] == "done" and line["engine"] == "builtin" and line["duration_ms"] > 0
     assert line["video_seconds"] > 0 and line["frames"] > 0
@@ -176,13 +174,20 @@ def test_metrics_count_requests_stages_jobs_and_describe_the_engine(app):
     assert _call(client, "post", "/api/generate", json={"text": "Metrics please.", "language": "en"}).status_code == 200
     _call(client, "get", "/api/jobs/" + "f" * 32)
     job_id = _call(client, "post", "/api/jobs", json={"text": "A job too.", "language": "en"}).get_json()["id"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if _call(client, "get", f"/api/jobs/{job_id}").get_json()["status"] == "done":
-            break
-        time.sleep(0.05)
-    time.sleep(0.2)  # the worker reports the finished job just after marking it done
-    after = _metrics(client)
+    wait_until(lambda: _call(client, "get", f"/api/jobs/{job_id}").get_json()["status"] == "done",
+               timeout=60, interval=0.05)
+    job_metrics = [("lipsync_jobs_finished_total", {"status": "done", "code": ""})] + [
+        ("lipsync_stage_duration_seconds_count", {"stage": stage, "source": "job"})
+        for stage in ("tts", "lipsync", "composite", "encode", "total", "queue_wait")]
+
+    def job_reported():
+        """The worker reports the finished job (its metrics) just after marking it done."""
+        samples = _metrics(client)
+        if all(_value(samples, name, **labels) > _value(before, name, **labels) for name, labels in job_metrics):
+            return samples
+        return None
+
+    after = wait_until(job_reported, timeout=30, interval=0.05)
 
     def grew(name, **labels):
         return _value(after, name, **labels) - _value(before, name, **labels)

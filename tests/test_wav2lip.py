@@ -20,6 +20,7 @@ from torch import nn
 from lipsync.errors import CheckpointError
 from lipsync.engines.wav2lip.model import (PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model,
                              random_generator)
+from tests.conftest import skip_or_fail
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "wav2lip_state_dict.json"
 
@@ -88,7 +89,7 @@ def checkpoints(source, inputs, tmp_path_factory) -> dict[str, Path]:
                               "exp_avg_sq": torch.zeros_like(params[i])} for i in range(3)}
     paths = {name: folder / fname for name, fname in {
         "training": "wav2lip_gan.pt", "training_zip": "checkpoint_step000123.pth", "bare_prefixed": "weights.pth",
-        "bare": "generator.ckpt", "torchscript": "Wav2Lip-SD-GAN.pth", "torchscript_other": "exported.pt",
+        "bare": "generator.ckpt", "torchscript": "Wav2Lip-SD-GAN.pth",
     }.items()}
     training = {"state_dict": prefixed, "optimizer": optimizer, "global_step": 123000, "global_epoch": 42}
     # The published wav2lip_gan.pth predates torch 1.6: the legacy (non-zip) format.
@@ -97,8 +98,15 @@ def checkpoints(source, inputs, tmp_path_factory) -> dict[str, Path]:
     torch.save(prefixed, paths["bare_prefixed"])
     torch.save(state, paths["bare"])
     _trace(source, inputs).save(str(paths["torchscript"]))
-    _trace(_Wrapped(source), inputs).save(str(paths["torchscript_other"]))
     return paths
+
+
+@pytest.fixture(scope="module")
+def torchscript_other(source, inputs, tmp_path_factory) -> Path:
+    """The same weights traced inside another module (keys 'net.*'): only the slow test needs it."""
+    path = tmp_path_factory.mktemp("wav2lip_ckpt_other") / "exported.pt"
+    _trace(_Wrapped(source), inputs).save(str(path))
+    return path
 
 
 # ---------------------------------------------------------------- architecture
@@ -106,7 +114,7 @@ def checkpoints(source, inputs, tmp_path_factory) -> dict[str, Path]:
 
 def test_state_dict_matches_the_published_layout_exactly():
     if not SPEC.exists():
-        pytest.skip(f"spec {SPEC} not found")
+        skip_or_fail(f"spec {SPEC} not found")
     spec = json.loads(SPEC.read_text())
     with torch.device("meta"):
         model = Wav2Lip()
@@ -164,8 +172,9 @@ def test_every_layout_loads_to_the_same_generator(name, checkpoints, inputs, exp
     assert loaded.info["parameters"] == PARAMETER_COUNT
 
 
-def test_torchscript_with_other_weights_runs_as_scripted_module(checkpoints, inputs, expected):
-    model = load_model(checkpoints["torchscript_other"])
+@pytest.mark.slow  # one more trace and load of a 145 MB model
+def test_torchscript_with_other_weights_runs_as_scripted_module(torchscript_other, inputs, expected):
+    model = load_model(torchscript_other)
     assert isinstance(model, torch.jit.ScriptModule)
     torch.testing.assert_close(run(model, *inputs), expected, atol=1e-5, rtol=0)
 

@@ -138,7 +138,7 @@ def test_render_feeds_the_model_what_the_spec_prescribes(engine, avatar, model, 
     assert np.abs(frames[0].astype(int) - frames[3].astype(int)).max() > 20  # the audio moves the face
 
 
-@pytest.mark.parametrize("fps", [25, 30])
+@pytest.mark.parametrize("fps", [25, pytest.param(30, marks=pytest.mark.slow)])  # one more render: slow
 def test_short_clip_frame_count(engine, avatar, samples, fps):
     clip = samples[40000:40000 + 12345]
     frames, sizes = _render(engine, avatar, clip, fps)

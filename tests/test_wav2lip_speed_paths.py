@@ -6,6 +6,10 @@ precomputed, rows cropped), channels-last, ONNX Runtime, the GPU-style
 post-processing (run here on the CPU), mouth-only rendering and the faster
 composite must match the plain fp32 computation. Speed is measured by
 bench/bench_wav2lip.py, never here.
+
+The tests that render through whole engines (each builds one or two, exports
+ONNX or quantises) take seconds each on a CPU: they are marked ``slow`` and
+run by ``make test``; the decoder, resize and composite tests stay in the fast suite.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lipsync.faces.box import FaceBox
 from lipsync.tts.base import Speech
 from lipsync.engines.wav2lip.model import (StillFaceDecoder, Wav2Lip, mouth_rows_start, random_generator,
                              save_random_checkpoint)
+from tests.conftest import skip_or_fail
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
@@ -81,7 +86,10 @@ def _composited(avatar: PreparedAvatar, patches: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ the decoder
 
 
-@pytest.mark.parametrize("rows_from", [0, 1, 2, mouth_rows_start(MASK_TOP_ZERO), 47, 71, 95])
+# the edge cases and the engine's own start row run in the fast suite; the rest are marked slow
+@pytest.mark.parametrize("rows_from", [0, *[pytest.param(r, marks=pytest.mark.slow) for r in (1, 2)],
+                                       mouth_rows_start(MASK_TOP_ZERO),
+                                       *[pytest.param(r, marks=pytest.mark.slow) for r in (47, 71)], 95])
 def test_still_face_decoder_equals_decode(model, rows_from):
     mel, face = _inputs(5, seed=rows_from)
     with torch.inference_mode():
@@ -181,6 +189,7 @@ def _reference_patches(model, avatar, speech) -> np.ndarray:
                      for p in pred]).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_torch_fp32_path_matches_the_plain_model(model, checkpoint, image, speech):
     engine = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="torch")
     avatar, frames = _frames(engine, image, speech)
@@ -190,6 +199,7 @@ def test_torch_fp32_path_matches_the_plain_model(model, checkpoint, image, speec
     assert engine.describe()["backend"] == "torch" and engine.describe()["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_mouth_only_changes_no_composited_pixel(checkpoint, image, speech):
     full = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="torch")
     mouth = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="torch", mouth_only=True)
@@ -202,6 +212,7 @@ def test_mouth_only_changes_no_composited_pixel(checkpoint, image, speech):
     assert np.abs(got.astype(int) - want)[:, shown].max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mouth_only", [False, True])
 def test_gpu_style_render_matches_the_cpu_render(checkpoint, image, speech, mouth_only):
     """The CUDA path's post-processing (pad, decode, torch resize, uint8) run on the CPU."""
@@ -214,8 +225,10 @@ def test_gpu_style_render_matches_the_cpu_render(checkpoint, image, speech, mout
     assert np.abs(got.astype(int) - want).max() <= 1
 
 
-@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+@pytest.mark.slow
 def test_onnxruntime_fp32_matches_torch(checkpoint, image, speech):
+    if not HAS_ORT:
+        skip_or_fail("onnxruntime is not installed (requirements.txt)")
     ort = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="onnxruntime", mouth_only=True)
     ref = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="torch", mouth_only=True)
     _, got = _frames(ort, image, speech)
@@ -224,8 +237,10 @@ def test_onnxruntime_fp32_matches_torch(checkpoint, image, speech):
     assert np.abs(got.astype(int) - want).max() <= 1
 
 
-@pytest.mark.skipif(not (HAS_ORT and HAS_ONNX), reason="int8 needs onnxruntime and onnx")
+@pytest.mark.slow
 def test_int8_checks_itself_and_falls_back_to_fp32_when_it_is_off(checkpoint, image, speech):
+    if not (HAS_ORT and HAS_ONNX):
+        skip_or_fail("int8 needs onnxruntime and onnx (requirements.txt)")
     strict = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, precision="int8", mouth_only=True,
                            int8_max_error=0.0)
     _, frames = _frames(strict, image, speech)
