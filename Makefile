@@ -6,14 +6,17 @@ PY     := $(VENV)/bin/python
 WHEELS := $(wildcard /opt/wheels)
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
 
-.PHONY: install install-dev run test test-fast bench clean
+.PHONY: install install-dev run test test-fast lint bench clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: requirements.txt
+# The library is installed in editable mode (`import lipsync` from anywhere, the `lipsync`
+# command); its dependencies are the pinned requirements.txt.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -23,11 +26,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 run: install
 	$(PY) app.py
 
-test: install-dev
+# What CI runs (.ci/run): the linter, then every test.
+test: install-dev lint
 	$(PY) -m pytest
 
+# The quick loop while developing: no linter, no tests marked slow.
 test-fast: install-dev
 	$(PY) -m pytest -m "not slow"
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) bench/bench_builtin.py
@@ -35,4 +43,4 @@ bench: install
 	$(PY) bench/bench_streaming.py
 
 clean:
-	rm -rf $(VENV) .cache outputs/tmp .pytest_cache
+	rm -rf $(VENV) .cache outputs/tmp .pytest_cache *.egg-info

@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lipsync.media.audio import load_audio  # noqa: E402
 from lipsync.engines.builtin.engine import BuiltinEngine  # noqa: E402
 from lipsync.faces.box import FaceBox  # noqa: E402
+from lipsync.media.audio import load_audio  # noqa: E402
 from lipsync.tts.base import Speech  # noqa: E402
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lipsync.media import video  # noqa: E402
 from lipsync.engines.base import PreparedAvatar, Region  # noqa: E402
 from lipsync.engines.wav2lip.engine import feather_mask  # noqa: E402
 from lipsync.faces.box import FaceBox  # noqa: E402
+from lipsync.media import video  # noqa: E402
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
@@ -104,8 +104,12 @@ def main() -> int:
                         if run:
                             walls.append(time.perf_counter() - t)
                     wall = statistics.median(walls)
-                    print(f"  {preset:<11} {tune or '-':<12} {threads:>7}  {parallel:>8}  {wall * 1000:8.0f}  {parallel * frames / wall:10.0f}"
-                          f"  {parallel * args.seconds / wall:12.1f}", flush=True)
+                    print(
+                        f"  {preset:<11} {tune or '-':<12} {threads:>7}  {parallel:>8}  {wall * 1000:8.0f}  "
+                        f"{parallel * frames / wall:10.0f}"
+                        f"  {parallel * args.seconds / wall:12.1f}",
+                        flush=True,
+                    )
     return 0
 
 

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+
 def _tree() -> str:
     """The checkout to import lipsync from: --tree DIR when given, else this one."""
     argv = sys.argv[1:]
@@ -48,8 +49,8 @@ sys.path.insert(0, _tree())
 import dataclasses  # noqa: E402
 import threading  # noqa: E402
 
-from lipsync.media import audio  # noqa: E402
 from lipsync import service as service_module  # noqa: E402
+from lipsync.media import audio  # noqa: E402
 from lipsync.service import LipsyncService  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
 
@@ -200,7 +201,7 @@ def _concurrent(service, args, recording: bytes | None, tmp: str) -> dict:
         errors: list = []
         barrier = threading.Barrier(args.concurrency)
 
-        def work(i: int) -> None:
+        def work(i: int, barrier=barrier, results=results, errors=errors, round_=round_) -> None:
             try:
                 barrier.wait()
                 results[i] = service.generate(os.path.join(tmp, f"c{round_}-{i}.mp4"), text=args.text,

@@ -53,9 +53,15 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lipsync.engines.wav2lip.model import (  # noqa: E402
+    StillFaceDecoder,
+    Wav2Lip,
+    load_model,
+    mouth_rows_start,
+    random_generator,
+    save_random_checkpoint,
+)
 from lipsync.media import audio  # noqa: E402
-from lipsync.engines.wav2lip.model import (StillFaceDecoder, Wav2Lip, load_model, mouth_rows_start,  # noqa: E402
-                             random_generator, save_random_checkpoint)
 
 FIXTURES = Path(os.environ.get("LIPSYNC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 BOX = (420, 137, 885, 612)  # the fixture avatar's face region (padded box), x1 y1 x2 y2

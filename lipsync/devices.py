@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def resolve_device(device: str) -> "torch.device":
+def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cpu"`` and ``"cuda[:n]"`` as given.
 
     Raises ``LipsyncError`` (``device_unavailable``) for CUDA on a machine without it and

@@ -24,8 +24,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lipsync.media.audio import SAMPLE_RATE, pcm_from_wav, pcm_wav
 from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
+from lipsync.media.audio import SAMPLE_RATE, pcm_from_wav, pcm_wav
 from lipsync.media.ffmpeg import run_ffmpeg
 from lipsync.media.images import read_header, sniff_image
 from lipsync.settings import Settings

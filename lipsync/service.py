@@ -15,19 +15,19 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import cv2
 import numpy as np
 
-from lipsync.media import audio, ffmpeg, video
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.inputs import check_text, recording_samples
+from lipsync.media import audio, ffmpeg, video
 from lipsync.settings import Settings
-from lipsync.tts.text import split_sentences
 from lipsync.tts.base import Speech, validate_request
+from lipsync.tts.text import split_sentences
 
 log = logging.getLogger("lipsync")
 
@@ -106,7 +106,7 @@ class LipsyncService:
         self._ready = threading.Event()
 
     # ----------------------------------------------------------------- loading
-    def load(self) -> "LipsyncService":
+    def load(self) -> LipsyncService:
         """Load avatar, face box, engine and TTS voice. Sets ``status``; never raises."""
         from lipsync.faces import FaceLocator
         from lipsync.tts import create_provider
@@ -243,7 +243,7 @@ class LipsyncService:
         return GenerationResult(path=out_path, duration=segments[-1][1], frames=frames, segments=segments,
                                 engine=self.engine.name, timings=timings)
 
-    def _render(self, pieces: "SpeechPieces", avatar: PreparedAvatar, out_path: str, live_path: str | None,
+    def _render(self, pieces: SpeechPieces, avatar: PreparedAvatar, out_path: str, live_path: str | None,
                 timings: dict[str, float], report: ProgressCallback) -> tuple[int, tuple]:
         """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments)."""
         fps, rate = self.settings.fps, audio.SAMPLE_RATE
@@ -322,14 +322,14 @@ class SpeechPieces:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def single(cls, speech: Speech) -> "SpeechPieces":
+    def single(cls, speech: Speech) -> SpeechPieces:
         pieces = cls(1)
         pieces._queue.put(speech)
         pieces._queue.put(cls._DONE)
         return pieces
 
     @classmethod
-    def synthesised(cls, tts, sentences: list[str], language: str) -> "SpeechPieces":
+    def synthesised(cls, tts, sentences: list[str], language: str) -> SpeechPieces:
         pieces = cls(len(sentences))
         pieces._thread = threading.Thread(target=pieces._synthesise, args=(tts, sentences, language),
                                           name="tts-pieces", daemon=True)

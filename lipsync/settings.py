@@ -11,8 +11,9 @@ variable looked at is glibc's own ``MALLOC_ARENA_MAX``, which ``tune_malloc`` re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 ENGINES = ("auto", "wav2lip", "builtin")
 TTS_PROVIDERS = ("auto", "espeak", "http")

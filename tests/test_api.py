@@ -6,15 +6,14 @@ Engine: the built-in one (no checkpoint in these tests); TTS: embedded espeak-ng
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from lipsync.server import close_app, create_app
 from lipsync.media.ffmpeg import run_ffmpeg
+from lipsync.server import close_app, create_app
 from lipsync.settings import Settings
 from tests.apps import make_app
 from tests.media import moov_before_mdat, probe

@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lipsync.server import close_app, create_app
 from lipsync.media.audio import write_wav
+from lipsync.server import create_app
 from lipsync.settings import Settings
 from lipsync.tts.espeak import EspeakTTS
 from tests.media import probe

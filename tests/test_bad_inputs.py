@@ -88,13 +88,20 @@ def test_malformed_json_is_400(server, path, body):
 
 
 WRONG_TYPES = [
-    ({"text": 5, "language": "en"}, "invalid_text"), ({"text": ["a"], "language": "en"}, "invalid_text"),
-    ({"text": {"a": 1}, "language": "en"}, "invalid_text"), ({"text": None, "language": "en"}, "invalid_text"),
-    ({"text": True, "language": "en"}, "invalid_text"), ({"text": 1.5e300, "language": "en"}, "invalid_text"),
-    ({"text": "hi", "language": 7}, "unsupported_language"), ({"text": "hi", "language": None}, "unsupported_language"),
-    ({"text": "hi", "language": ["en"]}, "unsupported_language"), ({"text": "hi", "language": "de"}, "unsupported_language"),
-    ({"text": "hi", "language": ""}, "unsupported_language"), ({"text": "", "language": "en"}, "empty_text"),
-    ({"text": " \t\n", "language": "en"}, "empty_text"), ({"language": "en"}, "missing_input"),
+    ({"text": 5, "language": "en"}, "invalid_text"),
+    ({"text": ["a"], "language": "en"}, "invalid_text"),
+    ({"text": {"a": 1}, "language": "en"}, "invalid_text"),
+    ({"text": None, "language": "en"}, "invalid_text"),
+    ({"text": True, "language": "en"}, "invalid_text"),
+    ({"text": 1.5e300, "language": "en"}, "invalid_text"),
+    ({"text": "hi", "language": 7}, "unsupported_language"),
+    ({"text": "hi", "language": None}, "unsupported_language"),
+    ({"text": "hi", "language": ["en"]}, "unsupported_language"),
+    ({"text": "hi", "language": "de"}, "unsupported_language"),
+    ({"text": "hi", "language": ""}, "unsupported_language"),
+    ({"text": "", "language": "en"}, "empty_text"),
+    ({"text": " \t\n", "language": "en"}, "empty_text"),
+    ({"language": "en"}, "missing_input"),
 ]
 
 
@@ -105,7 +112,9 @@ def test_wrong_types_are_400_with_their_code(server, path, body, code):
 
 
 def test_non_finite_numbers_and_bad_callbacks_are_400(server):
-    r = server.post("/api/generate", data=b'{"text": "hi", "language": NaN}', headers={"Content-Type": "application/json"})
+    r = server.post(
+        "/api/generate", data=b'{"text": "hi", "language": NaN}', headers={"Content-Type": "application/json"}
+    )
     _assert_error(r, {400}, {"unsupported_language"})
     for callback in (5, "", "ftp://x/y", "http://", "javascript:alert(1)", "http://a b", "http://x:0/", "x" * 3000):
         r = server.post("/api/jobs", json={"text": "hi", "language": "en", "callback_url": callback})
@@ -126,20 +135,33 @@ def test_empty_bodies_are_400(server):
 def test_huge_bodies_are_413_before_any_work(server):
     big_json = json.dumps({"text": "a" * (5 * 1024 * 1024), "language": "en"}).encode()
     started = time.monotonic()
-    _assert_error(server.post("/api/generate", data=big_json, headers={"Content-Type": "application/json"}),
-                  {413}, {"payload_too_large"})
+    _assert_error(
+        server.post("/api/generate", data=big_json, headers={"Content-Type": "application/json"}),
+        {413},
+        {"payload_too_large"},
+    )
     # the same without a Content-Length (chunked): cut off at the limit, not read whole
-    chunks = (big_json[i:i + 65536] for i in range(0, len(big_json), 65536))
+    chunks = (big_json[i : i + 65536] for i in range(0, len(big_json), 65536))
     r = server.post("/api/generate", data=chunks, headers={"Content-Type": "application/json"})
     _assert_error(r, {413}, {"payload_too_large"})
-    _assert_error(server.post("/api/jobs", files={"audio": ("a.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024))}),
-                  {413}, {"payload_too_large"})
-    _assert_error(server.post("/api/generate", files={"audio": ("a.wav", b"RIFF" + b"\0" * (MAX_UPLOAD + 10))}),
-                  {413}, {"upload_too_large"})
-    _assert_error(server.post("/api/generate", files={"text": (None, "a" * 600_000)}),
-                  {413}, {"payload_too_large", "text_too_long"})
-    _assert_error(server.post("/api/generate", json={"text": "я" * (MAX_CHARS + 1), "language": "ru"}),
-                  {413}, {"text_too_long"})
+    _assert_error(
+        server.post("/api/jobs", files={"audio": ("a.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024))}),
+        {413},
+        {"payload_too_large"},
+    )
+    _assert_error(
+        server.post("/api/generate", files={"audio": ("a.wav", b"RIFF" + b"\0" * (MAX_UPLOAD + 10))}),
+        {413},
+        {"upload_too_large"},
+    )
+    _assert_error(
+        server.post("/api/generate", files={"text": (None, "a" * 600_000)}),
+        {413},
+        {"payload_too_large", "text_too_long"},
+    )
+    _assert_error(
+        server.post("/api/generate", json={"text": "я" * (MAX_CHARS + 1), "language": "ru"}), {413}, {"text_too_long"}
+    )
     assert time.monotonic() - started < 30
 
 
@@ -181,10 +203,13 @@ def test_truncated_and_valid_recordings(server, media):
 
 def test_audio_that_expands_past_the_duration_limit_is_413_without_decoding_it_all(server, media):
     started = time.monotonic()
-    body = _assert_error(server.post("/api/generate", files={"audio": ("long.flac", media["long_flac"])}),
-                         {413}, {"audio_too_long"})
+    body = _assert_error(
+        server.post("/api/generate", files={"audio": ("long.flac", media["long_flac"])}), {413}, {"audio_too_long"}
+    )
     assert "5 s" in body["error"]
-    _assert_error(server.post("/api/jobs", files={"audio": ("long.flac", media["long_flac"])}), {413}, {"audio_too_long"})
+    _assert_error(
+        server.post("/api/jobs", files={"audio": ("long.flac", media["long_flac"])}), {413}, {"audio_too_long"}
+    )
     assert time.monotonic() - started < 10
 
 
@@ -196,9 +221,14 @@ def test_bad_avatars_are_400(server, huge_png):
         "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', {"invalid_image"}),
         "random.jpg": (rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), {"invalid_image"}),
         "cut.png": (png_head + _png_chunk(b"IDAT", zlib.compress(b"\0" * 100)[:20]), {"invalid_image"}),
-        "zero.png": (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)),
-                     {"invalid_image"}),
-        "nosof.jpg": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9", {"invalid_image"}),
+        "zero.png": (
+            b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)),
+            {"invalid_image"},
+        ),
+        "nosof.jpg": (
+            b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9",
+            {"invalid_image"},
+        ),
         "huge.png": (huge_png, {"image_too_large"}),
         "gif.png": (b"GIF89a" + b"\0" * 100, {"invalid_image"}),
     }
@@ -215,11 +245,26 @@ def test_bad_avatars_are_400(server, huge_png):
 
 
 # ------------------------------------------------------------------ unicode
-UNICODE = ["مرحبا بالعالم، كيف حالك؟", "שלום עולם", "\u202eHello reversed", "😀🎉🚀", "Hello 😀 world 🌍",
-           "\u200b\u200c\u200d\u2060", "a\u200bb\u200cc", "H̷̢e̸l̵l̶o̴ w̷o̶r̵l̷d̸", "e" + "\u0301" * 150,
-           "\ufeffHello with a BOM", "Hello\x00World\x07\x1b[31m", "\u2028\u2029line separators", "...!?;:",
-           "\uffff\ufffe noncharacters", "Сәлеметсіз бе! Қазақ тілі", "日本語のテキスト", "𝕳𝖊𝖑𝖑𝖔 𝖜𝖔𝖗𝖑𝖉",
-           "Привет\r\nмир\tс табуляцией"]
+UNICODE = [
+    "مرحبا بالعالم، كيف حالك؟",
+    "שלום עולם",
+    "\u202eHello reversed",
+    "😀🎉🚀",
+    "Hello 😀 world 🌍",
+    "\u200b\u200c\u200d\u2060",
+    "a\u200bb\u200cc",
+    "H̷̢e̸l̵l̶o̴ w̷o̶r̵l̷d̸",
+    "e" + "\u0301" * 150,
+    "\ufeffHello with a BOM",
+    "Hello\x00World\x07\x1b[31m",
+    "\u2028\u2029line separators",
+    "...!?;:",
+    "\uffff\ufffe noncharacters",
+    "Сәлеметсіз бе! Қазақ тілі",
+    "日本語のテキスト",
+    "𝕳𝖊𝖑𝖑𝖔 𝖜𝖔𝖗𝖑𝖉",
+    "Привет\r\nмир\tс табуляцией",
+]
 
 
 @pytest.mark.parametrize("text", UNICODE, ids=lambda t: t.encode("unicode_escape").decode()[:24])
@@ -235,19 +280,35 @@ def test_unicode_edge_cases_make_a_video_or_a_clear_4xx(server, text):
 
 
 def test_lone_surrogates_are_refused(server):
-    r = server.post("/api/generate", data=b'{"text": "bad \\ud800 half", "language": "en"}',
-                    headers={"Content-Type": "application/json"})
+    r = server.post(
+        "/api/generate",
+        data=b'{"text": "bad \\ud800 half", "language": "en"}',
+        headers={"Content-Type": "application/json"},
+    )
     _assert_error(r, {400}, {"invalid_text"})
-    r = server.post("/api/jobs", data=b'{"text": "\\udfff", "language": "en"}', headers={"Content-Type": "application/json"})
+    r = server.post(
+        "/api/jobs", data=b'{"text": "\\udfff", "language": "en"}', headers={"Content-Type": "application/json"}
+    )
     _assert_error(r, {400}, {"invalid_text"})
 
 
 # --------------------------------------------------------------- path-like ids
-RAW_PATHS = ["/api/jobs/../../etc/passwd", "/api/jobs/..%2F..%2Fetc%2Fpasswd", "/api/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-             "/api/jobs/..%252f..%252fetc%252fpasswd", "/api/jobs/" + "0" * 32 + "/../../../etc/passwd",
-             "/api/jobs/" + "A" * 32, "/api/jobs/" + "0" * 31, "/api/jobs/" + "0" * 33, "/api/jobs/%00",
-             "/api/jobs/" + "%D9%A0" * 32, "/api/jobs/" + "0" * 32 + "%00", "/api/jobs/.", "/api/jobs/~root",
-             "/api/jobs/" + "x" * 5000]
+RAW_PATHS = [
+    "/api/jobs/../../etc/passwd",
+    "/api/jobs/..%2F..%2Fetc%2Fpasswd",
+    "/api/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/api/jobs/..%252f..%252fetc%252fpasswd",
+    "/api/jobs/" + "0" * 32 + "/../../../etc/passwd",
+    "/api/jobs/" + "A" * 32,
+    "/api/jobs/" + "0" * 31,
+    "/api/jobs/" + "0" * 33,
+    "/api/jobs/%00",
+    "/api/jobs/" + "%D9%A0" * 32,
+    "/api/jobs/" + "0" * 32 + "%00",
+    "/api/jobs/.",
+    "/api/jobs/~root",
+    "/api/jobs/" + "x" * 5000,
+]
 
 
 @pytest.mark.parametrize("raw", RAW_PATHS, ids=lambda p: p[10:40])
@@ -261,9 +322,18 @@ def test_path_like_job_ids_are_404_on_every_route(server, raw):
             assert b"root:" not in body
 
 
-@pytest.mark.parametrize("raw", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
-                                 "/static//etc/passwd", "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-                                 "/static/..\\app.py", "/static/app.js%00.png"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/static/../app.py",
+        "/static/%2e%2e/app.py",
+        "/static/..%2fapp.py",
+        "/static//etc/passwd",
+        "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/static/..\\app.py",
+        "/static/app.js%00.png",
+    ],
+)
 def test_static_paths_never_leave_the_static_folder(server, raw):
     status, body = _raw(server, "GET", raw)
     assert status in (400, 404, 308), (raw, status)  # 308: werkzeug merges "//" by redirecting (to a 404)

@@ -15,13 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync.media.audio import frame_count, load_audio
-from lipsync.engines.builtin.engine import BuiltinEngine
 from lipsync.engines.builtin.drive import mouth_track, viseme
+from lipsync.engines.builtin.engine import BuiltinEngine
 from lipsync.engines.builtin.mouth import locate_mouth
 from lipsync.faces.box import FaceBox
+from lipsync.media.audio import frame_count, load_audio
 from lipsync.tts.base import PhonemeEvent, Speech
-
 from tests.conftest import fixture_path, skip_or_fail
 
 FPS = 25
@@ -137,7 +136,7 @@ def espeak_or_skip():
     from lipsync.tts.espeak import EspeakTTS
     try:
         return EspeakTTS()
-    except Exception as exc:  # the library or voice data missing on this machine
+    except Exception as exc:  # noqa: BLE001 - the library or voice data missing on this machine
         skip_or_fail(f"espeak-ng unavailable: {exc}")
 
 

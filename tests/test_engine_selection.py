@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lipsync.engines.wav2lip.model import Wav2Lip
 from lipsync.server import close_app, create_app
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
-from lipsync.engines.wav2lip.model import Wav2Lip
 from tests.media import probe
 
 

@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from lipsync.errors import CheckpointError, InvalidInputError, NoFaceError
-from lipsync.faces import FaceBox, FaceLocator
+from lipsync.faces import FaceBox, FaceLocator, s3fd
 from lipsync.faces import NoFaceError as ExportedNoFaceError
-from lipsync.faces import s3fd
 from lipsync.faces.haar import CALIBRATION, HaarDetector, fit_calibration, iou
 from tests.conftest import REPO, fixture_path, skip_or_fail
 
@@ -313,7 +312,7 @@ def test_unusable_arrays_are_invalid_input(bad):
 
 
 @pytest.fixture(scope="module")
-def random_state() -> "OrderedDict[str, torch.Tensor]":
+def random_state() -> OrderedDict[str, torch.Tensor]:
     torch.manual_seed(0)
     return s3fd.S3FD().state_dict()
 
@@ -384,11 +383,23 @@ def _broken_files(state):
     extra = OrderedDict(state)
     extra["conv8_1.weight"] = torch.zeros(1)
     return {"wrong_shape": wrong_shape, "missing_key": missing, "extra_key": extra,
-            "not_a_state_dict": {"epoch": 3}, "wav2lip_like": {"state_dict": {"audio_encoder.0.weight": torch.zeros(1)}}}
+            "not_a_state_dict": {"epoch": 3},
+            "wav2lip_like": {"state_dict": {"audio_encoder.0.weight": torch.zeros(1)}}}
 
 
-@pytest.mark.parametrize("case", ["wrong_shape", "missing_key", "extra_key", "not_a_state_dict", "wav2lip_like",
-                                  "garbage_bytes", "truncated", "missing_file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong_shape",
+        "missing_key",
+        "extra_key",
+        "not_a_state_dict",
+        "wav2lip_like",
+        "garbage_bytes",
+        "truncated",
+        "missing_file",
+    ],
+)
 def test_broken_weights_raise_checkpoint_error(case, random_state, random_weights_file, tmp_path):
     path = tmp_path / "s3fd.pth"
     if case == "garbage_bytes":
@@ -459,11 +470,19 @@ def test_decoder_and_nms_on_hand_built_maps():
     dets = s3fd.postprocess(outs, score_threshold=0.5, nms_threshold=0.3)
 
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731 - 2-class softmax
-    expected = np.array([
-        [101.6 - 24, 83.2 - 16, 101.6 + 24, 83.2 + 16, sig(8.0)],  # A: centre moved by 0.1*32*(0.5, -0.25), width x1.5
-        [112, 16, 240, 144, sig(3.0)],  # C: the anchor itself
-        [2, 234, 18, 250, sig(0.2)],  # E: the anchor itself
-    ])
+    expected = np.array(
+        [
+            [
+                101.6 - 24,
+                83.2 - 16,
+                101.6 + 24,
+                83.2 + 16,
+                sig(8.0),
+            ],  # A: centre moved by 0.1*32*(0.5, -0.25), width x1.5
+            [112, 16, 240, 144, sig(3.0)],  # C: the anchor itself
+            [2, 234, 18, 250, sig(0.2)],  # E: the anchor itself
+        ]
+    )
     assert dets.shape == (3, 5)
     np.testing.assert_allclose(dets, expected, rtol=0, atol=1e-3)
 
@@ -486,7 +505,7 @@ def test_pipeline_scales_boxes_back_to_the_image(tmp_path):
     """
     net = s3fd.S3FD()
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             p.zero_()
         net.conv3_3_norm_mbox_conf.bias.copy_(torch.tensor([5.0, 5.0, 5.0, 0.0]))
         for head in ("conv4_3_norm", "conv5_3_norm", "fc7", "conv6_2"):
@@ -532,8 +551,11 @@ def test_random_weights_run_end_to_end_on_the_avatar(random_weights_file):
 
 
 def _real_weights() -> Path | None:
-    for candidate in (os.environ.get("S3FD_PATH"), REPO / "checkpoints" / "s3fd.pth",
-                      REPO / "checkpoints" / "s3fd-619a316812.pth"):
+    for candidate in (
+        os.environ.get("S3FD_PATH"),
+        REPO / "checkpoints" / "s3fd.pth",
+        REPO / "checkpoints" / "s3fd-619a316812.pth",
+    ):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None

@@ -125,7 +125,7 @@ class LiveServer:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def start(self, wait: bool = True, timeout: float = 120.0) -> "LiveServer":
+    def start(self, wait: bool = True, timeout: float = 120.0) -> LiveServer:
         env = {k: v for k, v in os.environ.items() if k not in _SETTING_NAMES}
         env.update(HOST="127.0.0.1", PORT=str(self.port), OUTPUT_DIR=str(self.output_dir),
                    CACHE_DIR=str(self.cache_dir), ENGINE="builtin", FACE_DETECTOR="haar", LOG_FORMAT="json",
@@ -264,7 +264,7 @@ class _TTSServer:
         self._lock = threading.Lock()
         self.server = None
 
-    def start(self) -> "_TTSServer":
+    def start(self) -> _TTSServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -197,7 +197,8 @@ def test_submit_runs_to_done_with_increasing_progress_and_a_result(make_queue):
     assert all(0.0 <= s["progress"] < 1.0 for s in running)
     assert {"tts", "lipsync"} <= {s["stage"] for s in running}  # states are sampled: quick ones may coalesce
 
-    assert final["progress"] == 1.0 and final["stage"] == "encode" and final["error"] is None and final["queue_position"] is None
+    assert final["progress"] == 1.0 and final["stage"] == "encode" and final["error"] is None
+    assert final["queue_position"] is None
     assert final["frames"] == 25 and final["duration"] == 1.0 and final["engine"] == "slow-fake"
     assert final["timings"]["total"] == 6.0 and final["timings"]["queue_wait"] >= 0
     created, started, finished = (parse_iso(final[k]) for k in ("created_at", "started_at", "finished_at"))
@@ -280,12 +281,24 @@ def test_bad_requests_fail_at_submit_with_the_services_errors(make_queue):
         (JobRequest(text=None), InvalidInputError, "missing_input", 400),
         (JobRequest(recording=b""), InvalidInputError, "invalid_audio", 400),
         (JobRequest(recording=b"x" * 10_001), PayloadTooLargeError, "upload_too_large", 413),
-        (JobRequest(text="hi", language="en", avatar_image=b"x" * 10_001), PayloadTooLargeError,
-         "upload_too_large", 413),
-        (JobRequest(text="hi", language="en", callback_url="ftp://example.com/x"), InvalidInputError,
-         "invalid_callback_url", 400),
-        (JobRequest(text="hi", language="en", callback_url="/relative/path"), InvalidInputError,
-         "invalid_callback_url", 400),
+        (
+            JobRequest(text="hi", language="en", avatar_image=b"x" * 10_001),
+            PayloadTooLargeError,
+            "upload_too_large",
+            413,
+        ),
+        (
+            JobRequest(text="hi", language="en", callback_url="ftp://example.com/x"),
+            InvalidInputError,
+            "invalid_callback_url",
+            400,
+        ),
+        (
+            JobRequest(text="hi", language="en", callback_url="/relative/path"),
+            InvalidInputError,
+            "invalid_callback_url",
+            400,
+        ),
     ]
     for request, kind, code, status in cases:
         with pytest.raises(kind) as info:
@@ -301,8 +314,21 @@ def test_unknown_and_path_like_ids_are_simply_unknown(make_queue, tmp_path):
     assert q.wait(done.id, timeout=5)["status"] == "done"
     secret = tmp_path / "outputs" / "secret.txt"
     secret.write_text("keep me")
-    bad_ids = ["../../etc/passwd", "../secret.txt", "", " ", done.id + "/../" + done.id, done.id.upper(),
-               done.id + "\n", "0" * 31, "/" + done.id, "jobs.sqlite3", None, 42, "0" * 32]
+    bad_ids = [
+        "../../etc/passwd",
+        "../secret.txt",
+        "",
+        " ",
+        done.id + "/../" + done.id,
+        done.id.upper(),
+        done.id + "\n",
+        "0" * 31,
+        "/" + done.id,
+        "jobs.sqlite3",
+        None,
+        42,
+        "0" * 32,
+    ]
     for bad in bad_ids:
         assert q.get(bad) is None, bad
         assert q.result_path(bad) is None, bad
@@ -346,8 +372,8 @@ def test_cancel_running_job_aborts_the_render_and_the_worker_moves_on(make_queue
     assert q.cancel(running.id) is True
     state = q.get(running.id)
     assert state["status"] == "cancelled" and state["finished_at"]
-    assert service.aborted == ["long"]           # the render stopped; it was never released
-    assert not job_dir(q, running.id).exists()   # partial output and folder gone
+    assert service.aborted == ["long"]  # the render stopped; it was never released
+    assert not job_dir(q, running.id).exists()  # partial output and folder gone
     assert q.result_path(running.id) is None
     assert q.wait(nxt.id, timeout=5)["status"] == "done"
     assert q.get(running.id)["status"] == "cancelled"  # the worker did not overwrite it
@@ -469,8 +495,8 @@ def test_events_with_timeout_end_early_and_heartbeat_yields_none(make_queue):
     listener.start()
     listener.join(30)  # the held job never ends by itself: only the timeout can end the events
     assert not listener.is_alive(), "events() did not end at its timeout"
-    assert took[0] >= 0.5                              # ...and not before it
-    assert q.get(job.id)["status"] == "running"        # it ended early: the job still runs
+    assert took[0] >= 0.5  # ...and not before it
+    assert q.get(job.id)["status"] == "running"  # it ended early: the job still runs
     assert items[0]["status"] == "running"
     assert None in items  # heartbeats while nothing changes
     service.release("slow")
@@ -500,8 +526,12 @@ time.sleep(60)
 
 
 def test_restart_after_a_crash_reports_unfinished_jobs_interrupted_and_serves_done_ones(make_queue, tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(REPO), str(tmp_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASH_CHILD, str(REPO), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = child.stdout.readline()
         assert line, child.stderr.read()
@@ -577,8 +607,9 @@ def test_results_expire_after_the_ttl(make_queue):
     path = q.result_path(done.id)
     assert path and os.path.exists(path)
     # the cleanup drops the records, then the files: wait for both
-    wait_for(lambda: q.get(done.id) is None and q.get(failed.id) is None and not job_dir(q, done.id).exists(),
-             timeout=10)
+    wait_for(
+        lambda: q.get(done.id) is None and q.get(failed.id) is None and not job_dir(q, done.id).exists(), timeout=10
+    )
     assert not os.path.exists(path) and not job_dir(q, done.id).exists()
     assert q.result_path(done.id) is None
 

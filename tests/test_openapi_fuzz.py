@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from lipsync.server import close_app, create_app
+from lipsync.server import close_app
 from lipsync.server.openapi import build_openapi
 from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings

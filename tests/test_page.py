@@ -495,8 +495,14 @@ def test_health_badge_and_avatar_while_the_models_load(open_page, server):
                                                                  body=json.dumps(body)))
 
     fake_health({"status": "loading", "models_loaded": False, "avatar_loaded": False})
-    page.route("**/api/avatar*", lambda route: route.fulfill(status=503, content_type="application/json", body=json.dumps(
-        {"error": "the avatar is not loaded yet", "code": "not_ready"})))
+    page.route(
+        "**/api/avatar*",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body=json.dumps({"error": "the avatar is not loaded yet", "code": "not_ready"}),
+        ),
+    )
     page.goto(server.url + "/")
     ru = messages(page, "ru")
     health = page.locator("#health")
@@ -525,9 +531,14 @@ def test_no_horizontal_scroll_on_a_375_px_phone(open_page, server, lang):
     page = open_page("en-US", mobile=True, goto=False)
     page.goto(server.url + "/")
     page.evaluate("([key, lang]) => localStorage.setItem(key, JSON.stringify(lang))", [UI_LANG_KEY, lang])
-    long_entry = {"id": "f" * 32, "video_url": "/api/jobs/" + "f" * 32 + "/video", "kind": "recording",
-                  "name": "a-very-long-recording-file-name-without-any-spaces-at-all-2026-11-30.m4a",
-                  "duration": 12.5, "at": int(time.time() * 1000)}
+    long_entry = {
+        "id": "f" * 32,
+        "video_url": "/api/jobs/" + "f" * 32 + "/video",
+        "kind": "recording",
+        "name": "a-very-long-recording-file-name-without-any-spaces-at-all-2026-11-30.m4a",
+        "duration": 12.5,
+        "at": int(time.time() * 1000),
+    }
     page.route("**/api/jobs/" + "f" * 32 + "/video", lambda route: route.fulfill(status=200, body=b""))
     page.evaluate("([key, value]) => localStorage.setItem(key, value)", [HISTORY_KEY, json.dumps([long_entry])])
     page.reload()

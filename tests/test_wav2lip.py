@@ -17,9 +17,15 @@ import pytest
 import torch
 from torch import nn
 
+from lipsync.engines.wav2lip.model import (
+    PARAMETER_COUNT,
+    Wav2Lip,
+    describe_checkpoint,
+    load_checkpoint,
+    load_model,
+    random_generator,
+)
 from lipsync.errors import CheckpointError
-from lipsync.engines.wav2lip.model import (PARAMETER_COUNT, Wav2Lip, describe_checkpoint, load_checkpoint, load_model,
-                             random_generator)
 from tests.conftest import skip_or_fail
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "wav2lip_state_dict.json"

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.media import audio
 from lipsync.engines.base import Region
 from lipsync.engines.wav2lip.engine import Wav2LipEngine
+from lipsync.engines.wav2lip.model import Wav2Lip, random_generator
 from lipsync.errors import InvalidInputError, NoFaceError
 from lipsync.faces.box import FaceBox
+from lipsync.media import audio
 from lipsync.tts.base import Speech
-from lipsync.engines.wav2lip.model import Wav2Lip, random_generator
 from tests.conftest import fixture_path
 
 BOX = FaceBox(420, 137, 885, 602)       # the avatar's face, marked by hand
@@ -172,7 +172,7 @@ def test_concurrent_renders_match_serial_ones(engine, avatar, samples):
         try:
             start.wait()
             results[i] = _render(engine, avatar, clips[i])[0]
-        except Exception as exc:  # surfaced below
+        except Exception as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]

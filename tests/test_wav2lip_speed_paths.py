@@ -22,14 +22,19 @@ import pytest
 import torch
 from torch import nn
 
-from lipsync.media import audio, video
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.engines.wav2lip.engine import MASK_TOP_ZERO, Wav2LipEngine, feather_mask, resize_faces_torch
+from lipsync.engines.wav2lip.model import (
+    StillFaceDecoder,
+    Wav2Lip,
+    mouth_rows_start,
+    random_generator,
+    save_random_checkpoint,
+)
 from lipsync.errors import LipsyncError
 from lipsync.faces.box import FaceBox
+from lipsync.media import audio, video
 from lipsync.tts.base import Speech
-from lipsync.engines.wav2lip.model import (StillFaceDecoder, Wav2Lip, mouth_rows_start, random_generator,
-                             save_random_checkpoint)
 from tests.conftest import skip_or_fail
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None

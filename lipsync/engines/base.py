@@ -8,14 +8,14 @@ encoding are shared by all engines.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from lipsync.faces.box import FaceBox, Rect
 from lipsync.tts.base import Speech
-
 
 # The rectangle of the avatar an engine redraws, in pixels, half-open (x2, y2 excluded).
 Region = Rect

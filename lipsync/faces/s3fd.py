@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -288,7 +288,7 @@ def _as_numpy(x) -> np.ndarray:
 # ---------------------------------------------------------------- weights
 
 
-def load_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+def load_state_dict(path: str | os.PathLike) -> OrderedDict[str, torch.Tensor]:
     """Read S3FD weights and return them keyed like ``S3FD().state_dict()``.
 
     Accepts a bare state dict or ``{'state_dict': ...}`` (also ``'model'`` /
@@ -453,7 +453,8 @@ class S3FDDetector:
         return confident + others
 
     def describe(self) -> dict:
-        return {"detector": "s3fd", "weights": str(self.weights_path), "device": str(self.device), "max_side": self.max_side}
+        return {"detector": "s3fd", "weights": str(self.weights_path), "device": str(self.device),
+                "max_side": self.max_side}
 
 
 def _to_bgr(image: np.ndarray) -> np.ndarray:

@@ -18,8 +18,14 @@ from lipsync.jobs.live import follow_live, open_live
 from lipsync.jobs.local import LocalJobQueue
 from lipsync.jobs.queue import INTERRUPTED_ERROR, STAGE_SPANS, Job, JobQueue, JobRequest
 from lipsync.jobs.store import FINAL_STATUSES, STATUSES, JobStore, new_job_id, valid_job_id
-from lipsync.jobs.webhooks import (SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookSender, sign, validate_callback_url,
-                                   verify_signature)
+from lipsync.jobs.webhooks import (
+                                   SIGNATURE_HEADER,
+                                   TIMESTAMP_HEADER,
+                                   WebhookSender,
+                                   sign,
+                                   validate_callback_url,
+                                   verify_signature,
+)
 
 __all__ = [
     "FINAL_STATUSES", "INTERRUPTED_ERROR", "Job", "JobQueue", "JobRequest", "JobStore", "LocalJobQueue",

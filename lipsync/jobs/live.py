@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from lipsync.jobs.queue import JobQueue
 from lipsync.jobs.store import QUEUED, RUNNING

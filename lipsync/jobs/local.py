@@ -41,13 +41,24 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from lipsync.errors import InvalidInputError, LipsyncError, QueueFullError
 from lipsync.inputs import AVATAR, check_recording, check_service_loaded, check_upload
 from lipsync.jobs.queue import INTERRUPTED_ERROR, RUNNING_PROGRESS_MAX, STAGE_SPANS, Job, JobQueue, JobRequest
-from lipsync.jobs.store import (CANCELLED, DONE, FAILED, FINAL_STATUSES, QUEUED, RUNNING, WEBHOOK_DELIVERED,
-                                WEBHOOK_FAILED, JobStore, new_job_id, valid_job_id)
+from lipsync.jobs.store import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINAL_STATUSES,
+    QUEUED,
+    RUNNING,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_FAILED,
+    JobStore,
+    new_job_id,
+    valid_job_id,
+)
 from lipsync.jobs.webhooks import WebhookSender, validate_callback_url
 
 try:  # POSIX; elsewhere other owners are simply assumed dead (one process per output folder)
@@ -66,7 +77,7 @@ RECORDING_NAME = "recording.bin"
 AVATAR_NAME = "avatar.bin"
 
 
-class _Abort(Exception):
+class _Abort(Exception):  # noqa: N818 - control flow inside the worker, never an error users see
     """Raised from the progress callback to stop a render."""
 
     def __init__(self, reason: str):
@@ -258,7 +269,7 @@ class LocalJobQueue(JobQueue):
             if heartbeat is not None:
                 wait = min(wait, max(0.0, last_yield + heartbeat - now))
             with self._cond:
-                self._cond.wait_for(lambda: self._version != version, wait)
+                self._cond.wait_for(lambda seen=version: self._version != seen, wait)
                 version = self._version
             state = self.store.get(job_id)
             if state is None:

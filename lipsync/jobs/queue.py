@@ -28,8 +28,8 @@ Decisions where the issue left room:
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
 
 from lipsync.jobs.store import FINAL_STATUSES
 
@@ -73,7 +73,7 @@ class Job:
     callback_url: str | None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Job":
+    def from_dict(cls, data: dict) -> Job:
         return cls(**{f.name: data.get(f.name) for f in fields(cls)})
 
     def to_dict(self) -> dict:

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import uuid
 import weakref
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -74,7 +74,7 @@ def iso_utc(seconds: float | None) -> str | None:
     """Unix seconds as ISO 8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _ThreadConnection:

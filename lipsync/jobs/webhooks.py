@@ -39,14 +39,13 @@ import hmac
 import itertools
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from lipsync.errors import InvalidInputError
 
@@ -168,7 +167,7 @@ def deliver_once(url: str, body: bytes, *, secret: str | None, timeout: float, a
         exc.close()
         retryable = status >= 500 or status == 429
         return Attempt(ok=False, retryable=retryable, status=status, error=f"HTTP {status}")
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return Attempt(ok=False, retryable=True, status=None, error=f"{type(reason).__name__}: {reason}")
     except Exception as exc:  # noqa: BLE001 - e.g. http.client.BadStatusLine from a broken receiver

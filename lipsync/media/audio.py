@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import struct
+import tempfile
 
 import numpy as np
 

@@ -13,7 +13,6 @@ import subprocess
 
 from lipsync.errors import MediaError
 
-
 _explicit_binary: str | None = None
 
 

@@ -15,7 +15,8 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from lipsync.errors import RefusedError
 from lipsync.server.memory import release_memory

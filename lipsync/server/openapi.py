@@ -9,6 +9,7 @@ routes and fuzzes a live server with it (Schemathesis).
 from __future__ import annotations
 
 from copy import deepcopy
+
 from lipsync.jobs.store import STATUSES
 from lipsync.jobs.webhooks import MAX_URL_LENGTH
 from lipsync.server.settings import ServerSettings, parse_rate_limit

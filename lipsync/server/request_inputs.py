@@ -12,8 +12,15 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
 from lipsync.errors import InvalidInputError
-from lipsync.inputs import (AVATAR, RECORDING, check_image, check_service_loaded, clean_text, normalize_recording,
-                            read_upload)
+from lipsync.inputs import (
+    AVATAR,
+    RECORDING,
+    check_image,
+    check_service_loaded,
+    clean_text,
+    normalize_recording,
+    read_upload,
+)
 from lipsync.server import context
 from lipsync.server.observability import ENV_TEXT, clip
 from lipsync.tts.base import DEFAULT_LANGUAGE

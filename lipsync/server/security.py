@@ -16,7 +16,7 @@ import hmac
 import logging
 import math
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from lipsync.errors import RefusedError
 from lipsync.server.observability import Metrics

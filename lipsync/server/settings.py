@@ -7,8 +7,9 @@ rules, names in README) and kept in ``app.config["SERVER"]``. Nothing below
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 from lipsync.settings import EnvSettings, SettingsError
 
@@ -66,7 +67,9 @@ class ServerSettings(EnvSettings):
         if self.rate_limit_storage_uri.split("://", 1)[0] not in RATE_LIMIT_STORAGE_SCHEMES:
             raise SettingsError("RATE_LIMIT_STORAGE_URI must be memory:// or a redis:// URL")
         for origin in self.cors_origins:
-            if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]):
+            if origin != "*" and not (
+                origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]
+            ):
                 raise SettingsError(f"CORS_ORIGINS: {origin!r} is not an origin like https://example.com")
         for key in self.api_keys:
             if not key or any(ch.isspace() for ch in key) or not key.isprintable():
@@ -86,5 +89,6 @@ def parse_rate_limit(spec: str, name: str = "rate_limit") -> list:
     try:
         return list(parse_many(spec))
     except ValueError:
-        raise SettingsError(f"{name.upper()}={spec!r} is not a rate limit like '30/minute' or "
-                            "'5/second;100/hour' (or 'off')") from None
+        raise SettingsError(
+            f"{name.upper()}={spec!r} is not a rate limit like '30/minute' or '5/second;100/hour' (or 'off')"
+        ) from None

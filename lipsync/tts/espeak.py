@@ -82,7 +82,7 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 # One lock for every call into libespeak-ng, whichever EspeakTTS instance
 # makes it: the library has a single global state per process.
 _LOCK = threading.Lock()
-_ENGINE: "_Engine | None" = None
+_ENGINE: _Engine | None = None
 
 
 def _after_fork_in_child() -> None:
@@ -151,7 +151,7 @@ class _Engine:
                     self._events.append((event.sample, raw.decode("utf-8", "replace")))
                 i += 1
             return 0
-        except BaseException as exc:  # never let an exception cross into C
+        except BaseException as exc:  # noqa: BLE001 - never let an exception cross into C
             self._error = exc
             return 1  # abort synthesis
 
@@ -215,7 +215,7 @@ class EspeakTTS:
     def __init__(self, voices: dict[str, str] | None = None) -> None:
         self.voices = {**VOICES, **(voices or {})}
 
-    def load(self) -> "EspeakTTS":
+    def load(self) -> EspeakTTS:
         """Initialise libespeak-ng and check every voice now, not on the first request.
 
         Raises ``TTSError`` when the library or a voice is missing.

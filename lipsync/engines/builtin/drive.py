@@ -29,14 +29,14 @@ All functions are pure: no state is kept between calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from lipsync.engines.blend import smoothstep
 from lipsync.media.audio import frame_count
 from lipsync.tts.base import PhonemeEvent, Speech
-from lipsync.engines.blend import smoothstep
 
 ANALYSIS_RATE = 100.0  # feature frames per second (10 ms hop)
 WINDOW_S = 0.025       # analysis window

@@ -15,16 +15,16 @@ mutated and can be shared by concurrent requests.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from lipsync.media.audio import frame_count
 from lipsync.engines.base import PreparedAvatar
 from lipsync.engines.builtin.drive import MouthTrack, mouth_track
 from lipsync.engines.builtin.mouth import MouthRenderer, locate_mouth
 from lipsync.errors import InvalidInputError
 from lipsync.faces.box import FaceBox
+from lipsync.media.audio import frame_count
 from lipsync.tts.base import Speech
 
 VERSION = "1.0"

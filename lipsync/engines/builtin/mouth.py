@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from lipsync.engines.base import Region
-from lipsync.faces.box import FaceBox
 from lipsync.engines.blend import smoothstep
+from lipsync.faces.box import FaceBox
 
 # Where the mouth is in an S3FD box (forehead to chin), as fractions of it.
 PRIOR_LINE_Y = 0.79

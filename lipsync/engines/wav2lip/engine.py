@@ -32,24 +32,25 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from lipsync.media import audio
-from lipsync.engines.wav2lip import onnx_backend
 from lipsync.devices import resolve_device
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.engines.blend import smoothstep
+from lipsync.engines.wav2lip import onnx_backend
+from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
+from lipsync.media import audio
 from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
 from lipsync.tts.base import Speech
-from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 
 log = logging.getLogger("lipsync")
 
@@ -133,7 +134,7 @@ class _CudaGraphDecoder:
         # and draw the new request with the previous avatar's face.
         self._loaded: dict[int, object] = {}
 
-    def __call__(self, mel: torch.Tensor, state: "_Wav2LipState") -> torch.Tensor:
+    def __call__(self, mel: torch.Tensor, state: _Wav2LipState) -> torch.Tensor:
         batch = mel.size(0)
         if batch not in self._graphs:
             self._graphs[batch] = self._capture(mel, state.constants)

@@ -27,8 +27,9 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -194,7 +195,8 @@ class Wav2Lip(nn.Module):
             x = block(x)
             if feat.size(0) != batch:
                 if feat.size(0) != 1:
-                    raise ValueError(f"face features are for {feat.size(0)} faces but the batch has {batch} mel windows")
+                    raise ValueError(f"face features are for {feat.size(0)} faces but the batch has "
+                                     f"{batch} mel windows")
                 feat = feat.expand(batch, -1, -1, -1)
             x = torch.cat((x, feat), dim=1)
         return self.output_block(x)
@@ -248,7 +250,7 @@ def _reference_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 def _strip_prefixes(state: dict) -> dict:
     for prefix in _KEY_PREFIXES:
         if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -258,18 +260,22 @@ def _validate_state_dict(state: dict, name: str) -> dict:
     state = _strip_prefixes(state)
     non_tensor = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if non_tensor:
-        raise CheckpointError(f"checkpoint {name}: entry {non_tensor[0]!r} is not a tensor, so this is not a model state dict")
+        raise CheckpointError(
+            f"checkpoint {name}: entry {non_tensor[0]!r} is not a tensor, so this is not a model state dict"
+        )
     missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         sample = ", ".join(sorted(state)[:3]) or "none"
         raise CheckpointError(
             f"checkpoint {name} is not a Wav2Lip generator: {len(missing)} of {len(reference)} weights are missing, "
-            f"first missing key {missing[0]!r} (the file has {len(state)} entries, e.g. {sample})")
+            f"first missing key {missing[0]!r} (the file has {len(state)} entries, e.g. {sample})"
+        )
     unexpected = [k for k in state if k not in reference]
     if unexpected:
         raise CheckpointError(
             f"checkpoint {name} is not a Wav2Lip generator: it has {len(unexpected)} unexpected entries, "
-            f"first {unexpected[0]!r}")
+            f"first {unexpected[0]!r}"
+        )
     clean = {}
     for key, (shape, dtype) in reference.items():
         if key not in state:  # num_batches_tracked: not used in eval mode
@@ -279,7 +285,8 @@ def _validate_state_dict(state: dict, name: str) -> dict:
         if tuple(value.shape) != shape:
             raise CheckpointError(
                 f"checkpoint {name} does not match the Wav2Lip architecture: {key!r} has shape "
-                f"{list(value.shape)}, expected {list(shape)}")
+                f"{list(value.shape)}, expected {list(shape)}"
+            )
         if dtype.is_floating_point and not value.dtype.is_floating_point:
             raise CheckpointError(f"checkpoint {name}: {key!r} holds {value.dtype} values, expected floating point")
         clean[key] = value.detach().to(dtype=dtype)
@@ -307,7 +314,9 @@ def _file_kind(path: str, name: str) -> str:
         return "legacy"
     preview = head.decode("latin-1")
     if head.lstrip()[:1] in (b"{", b"["):
-        raise CheckpointError(f"checkpoint {name} is not a PyTorch checkpoint: it looks like JSON text (starts with {preview!r})")
+        raise CheckpointError(
+            f"checkpoint {name} is not a PyTorch checkpoint: it looks like JSON text (starts with {preview!r})"
+        )
     raise CheckpointError(f"checkpoint {name} is not a PyTorch checkpoint (starts with {preview!r})")
 
 
@@ -319,9 +328,13 @@ def _load_pickled(path: str, name: str) -> Any:
         reason = next((line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else "")
         raise CheckpointError(
             f"checkpoint {name} contains Python objects that cannot be loaded safely ({reason.strip()}); "
-            "only tensors, numbers and plain containers are accepted") from None
+            "only tensors, numbers and plain containers are accepted"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"checkpoint {name} could not be read; it is truncated or corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {name} could not be read; it is truncated or corrupt "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
 
 
 def _state_from_object(obj: Any, name: str) -> tuple[dict, str]:
@@ -335,7 +348,9 @@ def _state_from_object(obj: Any, name: str) -> tuple[dict, str]:
         prefixed = all(isinstance(k, str) and k.startswith(_KEY_PREFIXES) for k in obj)
         return obj, "state_dict_prefixed" if prefixed else "state_dict"
     keys = ", ".join(repr(k) for k in list(obj)[:5]) or "nothing"
-    raise CheckpointError(f"checkpoint {name} is a dict without model weights (it has {keys}; expected 'state_dict' or tensors)")
+    raise CheckpointError(
+        f"checkpoint {name} is a dict without model weights (it has {keys}; expected 'state_dict' or tensors)"
+    )
 
 
 def _load_torchscript(path: str, name: str) -> torch.jit.ScriptModule:
@@ -343,10 +358,12 @@ def _load_torchscript(path: str, name: str) -> torch.jit.ScriptModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.jit.load(path, map_location="cpu")
-    except Exception as exc:  # TorchScript raises RuntimeError and friends with long C++ traces
+    except Exception as exc:  # noqa: BLE001 - TorchScript raises RuntimeError and friends with long C++ traces
         first = str(exc).strip().splitlines()
         raise CheckpointError(
-            f"checkpoint {name} is a TorchScript archive that could not be loaded ({first[0] if first else type(exc).__name__})") from None
+            f"checkpoint {name} is a TorchScript archive that could not be loaded "
+            f"({first[0] if first else type(exc).__name__})"
+        ) from None
 
 
 def _eager_from_state(state: dict) -> Wav2Lip:
@@ -360,7 +377,7 @@ def _probe(model: nn.Module) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     mel = torch.rand(1, 1, MEL_BINS, MEL_STEPS, generator=gen) * 8 - 4
     faces = torch.rand(1, 6, FACE_SIZE, FACE_SIZE, generator=gen)
-    faces[:, :3, FACE_SIZE // 2:] = 0
+    faces[:, :3, FACE_SIZE // 2 :] = 0
     with torch.inference_mode():
         return model(mel, faces)
 
@@ -387,13 +404,15 @@ def _read(path: str | os.PathLike, *, build: bool) -> tuple[nn.Module | None, di
             scripted.eval()
             try:
                 out = _probe(scripted)
-            except Exception as run_exc:
+            except Exception as run_exc:  # noqa: BLE001 - any failure of a foreign module is a bad checkpoint
                 reason = (str(run_exc).strip().splitlines() or [type(run_exc).__name__])[0]
                 raise CheckpointError(
-                    f"{exc.message}; running it as TorchScript also failed ({reason[:160]})") from None
+                    f"{exc.message}; running it as TorchScript also failed ({reason[:160]})"
+                ) from None
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, 3, FACE_SIZE, FACE_SIZE):
                 shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise CheckpointError(f"{exc.message}; as TorchScript it returns {shape}, not (1, 3, 96, 96) faces")
+                raise CheckpointError(
+                    f"{exc.message}; as TorchScript it returns {shape}, not (1, 3, 96, 96) faces") from None
             return scripted, info
         info["eager"] = True
         info["parameters"] = _count(state)
@@ -403,7 +422,7 @@ def _read(path: str | os.PathLike, *, build: bool) -> tuple[nn.Module | None, di
         scripted.eval()
         try:
             same = torch.allclose(_probe(model), _probe(scripted), atol=1e-4)
-        except Exception:
+        except Exception:  # noqa: BLE001 - cannot compare: trust the export
             same = False
         if not same:  # same weights, different computation: trust the export
             info["eager"] = False
@@ -464,10 +483,16 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     ``eager: False``; only loading runs it), ``error`` the reason when not.
     """
     path = os.fspath(path)
-    info: dict[str, Any] = {"name": os.path.basename(path), "path": os.path.abspath(path), "layout": None,
-                            "parameters": None, "sha256": None,
-                            "size_bytes": os.path.getsize(path) if os.path.isfile(path) else None,
-                            "valid": False, "error": None}
+    info: dict[str, Any] = {
+        "name": os.path.basename(path),
+        "path": os.path.abspath(path),
+        "layout": None,
+        "parameters": None,
+        "sha256": None,
+        "size_bytes": os.path.getsize(path) if os.path.isfile(path) else None,
+        "valid": False,
+        "error": None,
+    }
     try:
         info["sha256"] = _sha256(path)[:16] if os.path.isfile(path) else None
         _, read = _read(path, build=False)
@@ -557,7 +582,9 @@ class _FoldedLayer(nn.Module):
         self.residual = bool(getattr(block, "residual", False))
         self.split = split
         if split is not None:
-            self.register_buffer("weight_face", weight[split:].clone() if self.transposed else weight[:, split:].clone())
+            self.register_buffer(
+                "weight_face", weight[split:].clone() if self.transposed else weight[:, split:].clone()
+            )
             weight = weight[:split] if self.transposed else weight[:, :split]
             self.register_buffer("bias_face", bias)
             bias = None
@@ -629,7 +656,7 @@ class StillFaceDecoder(nn.Module):
             split = block[0].conv_block[0].in_channels - _feature_channels(model, i - 1) if i else None
             stages.append(nn.ModuleList([_FoldedLayer(block[0], split)] + [_FoldedLayer(b) for b in block[1:]]))
         self.stages = nn.ModuleList(stages)
-        self.head = _FoldedLayer(model.output_block[0], split=64)   # cat(64 decoder ch, 16 face ch)
+        self.head = _FoldedLayer(model.output_block[0], split=64)  # cat(64 decoder ch, 16 face ch)
         final = model.output_block[1]
         self.register_buffer("final_weight", final.weight.detach().clone())
         self.register_buffer("final_bias", final.bias.detach().clone())
@@ -663,9 +690,9 @@ class StillFaceDecoder(nn.Module):
                 if i == 0:
                     continue
                 c = stage[0].face_constant(feats[i - 1].to(stage[0].weight.dtype))
-                out.append(c[:, :, 2 * self.crops[i]:] if i >= 2 else c)
+                out.append(c[:, :, 2 * self.crops[i] :] if i >= 2 else c)
             c = self.head.face_constant(feats[6].to(self.head.weight.dtype))
-            out.append(c[:, :, self.head_crop:])
+            out.append(c[:, :, self.head_crop :])
         return [t.contiguous() for t in out]
 
     # -- per frame ----------------------------------------------------------
@@ -685,15 +712,18 @@ class StillFaceDecoder(nn.Module):
             x = _crop_rows(x, self.head_crop - last)
         x = self.head(x, constants[-1])
         if self.rows_from > self.head_crop:
-            x = x[:, :, self.rows_from - self.head_crop:]
+            x = x[:, :, self.rows_from - self.head_crop :]
         x = nn.functional.conv2d(x, self.final_weight, self.final_bias)
         return torch.sigmoid(x)
 
 
 def _crop_rows(x: torch.Tensor, start: int) -> torch.Tensor:
     """``x[:, :, start:]`` made dense again in ``x``'s memory format (convolutions want dense input)."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.size(1) > 1 \
+    fmt = (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and x.size(1) > 1
         else torch.contiguous_format
+    )
     return x[:, :, start:].contiguous(memory_format=fmt)
 
 

@@ -19,14 +19,14 @@ import logging
 import os
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from lipsync.media import audio
-from lipsync.errors import LipsyncError
 from lipsync.engines.wav2lip.model import MEL_BINS, MEL_STEPS, StillFaceDecoder
+from lipsync.errors import LipsyncError
+from lipsync.media import audio
 
 log = logging.getLogger("lipsync")
 
@@ -65,8 +65,14 @@ def speechlike_mel_windows(count: int = 96, fps: int = 25, seed: int = 0) -> np.
             phase = np.cumsum(f0 / sr)
             for h in range(1, 40):
                 freq = h * f0
-                gain = sum(np.exp(-((freq - fc) / bw) ** 2) for fc, bw in
-                           ((rng.uniform(300, 900), 120), (rng.uniform(900, 2500), 200), (rng.uniform(2400, 3500), 300)))
+                gain = sum(
+                    np.exp(-(((freq - fc) / bw) ** 2))
+                    for fc, bw in (
+                        (rng.uniform(300, 900), 120),
+                        (rng.uniform(900, 2500), 200),
+                        (rng.uniform(2400, 3500), 300),
+                    )
+                )
                 seg += (gain + 0.02) / h * np.sin(2 * np.pi * h * phase) * (freq < 7600)
         elif kind == "noise":
             seg = rng.standard_normal(length) * np.hanning(length) * 0.3
@@ -103,15 +109,24 @@ class OrtDecoder:
     are not installed.
     """
 
-    def __init__(self, decoder: StillFaceDecoder, constants: Sequence[torch.Tensor], precision: str = "fp32",
-                 threads: int | None = None, calibration: np.ndarray | None = None):
+    def __init__(
+        self,
+        decoder: StillFaceDecoder,
+        constants: Sequence[torch.Tensor],
+        precision: str = "fp32",
+        threads: int | None = None,
+        calibration: np.ndarray | None = None,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise LipsyncError("WAV2LIP_PRECISION=int8 / the onnxruntime back end needs the onnxruntime package "
-                               "(pip install onnxruntime)", code="onnxruntime_missing") from None
+            raise LipsyncError(
+                "WAV2LIP_PRECISION=int8 / the onnxruntime back end needs the onnxruntime package "
+                "(pip install onnxruntime)",
+                code="onnxruntime_missing",
+            ) from None
         self.precision = precision
         self.rows_from = decoder.rows_from
         self.names = ["mel"] + [f"const{i}" for i in range(len(constants))]
@@ -138,17 +153,23 @@ class OrtDecoder:
                 got = self._session.run(None, feed)[0]
                 self.error = float(np.abs(got - want).mean() * 255.0)
         self.build_seconds = time.perf_counter() - started
-        log.info("onnxruntime %s decoder built in %.1f s%s", precision, self.build_seconds,
-                 f", mean error {self.error:.2f}/255 vs fp32" if self.error is not None else "")
+        log.info(
+            "onnxruntime %s decoder built in %.1f s%s",
+            precision,
+            self.build_seconds,
+            f", mean error {self.error:.2f}/255 vs fp32" if self.error is not None else "",
+        )
 
     def _feed(self, mel: np.ndarray, constants: Sequence[torch.Tensor | np.ndarray]) -> dict:
         values = [np.ascontiguousarray(mel, dtype=np.float32)]
-        values += [c.detach().float().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c, np.float32)
-                   for c in constants]
+        values += [
+            c.detach().float().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c, np.float32)
+            for c in constants
+        ]
         return dict(zip(self.names, values))
 
     def _feeds(self, windows: np.ndarray, constants, batch: int) -> list[dict]:
-        return [self._feed(windows[i:i + batch], constants) for i in range(0, len(windows), batch)]
+        return [self._feed(windows[i : i + batch], constants) for i in range(0, len(windows), batch)]
 
     def numpy_constants(self, constants: Sequence[torch.Tensor]) -> list[np.ndarray]:
         """Per-avatar constants as the float32 arrays ``__call__`` takes (convert once per avatar)."""
@@ -163,8 +184,12 @@ def _export(module: torch.nn.Module, args: tuple, path: str, names: list[str]) -
 
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        kwargs = dict(input_names=names, output_names=["face"], opset_version=17,
-                      dynamic_axes={"mel": {0: "batch"}, "face": {0: "batch"}})
+        kwargs = dict(
+            input_names=names,
+            output_names=["face"],
+            opset_version=17,
+            dynamic_axes={"mel": {0: "batch"}, "face": {0: "batch"}},
+        )
         try:
             torch.onnx.export(module, args, path, dynamo=False, **kwargs)
         except TypeError:  # a torch without the dynamo switch
@@ -173,11 +198,17 @@ def _export(module: torch.nn.Module, args: tuple, path: str, names: list[str]) -
 
 def _quantize(src: str, dst: str, feeds: list[dict]) -> None:
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError:
-        raise LipsyncError("int8 needs the onnx package to quantise the model (pip install onnx)",
-                           code="onnxruntime_missing") from None
+        raise LipsyncError(
+            "int8 needs the onnx package to quantise the model (pip install onnx)", code="onnxruntime_missing"
+        ) from None
 
     class _Reader(CalibrationDataReader):
         def __init__(self):
@@ -186,6 +217,13 @@ def _quantize(src: str, dst: str, feeds: list[dict]) -> None:
         def get_next(self):
             return next(self._it, None)
 
-    quantize_static(src, dst, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        src,
+        dst,
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
