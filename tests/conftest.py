@@ -17,12 +17,15 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
-def skip_or_fail(reason: str):
+def skip_or_fail(reason: str, *, allow_module_level: bool = False):
     """Skip the test saying why, except on CI (``CI=true``), where what is missing must be there:
-    the test fails with the same reason instead, so no skip can hide a failure."""
+    the test fails with the same reason instead, so no skip can hide a failure.
+
+    ``allow_module_level=True``: called while a test module is imported, it skips the whole module
+    (as ``pytest.skip(..., allow_module_level=True)``); on CI the module's collection fails."""
     if in_ci():
         pytest.fail(f"{reason} [CI=true: a missing requirement fails instead of skipping]", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=allow_module_level)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, message: str | None = None):

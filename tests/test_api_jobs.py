@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from lipsync.server import close_app, create_app
 from lipsync.settings import Settings
+from tests.conftest import wait_until
 from tests.media import probe
 
 LONG_TEXT = " ".join(f"This is sentence number {i}, spoken while the next one is being prepared." for i in range(12))
@@ -43,13 +43,16 @@ def _events(client, url: str) -> list[dict]:
 
 
 def _wait(client, job_id: str, statuses=("done", "failed", "cancelled"), timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.get(f"/api/jobs/{job_id}").get_json()
-        if state["status"] in statuses:
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {state['status']}")
+    last: dict = {}
+
+    def reached():
+        last.update(client.get(f"/api/jobs/{job_id}").get_json())
+        return dict(last) if last["status"] in statuses else None
+
+    try:
+        return wait_until(reached, timeout=timeout, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"job {job_id} still {last.get('status')} after {timeout} s") from None
 
 
 @pytest.mark.slow

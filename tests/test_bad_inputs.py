@@ -17,6 +17,7 @@ import pytest
 
 from lipsync.media.audio import write_wav
 from lipsync.media.ffmpeg import run_ffmpeg
+from tests.conftest import wait_until
 from tests.test_faults import LiveServer, leftovers, proc_status
 
 pytestmark = pytest.mark.slow
@@ -357,12 +358,12 @@ def test_zz_server_is_healthy_and_nothing_is_left_on_disk(server):
     """Runs last in this module: every refused request cleaned up after itself."""
     assert server.get("/api/health").status_code == 200
     jobs_dir = server.output_dir / "jobs"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # accepted jobs (valid inputs) finish first
+
+    def jobs_ended() -> bool:
         states = [server.get(f"/api/jobs/{p.name}").json() for p in jobs_dir.iterdir() if len(p.name) == 32]
-        if all(s.get("status") in ("done", "failed", "cancelled") for s in states):
-            break
-        time.sleep(0.2)
+        return all(s.get("status") in ("done", "failed", "cancelled") for s in states)
+
+    wait_until(jobs_ended, timeout=60, interval=0.2, message="the accepted jobs (valid inputs) to end")
     done = {p.name for p in jobs_dir.iterdir() if (p / "video.mp4").exists()}
     assert leftovers(server.output_dir, keep_jobs=done) == []
     logs = server.log_text()

@@ -7,13 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.media import probe
 
 
@@ -81,19 +80,20 @@ def test_python_app_py_serves_on_PORT(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        health = None
-        while time.monotonic() < deadline:
+
+        def answered():
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
             try:
                 with urllib.request.urlopen(url + "/api/health", timeout=5) as r:
-                    health = json.load(r)
-                    break
+                    return json.load(r)
             except urllib.error.HTTPError as e:  # 503 while loading
                 assert json.load(e)["status"] == "loading"
-            except OSError:
+            except OSError:  # not listening yet
                 pass
-            time.sleep(0.3)
-        assert health and health["status"] == "ready", "server never became ready"
+            return None
+
+        health = wait_until(answered, timeout=120, interval=0.3, message="app.py to answer /api/health with 200")
+        assert health["status"] == "ready", health
         req = urllib.request.Request(url + "/api/generate", method="POST",
                                      data=json.dumps({"text": "Hello there!", "language": "en"}).encode(),
                                      headers={"Content-Type": "application/json"})

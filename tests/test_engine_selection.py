@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -21,6 +24,15 @@ def generator_weights(tmp_path_factory) -> str:
     return str(path)
 
 
+def _install(weights: str, dest) -> None:
+    """Put the module's checkpoint at ``dest``: a hard link to the one written file (the service
+    only reads checkpoints), so no test writes another 145 MB; a copy where links are refused."""
+    try:
+        os.link(weights, dest)
+    except OSError:
+        shutil.copyfile(weights, dest)
+
+
 def _settings(tmp_path, **overrides) -> Settings:
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
@@ -38,7 +50,7 @@ def test_without_a_checkpoint_the_builtin_engine_runs(tmp_path):
 
 def test_a_checkpoint_at_CHECKPOINT_PATH_switches_to_wav2lip(tmp_path, generator_weights):
     settings = _settings(tmp_path)
-    (tmp_path / "checkpoints" / "Wav2Lip-SD-GAN.pt").write_bytes(open(generator_weights, "rb").read())
+    _install(generator_weights, tmp_path / "checkpoints" / "Wav2Lip-SD-GAN.pt")
     info = LipsyncService(settings).load().describe()
     assert info["status"] == "ready", info.get("error")
     assert info["engine"] == "wav2lip" and info["checkpoint"] == "Wav2Lip-SD-GAN.pt"
@@ -51,14 +63,14 @@ def test_any_checkpoint_in_the_folder_is_found_but_not_s3fd_weights(tmp_path, ge
     (folder / "s3fd.pth").write_bytes(b"face detector weights, not a generator")
     service = LipsyncService(_settings(tmp_path, face_detector="haar")).load()
     assert service.describe()["engine"] == "builtin"
-    (folder / "wav2lip_gan.pth").write_bytes(open(generator_weights, "rb").read())
+    _install(generator_weights, folder / "wav2lip_gan.pth")
     info = LipsyncService(_settings(tmp_path, face_detector="haar")).load().describe()
     assert info["engine"] == "wav2lip" and info["checkpoint"] == "wav2lip_gan.pth"
 
 
 def test_engine_settings_reach_the_engine(tmp_path, generator_weights):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "w.pth").write_bytes(open(generator_weights, "rb").read())
+    _install(generator_weights, tmp_path / "checkpoints" / "w.pth")
     info = LipsyncService(_settings(tmp_path, wav2lip_backend="torch", wav2lip_precision="fp32",
                                     wav2lip_mouth_only=False)).load().describe()
     assert info["engine"] == "wav2lip"
@@ -83,7 +95,7 @@ def test_a_damaged_checkpoint_is_an_error_in_health_not_a_crash(tmp_path):
 
 def test_builtin_can_be_forced_while_a_checkpoint_exists(tmp_path, generator_weights):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "w.pth").write_bytes(open(generator_weights, "rb").read())
+    _install(generator_weights, tmp_path / "checkpoints" / "w.pth")
     assert LipsyncService(_settings(tmp_path, engine="builtin")).load().describe()["engine"] == "builtin"
 
 
@@ -91,7 +103,7 @@ def test_builtin_can_be_forced_while_a_checkpoint_exists(tmp_path, generator_wei
 def test_a_request_with_the_wav2lip_engine_gives_a_video_as_long_as_the_speech(tmp_path, generator_weights,
                                                                                avatar_path, speech_wav_path):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "w.pth").write_bytes(open(generator_weights, "rb").read())
+    _install(generator_weights, tmp_path / "checkpoints" / "w.pth")
     service = LipsyncService(_settings(tmp_path, avatar_path=str(avatar_path))).load()
     assert service.describe()["engine"] == "wav2lip", service.error
     out = tmp_path / "w.mp4"

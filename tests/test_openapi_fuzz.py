@@ -25,6 +25,7 @@ from lipsync.server.openapi import build_openapi
 from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings
 from tests.apps import make_app
+from tests.conftest import wait_until
 from tests.test_faults import LiveServer, free_port, leftovers, shared_cache  # noqa: F401 (fixture)
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef01234567"
@@ -125,13 +126,13 @@ def test_schemathesis_finds_nothing_on_a_live_server(tmp_path, shared_cache, cap
         assert server.get("/api/health").status_code == 200
         jobs_dir = server.output_dir / "jobs"
         auth = {"Authorization": f"Bearer {FUZZ_KEY}"}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def jobs_ended() -> bool:
             states = [server.get(f"/api/jobs/{p.name}", headers=auth).json() for p in jobs_dir.iterdir()
                       if len(p.name) == 32]
-            if all(s.get("status", "done") in ("done", "failed", "cancelled") for s in states):
-                break
-            time.sleep(0.2)
+            return all(s.get("status", "done") in ("done", "failed", "cancelled") for s in states)
+
+        wait_until(jobs_ended, timeout=120, interval=0.2, message="the jobs the fuzzer submitted to end")
         done = {p.name for p in jobs_dir.iterdir() if (p / "video.mp4").exists()}
         assert leftovers(server.output_dir, keep_jobs=done) == []
         logs = server.log_text()

@@ -20,7 +20,7 @@ from lipsync.server.security import Security
 from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings, SettingsError
 from tests.apps import make_app
-from tests.conftest import skip_or_fail
+from tests.conftest import skip_or_fail, wait_until
 
 KEY_A = "test-key-a-0123456789abcdef0123"
 KEY_B = "test-key-b-0123456789abcdef0123"
@@ -238,7 +238,11 @@ def test_redis_down_lets_requests_through_and_counts_the_failure(tmp_path):
         client = app.test_client()
         started = time.monotonic()
         assert [client.post("/api/generate", json=TEXT).status_code for _ in range(3)] == [200, 200, 200]
-        assert time.monotonic() - started < 10
+        # Not a speed measurement: the bound is the behaviour (a dead Redis must not hold requests;
+        # the limiter's socket timeouts are 0.5 s and a refused connection fails at once). Three
+        # short renders take ~1 s; 30 s tolerates any loaded machine and still catches a request
+        # that waits on Redis retries or hangs on it.
+        assert time.monotonic() - started < 30
         assert "lipsync_rate_limit_storage_errors_total 3.0" in client.get("/metrics").get_data(as_text=True)
     finally:
         close_app(app)
@@ -300,9 +304,8 @@ def test_sync_renders_beyond_the_slots_get_503_busy(tmp_path):
 
         t = threading.Thread(target=slow)
         t.start()
-        deadline = time.monotonic() + 20
-        while app.extensions["render_slots"].active == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: app.extensions["render_slots"].active > 0, timeout=30, interval=0.01,
+                   message="the long render to take the only slot")
         r = app.test_client().post("/api/generate", json=TEXT)
         assert r.status_code == 503 and r.get_json()["code"] == "busy" and int(r.headers["Retry-After"]) >= 1
         assert app.test_client().post("/api/jobs", json=TEXT).status_code == 202  # jobs are the way

@@ -26,7 +26,6 @@ import threading
 from fractions import Fraction
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from lipsync.errors import InvalidInputError, TTSError
 from lipsync.tts.base import PhonemeEvent, Speech, validate_request
@@ -243,6 +242,8 @@ def _to_speech(native: np.ndarray, native_rate: int, events: list[tuple[int, str
         raise InvalidInputError("the text contains nothing that can be spoken", code="empty_text")
     samples = native.astype(np.float32) / 32768.0
     if native_rate != OUTPUT_RATE:
+        from scipy.signal import resample_poly  # here, not at import: scipy.signal takes ~1 s to import
+
         ratio = Fraction(OUTPUT_RATE, native_rate)
         samples = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
     peak = float(np.max(np.abs(samples)))

@@ -367,8 +367,18 @@ def _load_torchscript(path: str, name: str) -> torch.jit.ScriptModule:
 
 
 def _eager_from_state(state: dict) -> Wav2Lip:
-    model = Wav2Lip()
-    model.load_state_dict(state, strict=True)
+    """A ``Wav2Lip`` holding ``state`` (``_validate_state_dict``'s output: every key of the spec).
+
+    Built on the meta device and given the state's tensors (``assign=True``): a random
+    initialisation would cost ~0.25 s only to be overwritten, and would draw from torch's global
+    RNG. ``strict=True`` and the check below make sure every parameter and buffer (BatchNorm
+    statistics included) comes from the checkpoint."""
+    with torch.device("meta"):
+        model = Wav2Lip()
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # cannot happen with a validated state dict; never hand out a model without weights
+        raise CheckpointError(f"checkpoint: {left[0]!r} was not loaded")
     return model.eval()
 
 
