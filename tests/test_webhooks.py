@@ -8,6 +8,7 @@ the HMAC signature through the public ``verify_signature`` helper.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -16,21 +17,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from lipsync.errors import InvalidInputError, NoFaceError
-from lipsync.jobs import JobRequest, WebhookSender, sign, validate_callback_url, verify_signature
-from lipsync.jobs.webhooks import encode_payload
-from tests.test_jobs import SlowService, make_queue, wait_for  # noqa: F401 - make_queue is a fixture
+from lipsync.jobs import JobRequest, LocalJobQueue, WebhookSender, sign, validate_callback_url, verify_signature
+from lipsync.jobs.webhooks import encode_payload, redact_url
+from tests.test_jobs import SlowService, make_queue, make_settings, wait_for  # noqa: F401 - make_queue: a fixture
 
 SECRET = "test-secret"
 
 
 class Receiver:
-    """A webhook receiver: records every POST, answers from a per-path script of (status, delay)."""
+    """A webhook receiver: records every POST, answers from a per-path script of (status, delay),
+    or dribbles its answer (``dribble``)."""
 
     def __init__(self):
         self.requests: list[dict] = []
         self.scripts: dict[str, list[tuple[int, float]]] = {}
+        self.dribbles: dict[str, tuple[float, str]] = {}
+        self.dribbling = 0        # answers being dribbled right now
+        self.most_dribbling = 0   # the most at once
         self.default = (200, 0.0)
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +47,9 @@ class Receiver:
                                               "at": time.monotonic()})
                     script = receiver.scripts.get(self.path)
                     status, delay = script.pop(0) if script else receiver.default
+                if self.path in receiver.dribbles:
+                    receiver._dribble(self.wfile, *receiver.dribbles[self.path])
+                    return
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -62,6 +71,34 @@ class Receiver:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
 
+    def dribble(self, path: str, interval: float, part: str = "status") -> str:
+        """Answer POSTs to ``path`` with a valid 200, one byte every ``interval`` s: from the status
+        line on (``part="status"``), or the headers at once and then the body (``"body"``)."""
+        self.dribbles[path] = (interval, part)
+        return self.url(path)
+
+    def _dribble(self, wfile, interval: float, part: str) -> None:
+        body = b"x" * 60
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 60\r\n\r\n"
+        with self.lock:
+            self.dribbling += 1
+            self.most_dribbling = max(self.most_dribbling, self.dribbling)
+        try:
+            if part == "body":
+                wfile.write(head)
+                data = body
+            else:
+                data = head + body
+            for i in range(len(data)):
+                if self.closing.wait(interval):
+                    return
+                wfile.write(data[i:i + 1])
+        except OSError:
+            pass  # the sender hung up
+        finally:
+            with self.lock:
+                self.dribbling -= 1
+
     def script(self, path: str, *answers: tuple[int, float]) -> str:
         self.scripts[path] = list(answers)
         return self.url(path)
@@ -71,12 +108,21 @@ class Receiver:
             return [r for r in self.requests if r["path"] == path]
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
 def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def other_receiver():
+    """A second receiver, on another port: another origin for the sender."""
     r = Receiver()
     yield r
     r.close()
@@ -302,3 +348,168 @@ def test_sender_retries_timeouts_and_refused_connections(receiver):
         assert sender.wait_idle(1)
     finally:
         sender.stop()
+
+
+# ------------------------------------------- deadlines, parallel senders (#10)
+@pytest.mark.parametrize("part", ["status", "body"])
+def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(receiver, part):
+    # One byte a second never trips a per-read timeout of 2 s: only a total deadline ends the attempt.
+    sender, results = _sender(retries=1, timeout=2, backoff=0.05)
+    try:
+        sent = time.monotonic()
+        sender.send(receiver.dribble("/dribble", 1.0, part), {"id": "d"}, key="d")
+        wait_for(lambda: len(receiver.at("/dribble")) == 2, timeout=10,
+                 message="the first attempt was not cut off and retried")  # a dribble lasts ~60 s
+        retried = receiver.at("/dribble")[1]["at"] - sent
+        wait_for(lambda: results, timeout=10)
+        [(key, delivered, attempts, error)] = results
+        assert (key, delivered, attempts) == ("d", False, 2)
+        assert "within 2 s" in error
+        assert retried < 2 + 0.05 + 3, retried  # the deadline plus backoff plus a margin for a slow machine
+    finally:
+        sender.stop()
+
+
+def test_a_slow_receiver_holds_one_sender_while_others_are_delivered(receiver, other_receiver):
+    sender, results = _sender(retries=0, timeout=5, backoff=0.05)
+    try:
+        slow = other_receiver.dribble("/slow", 0.5)
+        for n in range(6):  # more than the sender has threads: they wait for their receiver, one at a time
+            sender.send(slow, {"id": f"slow{n}"}, key=f"slow{n}")
+        wait_for(lambda: other_receiver.dribbling, timeout=5)
+        sender.send(receiver.url("/fast"), {"id": "fast"}, key="fast")
+        wait_for(lambda: results, timeout=5)
+        assert results == [("fast", True, 1, None)]   # delivered while the slow receiver still dribbles...
+        assert other_receiver.dribbling == 1
+        assert len(other_receiver.at("/slow")) == 1   # ...its other webhooks waiting their turn
+        assert sender.pending() == 6
+    finally:
+        sender.stop()
+    assert other_receiver.most_dribbling == 1
+
+
+def test_deliveries_to_different_receivers_run_in_parallel(receiver, other_receiver):
+    sender, results = _sender(retries=0, timeout=5)
+    try:
+        sender.send(receiver.script("/a", (200, 2.0)), {"id": "a"}, key="a")
+        sender.send(other_receiver.script("/b", (200, 2.0)), {"id": "b"}, key="b")
+        wait_for(lambda: len(results) == 2, timeout=10)
+        assert sorted(results) == [("a", True, 1, None), ("b", True, 1, None)]
+        [a], [b] = receiver.at("/a"), other_receiver.at("/b")
+        assert abs(a["at"] - b["at"]) < 1.5  # the second did not wait for the first one's 2 s answer
+        assert sender.wait_idle(1) and sender.pending() == 0
+    finally:
+        sender.stop()
+
+
+def test_the_sender_keeps_a_fixed_number_of_threads(receiver):
+    def senders() -> set:
+        return {t for t in threading.enumerate() if t.name.startswith("lipsync-webhooks")}
+
+    before = senders()
+    sender = WebhookSender(SECRET, retries=0, timeout=2, workers=3)
+    sender.start()
+    try:
+        for n in range(20):
+            sender.send(receiver.script(f"/n{n}", (200, 0.05)), {"id": n}, key=str(n))
+        assert len(senders() - before) == 3
+        sender.start()  # again: no more threads
+        assert len(senders() - before) == 3
+        assert sender.wait_idle(20)
+        assert len(receiver.requests) == 20
+        assert len(senders() - before) == 3
+    finally:
+        sender.stop()
+    wait_for(lambda: not senders() - before)
+
+
+# -------------------------------------------- refused URLs, redacted logs (#10)
+def test_callback_urls_that_can_never_be_delivered_are_refused():
+    secret = "hunter2pass"
+    for bad in (f"http://user:{secret}@example.com/hook", "https://user@example.com/hook",
+                f"http://:{secret}@example.com/", "http://bücher.example/hook", "http://example.com/päth",
+                "http://example.com/hook?q=ü", "http://example.com/\u00a0x", "http://example.com/a b",
+                "http://example.com/\x00", "http://example.com/\x1b[31m", "http://example.com/\x85",
+                "http://exa\tmple.com/", "http://example.com/\u2028"):
+        with pytest.raises(InvalidInputError) as info:
+            validate_callback_url(bad)
+        assert info.value.code == "invalid_callback_url" and info.value.status == 400, bad
+        assert secret not in str(info.value) and bad not in str(info.value), bad
+    for good in ("http://xn--bcher-kva.example/hook", "http://example.com/p%C3%A4th?q=%C3%BC",
+                 "http://[::1]:8080/hook", "https://example.com/a@b", "https://example.com/?to=a@b.c"):
+        assert validate_callback_url(good) == good
+    with pytest.raises(InvalidInputError, match="user name or password"):
+        validate_callback_url(f"http://user:{secret}@example.com/hook")
+    with pytest.raises(InvalidInputError, match="IDNA"):
+        validate_callback_url("http://bücher.example/hook")
+
+
+def test_redact_url_keeps_scheme_host_port_and_path_only():
+    assert redact_url("https://user:pw@Hooks.Example.com:8443/a/b?token=t#frag") == "https://hooks.example.com:8443/a/b"
+    assert redact_url("http://example.com") == "http://example.com/"
+    assert redact_url("http://u:p@[::1]:9/x?y") == "http://[::1]:9/x"
+    assert redact_url("http://example.com/a\r\nInjected: 1") == "http://example.com/aInjected:%201"  # one line
+    assert redact_url("http://example.com/\x1b[2J\u00e4") == "http://example.com/%1B%5B2J%C3%A4"
+    assert redact_url("http://u:pw9@h:bad/") == "http://h/"  # a malformed port: still no credentials
+    assert isinstance(redact_url(None), str)  # never raises: it is for log lines
+
+
+def test_webhook_logs_never_show_credentials_or_query_strings(receiver, caplog):
+    caplog.set_level(logging.DEBUG, logger="lipsync.jobs")
+    port = receiver.server.server_address[1]
+    sender, results = _sender(retries=2, timeout=2, backoff=0.05)
+    try:
+        # a URL stored before userinfo was refused: given up at once, not retried
+        sender.send(f"http://user:s3cr3tpw@127.0.0.1:{port}/creds?token=t0ken", {"id": "c"}, key="c")
+        sender.send(receiver.url("/ok?token=t0ken&sig=abc"), {"id": "q"}, key="q")
+        sender.send(receiver.script("/retry?token=t0ken", (500, 0), (200, 0)), {"id": "r"}, key="r")
+        wait_for(lambda: len(results) == 3, timeout=10)
+    finally:
+        sender.stop()
+    by_key = {r[0]: r for r in results}
+    assert by_key["c"][1:3] == (False, 1) and "user name or password" in by_key["c"][3]
+    assert by_key["q"][1] is True and by_key["r"][1:3] == (True, 2)
+    assert not [r for r in receiver.requests if r["path"].startswith("/creds")]
+    text = caplog.text
+    assert "s3cr3tpw" not in text and "t0ken" not in text and "sig=" not in text and "@127" not in text
+    assert f"delivered to http://127.0.0.1:{port}/ok " in text
+    assert f"to http://127.0.0.1:{port}/retry failed (HTTP 500)" in text
+    assert f"to http://127.0.0.1:{port}/creds given up" in text
+    assert all("s3cr3tpw" not in str(r[3]) for r in results)
+
+
+# ------------------------------------------------- payload links (#10)
+def test_the_webhook_payload_carries_the_job_links(tmp_path, receiver):
+    def links(job_id):
+        base = f"/api/jobs/{job_id}"
+        return {"status_url": base, "events_url": f"{base}/events", "video_url": f"{base}/video",
+                "stream_url": f"{base}/stream"}
+
+    q = LocalJobQueue(SlowService(), make_settings(tmp_path), webhook_backoff=0.05, job_links=links)
+    q.start()
+    try:
+        job = q.submit(JobRequest(text="links", language="en", callback_url=receiver.url("/links")))
+        assert q.wait(job.id, timeout=5)["status"] == "done"
+        wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
+        [request] = receiver.at("/links")
+        payload = assert_signed(request)
+        assert payload == {**q.get(job.id), **links(job.id)}
+        assert payload["status_url"] == f"/api/jobs/{job.id}" and payload["stream_url"].endswith("/stream")
+    finally:
+        q.stop(timeout=5)
+
+
+def test_a_failing_job_links_function_does_not_lose_the_webhook(tmp_path, receiver):
+    def broken(job_id):
+        raise RuntimeError("no routes")
+
+    q = LocalJobQueue(SlowService(), make_settings(tmp_path), webhook_backoff=0.05, job_links=broken)
+    q.start()
+    try:
+        job = q.submit(JobRequest(text="no links", language="en", callback_url=receiver.url("/nolinks")))
+        assert q.wait(job.id, timeout=5)["status"] == "done"
+        wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
+        [request] = receiver.at("/nolinks")
+        assert assert_signed(request) == q.get(job.id)
+    finally:
+        q.stop(timeout=5)

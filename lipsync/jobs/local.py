@@ -91,12 +91,15 @@ class LocalJobQueue(JobQueue):
     ``service`` is anything with ``generate(out_path, *, text, language, recording,
     avatar_image, progress)`` and ``validate_text(text, language)`` (normally
     ``LipsyncService``); ``status``/``wait_until_loaded`` are used when present.
-    The keyword arguments exist for tests and tuning.
+    The keyword arguments exist for tests and tuning, except ``job_links``: a function of a
+    job id whose dict (the web layer's URLs of that job: ``status_url`` ...) is merged into
+    every webhook payload, so it matches what the API answers.
     """
 
     def __init__(self, service, settings, *, cleanup_interval: float = 300.0, progress_interval: float = 0.1,
                  webhook_backoff: float = 1.0, poll_interval: float = 0.5, orphan_grace: float = 60.0,
-                 on_job_end: Callable[[dict], None] | None = None):
+                 on_job_end: Callable[[dict], None] | None = None,
+                 job_links: Callable[[str], dict] | None = None):
         self.service = service
         self.settings = settings
         self.cleanup_interval = float(cleanup_interval)
@@ -119,6 +122,7 @@ class LocalJobQueue(JobQueue):
         self._stopping = threading.Event()
         self._draining = threading.Event()
         self.on_job_end = on_job_end         # called with the final state of every job the worker ran
+        self.job_links = job_links           # job id -> extra webhook fields (the web layer's URLs)
         self._cleanup_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -522,8 +526,15 @@ class LocalJobQueue(JobQueue):
 
     def _send_webhook(self, job_id: str) -> None:
         state = self.store.get(job_id)
-        if state is not None and state.get("callback_url"):
-            self.webhooks.send(state["callback_url"], state, key=job_id)
+        if state is None or not state.get("callback_url"):
+            return
+        payload = state
+        if self.job_links is not None:
+            try:
+                payload = {**state, **self.job_links(job_id)}
+            except Exception:  # noqa: BLE001 - a webhook without its links beats none
+                log.exception("job %s: job_links failed; its webhook goes without them", job_id)
+        self.webhooks.send(state["callback_url"], payload, key=job_id)
 
     def _webhook_result(self, job_id: str | None, delivered: bool, attempts: int, error: str | None) -> None:
         if job_id:
