@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 
-log = logging.getLogger("lipsync.web")
+log = logging.getLogger(__name__)
 
 # http: a synchronous render's output; up: an uploaded recording being decoded.
 KINDS = ("http", "up")

@@ -22,6 +22,7 @@ from lipsync.server import hooks
 from lipsync.server.api import api
 from lipsync.server.jobs_api import jobs_api
 from lipsync.server.lifecycle import Lifecycle, RenderSlots
+from lipsync.server.links import job_links
 from lipsync.server.memory import release_memory
 from lipsync.server.observability import Metrics, RequestObserver, record_finished_job
 from lipsync.server.openapi import build_openapi
@@ -43,6 +44,10 @@ def create_app(config: dict | None = None) -> Flask:
     health while models load) and ``JOB_QUEUE`` (a started ``JobQueue``; default: a
     ``LocalJobQueue`` over the service). The app starts the model loading and the job worker;
     ``close_app(app)`` stops them (tests, embedding).
+
+    ``SERVER_ROLE=stream`` builds the same app for the stack's streaming process (README
+    "Production"): it only follows jobs (SSE ``/events``, ``/stream``) from the shared job
+    store and files, so it loads no model and runs no worker.
     """
     app = Flask("lipsync.server", root_path=_repo_root(), template_folder="templates", static_folder="static")
     app.config.update(LOAD_IN_BACKGROUND=True)
@@ -53,13 +58,18 @@ def create_app(config: dict | None = None) -> Flask:
     # Multipart bodies carry the upload plus a little form overhead; the exact
     # per-file limit is checked by the service with a clearer message.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024
+    app.config["MAX_FORM_PARTS"] = hooks.MAX_FORM_PARTS
 
     metrics = Metrics()
     app.extensions["metrics"] = metrics
     service = LipsyncService(settings)
     app.extensions["lipsync"] = service
-    sweep_stale_temp(service.temp_root())
-    if app.config["LOAD_IN_BACKGROUND"]:
+    streaming_only = server.server_role == "stream"
+    if not streaming_only:
+        sweep_stale_temp(service.temp_root())
+    if streaming_only:
+        pass  # follows jobs only: the models stay unloaded (health answers 503 here; nginx never asks)
+    elif app.config["LOAD_IN_BACKGROUND"]:
         loader = threading.Thread(target=service.load, name="lipsync-load", daemon=True)
         loader.start()
         app.extensions["loader"] = loader
@@ -67,9 +77,11 @@ def create_app(config: dict | None = None) -> Flask:
         service.load()
     jobs = app.config.get("JOB_QUEUE")
     if jobs is None:
-        jobs = LocalJobQueue(service, settings, on_job_end=lambda state: _job_ended(metrics, state))
-        jobs.start()
-        atexit.register(jobs.stop)
+        jobs = LocalJobQueue(service, settings, on_job_end=lambda state: _job_ended(metrics, state),
+                             job_links=job_links)
+        if not streaming_only:  # the stream role reads the store; the app process's worker renders
+            jobs.start()
+            atexit.register(jobs.stop)
     app.extensions["jobs"] = jobs
     slots = RenderSlots(server.max_sync_renders, server.sync_wait_seconds)
     app.extensions["render_slots"] = slots

@@ -1,4 +1,8 @@
-"""Production server: `gunicorn -c python:lipsync.server.gunicorn_conf` (what `make serve` runs).
+"""gunicorn's configuration, read from ServerSettings: `gunicorn -c python:lipsync.server.gunicorn_conf`.
+
+`make serve` (lipsync/server/stack.py) runs two of these behind nginx: SERVER_ROLE=app
+(gthread workers: renders, health, everything short) and SERVER_ROLE=stream (one gevent
+worker for the long-lived /events and /stream connections).
 
 One worker per GPU (each worker preloads its own model and owns one card);
 threads serve health probes and queue requests while the engine is busy.
@@ -19,13 +23,22 @@ from lipsync.server.settings import ServerSettings
 
 _settings = ServerSettings.from_env()
 
-bind = f"{_settings.host}:{_settings.port}"
+bind = _settings.bind or f"{_settings.host}:{_settings.port}"
 wsgi_app = "lipsync.server:create_app()"
-worker_class = "gthread"
+control_socket_disable = True  # two gunicorns run side by side in the stack; nothing uses it
 gpu_count = _settings.gpu_count
-workers = _settings.worker_count
-threads = _settings.gunicorn_threads
 timeout = _settings.gunicorn_timeout   # long texts take minutes on a CPU
+if _settings.server_role == "stream":
+    # Following jobs (SSE, /stream) is waiting, not work: one gevent worker holds thousands of
+    # such connections as greenlets, so they never take the threads that renders and health
+    # checks need (those run in the app role's gthread workers). The stack routes them here.
+    worker_class = "gevent"
+    workers = 1
+    worker_connections = _settings.stream_connections
+else:
+    worker_class = "gthread"
+    workers = _settings.worker_count
+    threads = _settings.gunicorn_threads
 graceful_timeout = int(_settings.shutdown_grace_seconds) + 20
 preload_app = False  # CUDA must be initialised inside each worker, never in the master
 accesslog = None     # the app writes one JSON line per request (request id, route, status, duration, bytes)

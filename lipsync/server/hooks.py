@@ -43,6 +43,9 @@ CORS_EXPOSED = ("X-Request-ID, Retry-After, Location, Content-Range, Accept-Rang
 CORS_ALLOWED_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-ID, Range"
 # werkzeug's HTTP errors whose code is not simply their name in snake case
 HTTP_ERROR_CODES = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}
+# A generate request has at most a handful of form fields (audio, avatar, text, language,
+# callback_url): far fewer parts than werkzeug's default of 1000 are ever legitimate.
+MAX_FORM_PARTS = 32
 
 
 def guard():
@@ -107,6 +110,8 @@ def http_error(exc: HTTPException):
     if exc.code == 413:
         limit = request.max_content_length or context.settings().max_upload_bytes
         message = f"the request body is larger than the limit of {limit} bytes"
+        if _too_many_parts(exc):
+            code, message = "too_many_parts", f"the form has more than {MAX_FORM_PARTS} parts"
     request.environ[ENV_ERROR_CODE] = code
     response = jsonify({"error": message, "code": code})
     response.status_code = exc.code or 500
@@ -116,6 +121,33 @@ def http_error(exc: HTTPException):
 
 
 def unexpected_error(exc: Exception):
+    if _malformed_body(exc):
+        request.environ[ENV_ERROR_CODE] = "invalid_body"
+        return jsonify({"error": "the request body is malformed (its chunked encoding cannot be read)",
+                        "code": "invalid_body"}), 400, {"Connection": "close"}
     log.exception("unexpected error on %s %s", request.method, request.path)
     request.environ[ENV_ERROR_CODE] = "internal_error"
     return jsonify({"error": "internal error; the server log has the details", "code": "internal_error"}), 500
+
+
+def _malformed_body(exc: Exception) -> bool:
+    """An error of the server's body reader on a broken request (a malformed chunk size, a body
+    that ends early), not of ours: gunicorn raises its http errors, werkzeug an OSError."""
+    if type(exc).__module__.startswith("gunicorn.http"):
+        return True
+    return isinstance(exc, OSError) and "chunk" in str(exc).lower()
+
+
+def _too_many_parts(exc: HTTPException) -> bool:
+    """Whether werkzeug's 413 came from counting form parts (MAX_FORM_PARTS), not from a size.
+
+    werkzeug raises the same bare RequestEntityTooLarge for both; its multipart decoder, the
+    frame that raised, knows which limit it hit."""
+    tb = exc.__traceback__
+    while tb is not None:
+        decoder = tb.tb_frame.f_locals.get("self")
+        max_parts = getattr(decoder, "max_parts", None)
+        if max_parts is not None and getattr(decoder, "_parts_decoded", 0) > max_parts:
+            return True
+        tb = tb.tb_next
+    return False

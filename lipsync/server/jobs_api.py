@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
-from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
 from lipsync.errors import LipsyncError
 from lipsync.jobs import JobRequest, follow_live, open_live
 from lipsync.server import context
+from lipsync.server.links import job_links
 from lipsync.server.observability import ENV_JOB_ID
 from lipsync.server.request_inputs import callback_url, generate_inputs
 
@@ -30,10 +33,7 @@ def submit():
 
 
 def _job_urls(job_id: str) -> dict:
-    return {"status_url": url_for("jobs.status", job_id=job_id),
-            "events_url": url_for("jobs.events", job_id=job_id),
-            "video_url": url_for("jobs.video", job_id=job_id),
-            "stream_url": url_for("jobs.stream", job_id=job_id)}
+    return job_links(job_id)
 
 
 def _not_found() -> LipsyncError:
@@ -75,7 +75,26 @@ def video(job_id: str):
     path = context.jobs().result_path(job_id)
     if path is None:
         raise LipsyncError(f"the video is not ready (job {state['status']})", code="job_not_done", status=409)
+    _sane_range(os.path.getsize(path))
     return send_file(path, mimetype="video/mp4", conditional=True, download_name="avatar.mp4")
+
+
+_BYTE_RANGES = re.compile(r"bytes=\s*(\d*-\d*)\s*(,\s*\d*-\d*\s*)*")
+
+
+def _sane_range(size: int) -> None:
+    """Read the Range header as RFC 9110 says before werkzeug sees it: one it cannot parse
+    (another unit, bad syntax) is ignored (the whole file, 200), and a suffix range longer
+    than the file selects the whole file (206), neither is a 416."""
+    header = request.environ.get("HTTP_RANGE")
+    if header is None:
+        return
+    if not _BYTE_RANGES.fullmatch(header.strip()) or header.strip() in ("bytes=-", "bytes="):
+        del request.environ["HTTP_RANGE"]
+        return
+    spec = header.strip()[len("bytes="):].strip()
+    if "," not in spec and spec.startswith("-") and int(spec[1:]) > size:
+        request.environ["HTTP_RANGE"] = "bytes=0-"
 
 
 @jobs_api.get("/<job_id>/stream")

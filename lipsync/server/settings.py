@@ -14,6 +14,7 @@ from typing import ClassVar
 from lipsync.settings import EnvSettings, SettingsError
 
 LOG_FORMATS = ("json", "text")
+SERVER_ROLES = ("app", "stream")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 RATE_LIMIT_OFF = ("", "off", "none", "0", "false", "no")
 RATE_LIMIT_STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
@@ -39,11 +40,19 @@ class ServerSettings(EnvSettings):
     log_level: str = "INFO"
     log_text: bool = False                  # put the request text (first 200 characters) in its log line
     shutdown_grace_seconds: float = 30.0    # on SIGTERM: time for the running job/renders to finish
+    max_connections: int = 256              # python app.py: connections served at once; more get 503
     # --- gunicorn (lipsync/server/gunicorn_conf.py)
     gpu_count: int = 0                      # > 0: one worker per GPU, each pinned to its card
     gunicorn_workers: int = 0               # 0: max(1, GPU_COUNT)
     gunicorn_threads: int = 4
     gunicorn_timeout: int = 600             # long texts take minutes on a CPU
+    bind: str = ""                          # gunicorn's address instead of HOST:PORT (e.g. unix:/run/app.sock)
+    server_role: str = "app"                # app: everything; stream: only follows jobs (SSE, /stream), no models
+    stream_connections: int = 1000          # the stream role's connections per worker (gevent)
+    # --- the production stack (make serve: nginx in front of gunicorn; lipsync/server/stack.py)
+    tls_cert: str | None = None             # PEM certificate (chain) for https on PORT; with TLS_KEY
+    tls_key: str | None = field(default=None, repr=False)
+    nginx_binary: str = "nginx"
 
     LIST_FIELDS: ClassVar[frozenset[str]] = frozenset({"api_keys", "cors_origins"})
 
@@ -61,7 +70,10 @@ class ServerSettings(EnvSettings):
                                 "gunicorn_workers")
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
-        self.check_choices({"log_format": LOG_FORMATS})
+        self.check_choices({"log_format": LOG_FORMATS, "server_role": SERVER_ROLES})
+        self.check_positive("max_connections", "stream_connections")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("TLS_CERT and TLS_KEY go together: set both for https, or neither")
         for name in ("rate_limit", "rate_limit_read"):
             parse_rate_limit(getattr(self, name), name)
         if self.rate_limit_storage_uri.split("://", 1)[0] not in RATE_LIMIT_STORAGE_SCHEMES:
