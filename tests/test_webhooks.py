@@ -351,6 +351,7 @@ def test_sender_retries_timeouts_and_refused_connections(receiver):
 
 
 # ------------------------------------------- deadlines, parallel senders (#10)
+@pytest.mark.slow  # real receivers dribbling for seconds
 @pytest.mark.parametrize("part", ["status", "body"])
 def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(receiver, part):
     # One byte a second never trips a per-read timeout of 2 s: only a total deadline ends the attempt.
@@ -370,6 +371,7 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(rec
         sender.stop()
 
 
+@pytest.mark.slow  # real receivers dribbling for seconds
 def test_a_slow_receiver_holds_one_sender_while_others_are_delivered(receiver, other_receiver):
     sender, results = _sender(retries=0, timeout=5, backoff=0.05)
     try:
@@ -388,6 +390,7 @@ def test_a_slow_receiver_holds_one_sender_while_others_are_delivered(receiver, o
     assert other_receiver.most_dribbling == 1
 
 
+@pytest.mark.slow  # real receivers dribbling for seconds
 def test_deliveries_to_different_receivers_run_in_parallel(receiver, other_receiver):
     sender, results = _sender(retries=0, timeout=5)
     try:
