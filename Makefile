@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 WHEELS := $(wildcard /opt/wheels)
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
 
-.PHONY: install install-dev run test test-fast lint bench clean
+.PHONY: install install-dev run serve test test-fast lint bench clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -25,6 +25,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 run: install
 	$(PY) app.py
+
+# The production stack: nginx (Debian's package; installed here when missing and root) in front
+# of gunicorn. README "Production".
+serve: install
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+	  { test "$$(id -u)" = 0 && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; } || \
+	  { echo "make serve needs nginx: sudo apt-get install nginx" >&2; exit 1; }
+	$(PY) -m lipsync.server.stack
 
 # What CI runs (.ci/run): the linter, then every test.
 test: install-dev lint
