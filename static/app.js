@@ -11,9 +11,17 @@
   const KEYS = { uiLang: "talking-avatar.ui-lang", speechLang: "talking-avatar.speech-lang",
                  history: "talking-avatar.history", apiKey: "talking-avatar.api-key" };
   const HISTORY_MAX = 5;
+  // Speech language "auto" (issue #17): the same letter rules as the server's lipsync/tts/language.py.
+  const AUTO = "auto";
+  const DEFAULT_SPEECH = "ru";  // lipsync/tts/base.py DEFAULT_LANGUAGE: what "auto" speaks without letters
+  const KAZAKH_LETTERS = "ӘәҒғҚқҢңӨөҰұҮүҺһІі";
+  const LATIN_RANGES = [[0x41, 0x5A], [0x61, 0x7A], [0xC0, 0x24F], [0x1E00, 0x1EFF]];
+  const CYRILLIC_RANGES = [[0x400, 0x52F]];
+  const LETTER = /\p{L}/u;
 
   const $ = (id) => document.getElementById(id);
   const form = $("generate-form"), text = $("text"), counter = $("counter"), language = $("language");
+  const detectedLine = $("detected-language");
   const audio = $("audio"), audioName = $("audio-name"), audioClear = $("audio-clear"), audioHint = $("audio-hint");
   const generate = $("generate"), progress = $("progress"), progressFill = $("progress-fill");
   const progressLabel = $("progress-label"), cancel = $("cancel"), stages = $("stages");
@@ -153,7 +161,9 @@
   }
   text.addEventListener("input", () => {
     renderCounter();
+    renderDetected();
     if (lastError && ["empty_text", "missing_input"].includes(lastError.code) && text.value.trim()) showError(null);
+    if (lastError && lastError.code === "language_mismatch" && fitsText(language.value, detectLanguage(text.value))) showError(null);
   });
   text.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); form.requestSubmit(); }
@@ -167,6 +177,42 @@
     language.disabled = !!file || form.classList.contains("busy");
     audioName.textContent = file ? file.name : t("no_file");
     audioName.dataset.chosen = String(!!file);
+    renderDetected();
+  }
+
+  // ---------------------------------------------------------- speech language
+  // Latin letters against Cyrillic ones, the majority wins (a tie: Cyrillic); Cyrillic is Kazakh
+  // as soon as one Kazakh-only letter appears; null without a Latin or Cyrillic letter.
+  function inRanges(code, ranges) { return ranges.some(([low, high]) => code >= low && code <= high); }
+  function detectLanguage(value) {
+    let latin = 0, cyrillic = 0, kazakh = 0;
+    for (const ch of String(value)) {
+      if (!LETTER.test(ch)) continue;
+      const code = ch.codePointAt(0);
+      if (inRanges(code, LATIN_RANGES)) latin++;
+      else if (inRanges(code, CYRILLIC_RANGES)) { cyrillic++; if (KAZAKH_LETTERS.includes(ch)) kazakh++; }
+    }
+    if (!latin && !cyrillic) return null;
+    if (latin > cyrillic) return "en";
+    return kazakh ? "kk" : "ru";
+  }
+  // What the server accepts for an explicit language (kk reads any Cyrillic text).
+  function fitsText(lang, detected) { return !detected || lang === detected || (lang === "kk" && detected === "ru"); }
+  // The voice the server will use for this text.
+  function speechLanguage() {
+    return language.value === AUTO ? (detectLanguage(text.value) || DEFAULT_SPEECH) : language.value;
+  }
+  function renderDetected() {
+    const detected = detectLanguage(text.value);
+    const auto = language.value === AUTO;
+    const mismatch = !auto && !fitsText(language.value, detected);
+    let message = "";
+    if (detected) message = t(mismatch ? "detected_mismatch" : "detected_language", { lang: t(`language_${detected}`) });
+    else if (auto && text.value.trim()) message = t("detected_none", { lang: t(`language_${DEFAULT_SPEECH}`) });
+    detectedLine.hidden = !message || !!chosenFile();  // a recording needs no speech language
+    if (detectedLine.textContent !== message) detectedLine.textContent = message;  // aria-live: only changes
+    detectedLine.dataset.detected = detected || "";
+    detectedLine.dataset.mismatch = String(mismatch);
   }
   audio.addEventListener("change", () => {
     renderAudioChoice();
@@ -182,7 +228,11 @@
   });
 
   const savedSpeech = load(KEYS.speechLang, null);
-  language.addEventListener("change", () => save(KEYS.speechLang, language.value));
+  language.addEventListener("change", () => {
+    save(KEYS.speechLang, language.value);
+    renderDetected();
+    if (lastError && lastError.code === "language_mismatch") showError(null);
+  });
 
   // ------------------------------------------------------------------ health
   function renderHealth() {
@@ -393,12 +443,12 @@
       body = new FormData();
       body.append("audio", file, file.name);
     } else {
-      body = JSON.stringify({ text: text.value, language: language.value });
+      body = JSON.stringify({ text: text.value, language: language.value });  // "auto" until a language is picked
       headers["Content-Type"] = "application/json";
     }
     const mine = { id: null, urls: null, state: null, ended: false, events: null, timer: null, streaming: false,
                    entry: file ? { kind: "recording", name: file.name }
-                               : { kind: "text", text: text.value.trim().slice(0, 200), language: language.value } };
+                               : { kind: "text", text: text.value.trim().slice(0, 200), language: speechLanguage() } };
     // The Generate button is about to hide: keyboard focus goes to Cancel once that is usable.
     const moveFocus = document.activeElement === generate || document.activeElement === document.body;
     job = mine;
@@ -631,8 +681,8 @@
 
   // -------------------------------------------------------------------- start
   if (savedSpeech && [...language.options].some((o) => o.value === savedSpeech)) language.value = savedSpeech;
+  else language.value = AUTO;  // until the person picks a language: the text decides, not the interface
   setUiLang(initialLang(), false);
-  if (!savedSpeech && [...language.options].some((o) => o.value === uiLang)) language.value = uiLang;
   showScreen("avatar");
   pollHealth();
   pruneHistory();

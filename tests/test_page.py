@@ -557,3 +557,72 @@ def test_no_horizontal_scroll_on_a_375_px_phone(open_page, server, lang):
     assert page.evaluate("window.innerWidth") == 375
     assert_no_horizontal_overflow(page, f"375 px, {lang}")
     shot(page, f"mobile-{lang}")
+
+
+def test_speech_language_follows_the_text_until_one_is_picked(open_page, server):
+    """Issue #17: with the English interface, a Russian text is spoken by the Russian voice
+    (the page sends "auto"), not spelled out letter by letter by the English one."""
+    from lipsync.tts.espeak import EspeakTTS
+    from lipsync.tts.language import detect_language
+
+    text = "Привет, как у вас дела сегодня?"  # one sentence: one synthesis, as the job makes it
+    page = open_page("en-US")
+    select, detected = page.locator("#language"), page.locator("#detected-language")
+    expect(select).to_have_value("auto")  # not the interface's English
+    expect(select.locator("option:checked")).to_have_text("Auto (from the text)")
+    expect(detected).to_be_hidden()  # nothing typed yet
+
+    # The page's letter rules are the server's (lipsync/tts/language.py).
+    for sample in ["Сәлеметсіз бе!", "Hello there", "Café Müller", "Купите iPhone сегодня.", "Say привет to all",
+                   "ab әі", "Ab Вг", "abc Вг", "ҚАЗАҚ", "12345", "😀🎉", "αβγ", "Hi 2026 год"]:
+        page.fill("#text", sample)
+        expect(detected).to_have_attribute("data-detected", detect_language(sample) or "")
+    page.fill("#text", "42 😀")  # no letters: the default voice, said so
+    expect(detected).to_have_text("No letters to go by: Russian is used")
+
+    page.fill("#text", text)
+    expect(detected).to_be_visible()
+    expect(detected).to_have_text("Detected: Russian")
+    expect(detected).to_have_attribute("data-mismatch", "false")
+    with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as submitted:
+        page.click("#generate")
+    assert json.loads(submitted.value.request.post_data) == {"text": text, "language": "auto"}
+    assert submitted.value.status == 202
+    job = submitted.value.json()
+    expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=60_000)
+    final = job_state(server, job["id"])
+    assert final["status"] == "done", final
+    tts = EspeakTTS().load()
+    russian, spelled = tts.synthesize(text, "ru").duration, tts.synthesize(text, "en").duration
+    assert spelled > 1.8 * russian  # what the English voice made of it before (letter names)
+    assert abs(final["duration"] - russian) <= 0.15, (final["duration"], russian, spelled)
+    expect(page.locator(f'#history li[data-job-id="{job["id"]}"]')).to_contain_text("· RU")  # the voice used
+    shot(page, "speech-language-auto")
+
+    # The line follows the interface language.
+    page.click('[data-ui-lang="kk"]')
+    kk = messages(page, "kk")
+    expect(detected).to_have_text(kk["detected_language"].replace("{lang}", kk["language_ru"]))
+    expect(select.locator("option:checked")).to_have_text(kk["language_auto"])
+    page.click('[data-ui-lang="en"]')
+
+    # A language picked by hand is kept (and remembered); one the text does not fit is flagged,
+    # and the server's refusal is shown in the interface language.
+    page.select_option("#language", "en")
+    expect(detected).to_have_attribute("data-mismatch", "true")
+    expect(detected).to_have_text("Detected: Russian, not the speech language chosen")
+    page.route("**/api/jobs", lambda route: route.fulfill(
+        status=400, content_type="application/json",
+        body=json.dumps({"error": "the text is written in Russian (ru), but 'language' is 'en'",
+                         "code": "language_mismatch"})))
+    with page.expect_request(lambda r: r.url.endswith("/api/jobs") and r.method == "POST") as sent:
+        page.click("#generate")
+    assert json.loads(sent.value.post_data)["language"] == "en"
+    expect(page.locator("#error")).to_have_text(messages(page, "en")["errors"]["language_mismatch"])
+    page.unroute("**/api/jobs")
+    page.select_option("#language", "auto")  # back to auto: the error goes, the choice is remembered
+    expect(page.locator("#error")).to_be_hidden()
+    page.select_option("#language", "kk")    # the Kazakh voice reads Russian text: no flag
+    expect(detected).to_have_attribute("data-mismatch", "false")
+    page.reload()
+    expect(select).to_have_value("kk")

@@ -9,23 +9,31 @@ import numpy as np
 
 from lipsync.errors import InvalidInputError
 
-LANGUAGES = ("ru", "kk", "en")
+LANGUAGES = ("ru", "kk", "en")  # the voices: the page's select and the OpenAPI document list these
 DEFAULT_LANGUAGE = "ru"  # an omitted `language` (the seed's clients always sent one)
+AUTO = "auto"            # `language`: the voice follows the text (lipsync/tts/language.py)
+LANGUAGE_CHOICES = (AUTO, *LANGUAGES)  # what a request's `language` may be
 
 
-def validate_request(text: str, language: str) -> tuple[str, str]:
-    """Check a synthesis request; returns (text, language) cleaned up.
+def validate_request(text: str, language: str, *, allow_mismatch: bool = True) -> tuple[str, str]:
+    """Check a synthesis request; returns (text, language), the language one of ``LANGUAGES``.
 
-    Raises ``InvalidInputError`` with code ``empty_text`` or
-    ``unsupported_language``. Shared by every provider.
+    ``language`` is one of ``LANGUAGE_CHOICES`` in any case; ``"auto"`` is resolved from
+    the text (``lipsync.tts.language.resolve_language``). Raises ``InvalidInputError`` with
+    code ``unsupported_language``, ``empty_text`` or, only with ``allow_mismatch=False``,
+    ``language_mismatch`` (an explicit language that does not fit the text's script).
+
+    Shared by every provider, which speak what they are given: they call it with the
+    default ``allow_mismatch=True``, since a request is checked as a whole (the service
+    passes ``allow_mismatch=False`` unless the client asked otherwise) and one sentence of
+    a Russian text may well be in Latin letters ("Wi-Fi.").
     """
-    lang = language.strip().lower() if isinstance(language, str) else ""
-    if lang not in LANGUAGES:
-        raise InvalidInputError(f"unsupported language {language!r}: use one of {', '.join(LANGUAGES)}",
-                                code="unsupported_language")
+    from lipsync.tts.language import normalize_language, resolve_language  # it imports this module
+
+    lang = normalize_language(language)
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError("the text is empty", code="empty_text")
-    return text, lang
+    return text, resolve_language(text, lang, allow_mismatch=allow_mismatch)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class TTSProvider(Protocol):
     name: str
 
     def synthesize(self, text: str, language: str) -> Speech:
-        """Speak ``text`` in ``language`` (one of ``LANGUAGES``) at 16 kHz mono.
+        """Speak ``text`` in ``language`` (one of ``LANGUAGES``, or ``"auto"``) at 16 kHz mono.
 
         Raises ``lipsync.errors.TTSError`` (or ``TTSTimeoutError``) on failure.
         """
