@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from lipsync.errors import LipsyncError
 from lipsync.settings import Settings, SettingsError
-from lipsync.tts.base import LANGUAGES
+from lipsync.tts.base import DEFAULT_LANGUAGE, LANGUAGE_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="text to speak (needs --language)")
     source.add_argument("--audio", help="a recording to lip-sync instead of TTS (any format ffmpeg reads)")
-    gen.add_argument("--language", choices=LANGUAGES, default="ru", help="language of --text (default ru)")
+    gen.add_argument("--language", choices=LANGUAGE_CHOICES, default=DEFAULT_LANGUAGE,
+                     help=f"language of --text; auto: from its letters (default {DEFAULT_LANGUAGE})")
+    gen.add_argument("--allow-mismatch", action="store_true",
+                     help="let the voice read a text in another script (an accent on purpose)")
     gen.add_argument("--avatar", help="avatar image (default: AVATAR_PATH, else the built-in portrait)")
     gen.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: CHECKPOINT_PATH)")
     gen.add_argument("--engine", choices=("auto", "wav2lip", "builtin"), help="lip-sync engine (default: ENGINE)")
@@ -104,7 +107,7 @@ def _generate(args, settings: Settings) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
         result = service.generate(out, text=args.text, language=args.language, recording=recording,
-                                  progress=progress)
+                                  allow_mismatch=args.allow_mismatch, progress=progress)
     except LipsyncError as exc:
         if bar is not None:
             bar.close()

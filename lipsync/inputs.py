@@ -9,7 +9,10 @@
   handed on as 16 kHz mono WAV.
 * ``recording_samples``: the samples the pipeline renders from; that WAV is read as it
   is (no second ffmpeg pass), anything else (CLI, library) is decoded here.
-* ``check_audio_length``: the one duration check (``MAX_AUDIO_SECONDS``).
+* ``check_audio_length``: the one duration check of recordings (``MAX_AUDIO_SECONDS``).
+* ``check_speech_estimate`` / ``check_speech_length``: the duration of speech synthesised
+  from a text (``MAX_SPEECH_SECONDS``), estimated from the text before any work, then
+  checked on what the TTS really produces, sentence by sentence.
 
 Each check and each message lives here once; the server, the job queue and the service
 all call these. Every refusal is an ``InvalidInputError`` (400) or ``PayloadTooLargeError``
@@ -18,8 +21,10 @@ all call these. Every refusal is an ``InvalidInputError`` (400) or ``PayloadTooL
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections import Counter
 from typing import BinaryIO
 
 import numpy as np
@@ -99,6 +104,72 @@ def check_image(data: bytes, max_pixels: int) -> bytes:
         raise InvalidInputError(f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted",
                                 code="image_too_large")
     return data
+
+
+# Speech seconds per character of a text, by the kind of character, for each voice: LOWER bounds,
+# so that the estimate refuses a text early only when its speech is clearly too long (the real
+# length is checked anyway, sentence by sentence, by ``check_speech_length``). Measured with the
+# built-in espeak-ng voices (160 wpm) and set at about 3/4 of the least measured value:
+#   letters, realistic ru/kk/en prose (6 paragraphs each, numbers and punctuation included):
+#       per letter ru 0.069-0.103 s, kk 0.080-0.093 s, en 0.071-0.106 s
+#       (per character, spaces and punctuation counted: ru 0.059-0.078, kk 0.070-0.077, en 0.062-0.078)
+#   Cyrillic in the en voice (spelled letter by letter): 0.24-0.26 s per letter
+#   digits 0-9 (years, phone numbers, 1,000,000,000 ... 20-digit runs): 0.11-0.65 s per digit
+#   CJK ideographs and kana, each spelled out by name: 0.73-0.93 s (Chinese/Japanese sentences),
+#       0.66-0.73 s (a run of 100 ideographs)
+#   Hangul syllables 0.21-0.26 s; Arabic letters 0.53-0.89 s
+# Anything else (spaces, punctuation, symbols, emoji, other scripts: several are not spoken at
+# all) counts 0. Texts that read faster than these bounds exist only as garbage (one letter
+# repeated: 0.018 s per letter), which at worst is refused early.
+SPEECH_SECONDS_PER_CHAR: dict[str, dict[str, float]] = {
+    "ru": {"latin": 0.05, "cyrillic": 0.05, "digit": 0.08, "ideograph": 0.5, "hangul": 0.15, "arabic": 0.4},
+    "kk": {"latin": 0.058, "cyrillic": 0.058, "digit": 0.08, "ideograph": 0.5, "hangul": 0.15, "arabic": 0.4},
+    "en": {"latin": 0.052, "cyrillic": 0.17, "digit": 0.08, "ideograph": 0.5, "hangul": 0.15, "arabic": 0.4},
+}
+
+
+@functools.lru_cache(maxsize=8192)
+def _speech_class(ch: str) -> str | None:
+    """The kind of character ``ch`` is for ``SPEECH_SECONDS_PER_CHAR``; None: counted as silent."""
+    code = ord(ch)
+    if "0" <= ch <= "9":
+        return "digit"
+    if code < 0x250:
+        return "latin" if ch.isalpha() else None
+    if 0x400 <= code < 0x530:  # Cyrillic and its supplement (Kazakh letters included)
+        return "cyrillic" if ch.isalpha() else None
+    if 0x600 <= code < 0x700:
+        return "arabic" if ch.isalpha() else None
+    if (0x3040 <= code < 0x3100 or 0x31F0 <= code < 0x3200 or 0x3400 <= code < 0x4DC0
+            or 0x4E00 <= code < 0xA000 or 0xF900 <= code < 0xFB00 or 0xFF66 <= code < 0xFFA0
+            or 0x20000 <= code < 0x40000):  # kana, CJK ideographs (extensions, compatibility)
+        return "ideograph"
+    if 0xAC00 <= code < 0xD7B0:
+        return "hangul"
+    return None
+
+
+def estimate_speech_seconds(text: str, language: str) -> float:
+    """A lower bound of how long ``text`` lasts when spoken in ``language`` (``ru``, ``kk``, ``en``)."""
+    rates = SPEECH_SECONDS_PER_CHAR[language]
+    counts = Counter(map(_speech_class, text))
+    return sum(rates.get(kind, 0.0) * n for kind, n in counts.items() if kind is not None)
+
+
+def check_speech_estimate(text: str, language: str, limit: float) -> None:
+    """Refuse (413 ``speech_too_long``) a text whose speech would clearly last more than ``limit`` s,
+    from the text alone (``estimate_speech_seconds``), before any work."""
+    estimate = estimate_speech_seconds(text, language)
+    if estimate > limit:
+        raise PayloadTooLargeError(f"the text would be spoken for at least {estimate:.0f} s; the limit is "
+                                   f"{limit:.0f} s", code="speech_too_long")
+
+
+def check_speech_length(seconds: float, limit: float) -> None:
+    """Refuse (413 ``speech_too_long``) once the speech synthesised so far lasts more than ``limit`` s."""
+    if seconds > limit:
+        raise PayloadTooLargeError(f"the text is spoken for more than {limit:.0f} s, the limit",
+                                   code="speech_too_long")
 
 
 def sniff_audio(data: bytes) -> str | None:

@@ -8,6 +8,7 @@ TTS voice); ``generate()`` then turns text or a recording into an MP4:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
@@ -23,13 +24,17 @@ import numpy as np
 
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
-from lipsync.inputs import check_text, recording_samples
+from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
 from lipsync.media import audio, ffmpeg, video
 from lipsync.settings import Settings
 from lipsync.tts.base import Speech, validate_request
 from lipsync.tts.text import split_sentences
 
 log = logging.getLogger("lipsync")
+
+# Avatar images decoded at once per process (uploads of /api/generate and of job submissions,
+# AVATAR_PATH): a 40-megapixel image takes a few hundred MB while it is decoded.
+AVATAR_DECODES = 2
 
 # progress(stage, fraction): stage is "tts", "lipsync" or "encode", fraction in [0, 1]. (There is no
 # stage between TTS and lip-sync: each piece's mel features are computed inside the engine's render,
@@ -48,6 +53,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     # (start, end) seconds of each spoken piece (sentence) in the video, in order
     segments: tuple[tuple[float, float], ...] = ()
+    language: str | None = None  # the voice that spoke the text ("auto" resolved); None for a recording
 
 
 def default_avatar() -> np.ndarray:
@@ -104,6 +110,8 @@ class LipsyncService:
         self.avatar: PreparedAvatar | None = None
         self._avatar_jpeg: bytes | None = None
         self._ready = threading.Event()
+        self._decode_slots = threading.BoundedSemaphore(AVATAR_DECODES)
+        self._decode_held = threading.local()  # .held: this thread holds a slot
 
     # ----------------------------------------------------------------- loading
     def load(self) -> LipsyncService:
@@ -118,8 +126,10 @@ class LipsyncService:
             self.faces = FaceLocator(detector=s.face_detector, s3fd_path=s.s3fd_path, device=s.device,
                                      cache_dir=s.cache_dir, box_override=s.face_box)
             self.engine = create_engine(s)
-            image = self._read_avatar_file(s.avatar_path) if s.avatar_path else default_avatar()
-            self.avatar = self.prepare_avatar(image)
+            if s.avatar_path:
+                self.avatar = self.avatar_from_bytes(self._read_avatar_file(s.avatar_path))
+            else:
+                self.avatar = self.prepare_avatar(default_avatar())
             _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
             self.status = "ready"
@@ -136,17 +146,50 @@ class LipsyncService:
         """Block until ``load()`` has finished (ready or error)."""
         return self._ready.wait(timeout)
 
-    def _read_avatar_file(self, path: str) -> np.ndarray:
+    @staticmethod
+    def _read_avatar_file(path: str) -> bytes:
         try:
             with open(path, "rb") as f:
-                return self.decode_avatar(f.read())
+                return f.read()
         except OSError as exc:
             raise InvalidInputError(f"cannot read the avatar image {path}: {exc.strerror}",
                                     code="invalid_image") from None
 
     def decode_avatar(self, data: bytes) -> np.ndarray:
-        """An avatar image's bytes as (H, W, 3) uint8 BGR, within ``MAX_IMAGE_PIXELS``."""
-        return video.decode_image(data, self.settings.max_image_pixels)
+        """An avatar image's bytes as (H, W, 3) uint8 BGR, upright (EXIF orientation applied), within
+        ``MAX_IMAGE_PIXELS``. A large image is decoded at 1/2, 1/4 or 1/8 of its size when it
+        stays at least twice the output height (face detectors look at 640 pixels, the video at
+        ``MAX_OUTPUT_HEIGHT``), except with ``FACE_BOX``, whose pixels are those of the full image.
+        At most ``AVATAR_DECODES`` decodes run at once; the memory is given back after each."""
+        shrink_to = 0 if self.settings.face_box is not None else 2 * self.settings.max_output_height
+        with self._decoding():
+            return video.decode_image(data, self.settings.max_image_pixels, shrink_to=shrink_to)
+
+    def check_avatar(self, data: bytes) -> None:
+        """Refuse (400) avatar bytes that ``decode_avatar`` would refuse, decoding them at the
+        smallest size (for a job: its avatar is decoded again when it runs)."""
+        with self._decoding():
+            video.decode_image(data, self.settings.max_image_pixels, shrink_to=1)
+
+    def avatar_from_bytes(self, data: bytes) -> PreparedAvatar:
+        """``prepare_avatar(decode_avatar(data))``, the full-size image living only in between."""
+        with self._decoding():
+            return self.prepare_avatar(self.decode_avatar(data))
+
+    @contextlib.contextmanager
+    def _decoding(self):
+        """One of the ``AVATAR_DECODES`` slots (re-entrant for the thread holding one), then the
+        freed memory back to the OS."""
+        if getattr(self._decode_held, "held", False):
+            yield
+            return
+        with self._decode_slots:
+            self._decode_held.held = True
+            try:
+                yield
+            finally:
+                self._decode_held.held = False
+                release_memory()
 
     def prepare_avatar(self, image: np.ndarray) -> PreparedAvatar:
         """Scale an avatar to output size, find its face (cached) and let the engine prepare it."""
@@ -181,13 +224,17 @@ class LipsyncService:
         return self._avatar_jpeg
 
     # ------------------------------------------------------------- validation
-    def validate_text(self, text, language) -> tuple[str, str]:
-        """Check a text request; returns (text, language) or raises a 4xx ``LipsyncError``."""
+    def validate_text(self, text, language, *, allow_mismatch: bool = False) -> tuple[str, str]:
+        """Check a text request; returns (text, language to speak) or raises a 4xx ``LipsyncError``.
+
+        ``language`` may be ``"auto"`` (chosen from the text's letters); an explicit one that does
+        not fit the text's script is refused (``language_mismatch``) unless ``allow_mismatch``."""
         check_text(text)
         if len(text) > self.settings.max_text_chars:
             raise PayloadTooLargeError(f"'text' has {len(text)} characters; the limit is "
                                        f"{self.settings.max_text_chars}", code="text_too_long")
-        text, language = validate_request(text, language)
+        text, language = validate_request(text, language, allow_mismatch=allow_mismatch)
+        check_speech_estimate(text, language, self.settings.max_speech_seconds)
         breaker = getattr(self.tts, "breaker", None)
         if breaker is not None:  # remote TTS known to be down: 503 now, before any work is queued
             breaker.check()
@@ -201,7 +248,8 @@ class LipsyncService:
     # -------------------------------------------------------------- pipeline
     def generate(self, out_path: str, *, text: str | None = None, language: str | None = None,
                  recording: bytes | None = None, avatar_image: bytes | None = None,
-                 progress: ProgressCallback | None = None, live_path: str | None = None) -> GenerationResult:
+                 progress: ProgressCallback | None = None, live_path: str | None = None,
+                 allow_mismatch: bool = False) -> GenerationResult:
         """Make the MP4 at ``out_path`` from ``text`` (+ ``language``) or a ``recording``.
 
         Long texts are spoken sentence by sentence: the next sentence is
@@ -220,10 +268,10 @@ class LipsyncService:
         started = time.perf_counter()
 
         if recording is None:
-            text, language = self.validate_text(text, language)
+            text, language = self.validate_text(text, language, allow_mismatch=allow_mismatch)
         avatar = self.avatar
         if avatar_image is not None:
-            avatar = self.prepare_avatar(self.decode_avatar(avatar_image))
+            avatar = self.avatar_from_bytes(avatar_image)
             timings["avatar"] = _ms_since(started)
 
         report("tts", 0.0)
@@ -232,7 +280,8 @@ class LipsyncService:
             pieces: SpeechPieces = SpeechPieces.single(self.speech_from_recording(recording))
             timings["decode"] = _ms_since(t)
         else:
-            pieces = SpeechPieces.synthesised(self.tts, split_sentences(text), language)
+            pieces = SpeechPieces.synthesised(self.tts, split_sentences(text), language,
+                                              max_seconds=self.settings.max_speech_seconds)
         try:
             frames, segments = self._render(pieces, avatar, out_path, live_path, timings, report)
         finally:
@@ -241,7 +290,8 @@ class LipsyncService:
             timings["tts"] = pieces.tts_seconds * 1000.0
         timings["total"] = _ms_since(started)
         return GenerationResult(path=out_path, duration=segments[-1][1], frames=frames, segments=segments,
-                                engine=self.engine.name, timings=timings)
+                                engine=self.engine.name, timings=timings,
+                                language=None if recording is not None else language)
 
     def _render(self, pieces: SpeechPieces, avatar: PreparedAvatar, out_path: str, live_path: str | None,
                 timings: dict[str, float], report: ProgressCallback) -> tuple[int, tuple]:
@@ -289,6 +339,25 @@ class LipsyncService:
         return root
 
 
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere): image
+    decoders free many medium-sized buffers that glibc would otherwise keep."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
@@ -329,15 +398,19 @@ class SpeechPieces:
         return pieces
 
     @classmethod
-    def synthesised(cls, tts, sentences: list[str], language: str) -> SpeechPieces:
+    def synthesised(cls, tts, sentences: list[str], language: str, *,
+                    max_seconds: float = math.inf) -> SpeechPieces:
+        """``sentences`` spoken by ``tts``; once the speech so far lasts more than ``max_seconds``
+        the piece that went over is a ``speech_too_long`` error and nothing more is synthesised."""
         pieces = cls(len(sentences))
-        pieces._thread = threading.Thread(target=pieces._synthesise, args=(tts, sentences, language),
+        pieces._thread = threading.Thread(target=pieces._synthesise, args=(tts, sentences, language, max_seconds),
                                           name="tts-pieces", daemon=True)
         pieces._thread.start()
         return pieces
 
-    def _synthesise(self, tts, sentences: list[str], language: str) -> None:
+    def _synthesise(self, tts, sentences: list[str], language: str, max_seconds: float) -> None:
         spoken = 0
+        seconds = 0.0
         silent: InvalidInputError | None = None
         for sentence in sentences:
             if self._stop.is_set():
@@ -346,6 +419,8 @@ class SpeechPieces:
             try:
                 item = tts.synthesize(sentence, language)
                 spoken += 1
+                seconds += item.duration
+                check_speech_length(seconds, max_seconds)
             except InvalidInputError as exc:
                 if exc.code != "empty_text":
                     item = exc

@@ -141,6 +141,7 @@ class Settings(EnvSettings):
     max_text_chars: int = 5000
     max_upload_bytes: int = 25 * 1024 * 1024
     max_audio_seconds: float = 300.0
+    max_speech_seconds: float = 300.0       # longest speech synthesised from a text (413 speech_too_long)
     max_image_pixels: int = 40_000_000      # avatar images above this (from the header) are refused
     # --- jobs (asynchronous API)
     job_queue_size: int = 16                # queued jobs beyond this are refused with 429
@@ -173,7 +174,7 @@ class Settings(EnvSettings):
         self.check_positive("batch_size", "fps", "max_output_height", "max_text_chars", "max_upload_bytes")
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
-        self.check_positive("max_image_pixels", "tts_breaker_failures")
+        self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds")
         self.check_non_negative("tts_breaker_reset_seconds")
 
     @property

@@ -31,7 +31,7 @@ from tests.conftest import wait_until
 REPO = Path(__file__).resolve().parents[1]
 LANGUAGES = ("ru", "kk", "en")
 RECORD_KEYS = {"id", "status", "stage", "progress", "queue_position", "error", "timings", "created_at",
-               "started_at", "finished_at", "duration", "frames", "engine", "callback_url"}
+               "started_at", "finished_at", "duration", "frames", "engine", "language", "callback_url"}
 
 
 # ------------------------------------------------------------------ stand-in
@@ -81,7 +81,7 @@ class SlowService:
             event = self._started.setdefault(text, threading.Event())
         return event.wait(timeout)
 
-    def validate_text(self, text, language):
+    def validate_text(self, text, language, allow_mismatch=False):
         if not isinstance(text, str):
             raise InvalidInputError("'text' must be a string", code="invalid_text")
         if not text.strip():
@@ -93,7 +93,7 @@ class SlowService:
         return text, language
 
     def generate(self, out_path, *, text=None, language=None, recording=None, avatar_image=None, progress=None,
-                 live_path=None):
+                 allow_mismatch=False, live_path=None):
         report = progress or (lambda stage, fraction: None)
 
         def tick(stage, fraction):

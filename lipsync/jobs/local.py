@@ -89,7 +89,7 @@ class LocalJobQueue(JobQueue):
     """Jobs in SQLite next to the outputs, rendered by one engine worker thread.
 
     ``service`` is anything with ``generate(out_path, *, text, language, recording,
-    avatar_image, progress)`` and ``validate_text(text, language)`` (normally
+    avatar_image, progress)`` and ``validate_text(text, language, allow_mismatch=)`` (normally
     ``LipsyncService``); ``status``/``wait_until_loaded`` are used when present.
     The keyword arguments exist for tests and tuning, except ``job_links``: a function of a
     job id whose dict (the web layer's URLs of that job: ``status_url`` ...) is merged into
@@ -182,7 +182,8 @@ class LocalJobQueue(JobQueue):
         else:
             if request.text is None:
                 raise InvalidInputError("send 'text' or a recording", code="missing_input")
-            text, language = self.service.validate_text(request.text, request.language)
+            text, language = self.service.validate_text(request.text, request.language,
+                                                        allow_mismatch=request.allow_mismatch)
         if request.avatar_image is not None:
             check_upload(request.avatar_image, limit, AVATAR)
         if self.store.queued_count() >= self.settings.job_queue_size:
@@ -192,7 +193,9 @@ class LocalJobQueue(JobQueue):
         job_dir = self._job_dir(job_id)
         os.makedirs(job_dir)
         try:
-            stored = {"text": text, "language": language, "recording": None, "avatar_image": None}
+            # the language as resolved ("auto" chosen, a mismatch allowed): the worker speaks it as is
+            stored = {"text": text, "language": language, "allow_mismatch": request.allow_mismatch,
+                      "recording": None, "avatar_image": None}
             if request.recording is not None:
                 stored["recording"] = self._write_input(job_dir, RECORDING_NAME, request.recording)
             if request.avatar_image is not None:
@@ -581,7 +584,8 @@ class _Render:
         if request.get("recording"):
             kwargs["recording"] = _read(self.job_dir, RECORDING_NAME)
         else:
-            kwargs.update(text=request.get("text"), language=request.get("language"))
+            kwargs.update(text=request.get("text"), language=request.get("language"),
+                          allow_mismatch=bool(request.get("allow_mismatch")))
         if request.get("avatar_image"):
             kwargs["avatar_image"] = _read(self.job_dir, AVATAR_NAME)
         self.check_abort()

@@ -42,12 +42,14 @@ RUNNING_PROGRESS_MAX = 0.99
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What to make: ``text`` (+ ``language``) or a ``recording`` (any format ffmpeg reads; it
+    """What to make: ``text`` (+ ``language``, maybe ``"auto"``; ``allow_mismatch`` lets a voice
+    read a text in another script on purpose) or a ``recording`` (any format ffmpeg reads; it
     wins over text when both are given), optionally another ``avatar_image``, and an http(s)
     ``callback_url`` to POST the final state to."""
 
     text: str | None = None
     language: str | None = None
+    allow_mismatch: bool = False
     recording: bytes | None = None
     avatar_image: bytes | None = None
     callback_url: str | None = None
@@ -70,6 +72,7 @@ class Job:
     duration: float | None
     frames: int | None
     engine: str | None
+    language: str | None     # the voice of a text job ("auto" resolved); None for a recording
     callback_url: str | None
 
     @classmethod

@@ -8,10 +8,23 @@ have more codecs); otherwise the static binary shipped by the
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 
 from lipsync.errors import MediaError
+
+log = logging.getLogger(__name__)
+
+# What an error message shown to a client must not carry from ffmpeg's stderr: the memory
+# address in its "[wav @ 0x5621...]" prefixes, and file names (working folders, the server's
+# layout), absolute or relative. They stay in the log.
+_ADDRESS = re.compile(r"\s*@\s*0x[0-9a-fA-F]+")
+_PATH_LIKE = re.compile(r"[^\s'\"|,;()\[\]<>]*/[^\s'\"|,;()\[\]<>]*")
+FILE_WORD = "<file>"
 
 _explicit_binary: str | None = None
 
@@ -55,11 +68,42 @@ def run_ffmpeg(args: list[str], *, input: bytes | None = None, timeout: float = 
     except OSError as exc:  # the binary itself is missing or not executable: our fault, not the input's
         raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
     if proc.returncode != 0:
-        raise error(f"{what}: {stderr_tail(proc.stderr)}")
+        log_stderr(what, proc.returncode, proc.stderr)
+        paths = [a for a in args if os.sep in a]
+        raise error(f"{what}: {stderr_tail(proc.stderr, paths=paths)}")
     return proc.stdout
 
 
-def stderr_tail(stderr: bytes, lines: int = 5) -> str:
-    """The last ``lines`` non-empty lines of an ffmpeg stderr, as one string."""
-    text = stderr.decode("utf-8", "replace").strip().splitlines()
+def log_stderr(what: str, returncode: int | None, stderr: bytes) -> None:
+    """ffmpeg's whole stderr in the server log (warning): the client gets ``stderr_tail``'s
+    sanitised last lines only."""
+    log.warning("%s: ffmpeg exited with %s: %s", what, returncode,
+                stderr.decode("utf-8", "replace").strip()[-8000:] or "no error output")
+
+
+def stderr_tail(stderr: bytes, lines: int = 5, paths: Iterable[str] = ()) -> str:
+    """The last ``lines`` non-empty lines of an ffmpeg stderr, as one string fit for a client:
+    memory addresses dropped, file names (``paths`` as given, any path-like word) replaced by
+    ``<file>`` (``sanitize_stderr``)."""
+    text = sanitize_stderr(stderr.decode("utf-8", "replace"), paths).strip().splitlines()
     return " | ".join(line.strip() for line in text[-lines:] if line.strip()) or "no error output"
+
+
+def sanitize_stderr(text: str, paths: Iterable[str] = ()) -> str:
+    """``text`` without the ``@ 0x...`` addresses of ffmpeg's log prefixes (``[wav @ 0x5621ab]``
+    becomes ``[wav]``) and with ``<file>`` for each of ``paths`` (as given and absolute: they may
+    hold spaces) and for every other word with a ``/`` and a letter in it (a path, absolute or
+    relative; ``1/25`` stays)."""
+    known = {p for path in paths if path for p in (path, os.path.abspath(path))}
+    for path in sorted(known, key=len, reverse=True):
+        text = text.replace(path, FILE_WORD)
+    text = _ADDRESS.sub("", text)
+    return _PATH_LIKE.sub(_path_word, text)
+
+
+def _path_word(match: re.Match) -> str:
+    word = match.group()
+    core = word.rstrip(".:")
+    if not re.search(r"[^\W\d_]", core):  # no letter: a ratio (1/25), not a file name
+        return word
+    return FILE_WORD + word[len(core):]

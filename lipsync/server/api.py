@@ -57,6 +57,7 @@ def generate():
         "X-Video-Duration": f"{result.duration:.3f}",
         "X-Video-Frames": str(result.frames),
         "X-Engine": result.engine,
+        **({"X-Speech-Language": result.language} if result.language else {}),
         "Server-Timing": ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in timings.items()),
         "Content-Length": str(size),
     }

@@ -38,7 +38,7 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), geolocation=(), payment=(), usb=()",
 }
 CORS_EXPOSED = ("X-Request-ID, Retry-After, Location, Content-Range, Accept-Ranges, Content-Length, Server-Timing, "
-                "X-Processing-Time, X-Video-Duration, X-Video-Frames, X-Engine, X-RateLimit-Limit, "
+                "X-Processing-Time, X-Video-Duration, X-Video-Frames, X-Engine, X-Speech-Language, X-RateLimit-Limit, "
                 "X-RateLimit-Remaining, X-RateLimit-Reset")
 CORS_ALLOWED_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-ID, Range"
 # werkzeug's HTTP errors whose code is not simply their name in snake case

@@ -14,7 +14,7 @@ from lipsync.jobs.store import STATUSES
 from lipsync.jobs.webhooks import MAX_URL_LENGTH
 from lipsync.server.settings import ServerSettings, parse_rate_limit
 from lipsync.settings import Settings
-from lipsync.tts.base import LANGUAGES
+from lipsync.tts.base import LANGUAGE_CHOICES, LANGUAGES
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"
 
@@ -117,12 +117,13 @@ class _Document:
                        f"{s.max_audio_seconds:g} s. `avatar`: PNG or JPEG with a face, at most "
                        f"{s.max_image_pixels} pixels.")
         text, language = self.text_schema(), _language_schema()
-        json_props = {"text": text, "language": language}
+        json_props = {"text": text, "language": language, "allow_mismatch": _ALLOW_MISMATCH_SCHEMA}
         form_props = {"audio": {"type": "string", "format": "binary",
                                 "description": "A recording to lip-sync instead of speaking `text`."},
                       "avatar": {"type": "string", "format": "binary",
                                  "description": "An image that replaces the preloaded avatar for this request."},
-                      "text": text, "language": language}
+                      "text": text, "language": language,
+                      "allow_mismatch": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}}
         if with_callback:
             json_props["callback_url"] = _CALLBACK_SCHEMA
             form_props["callback_url"] = _CALLBACK_SCHEMA
@@ -155,7 +156,8 @@ class _Document:
 
     def generate_paths(self) -> dict:
         video_headers = {name: _header(name) for name in
-                         ("X-Processing-Time", "X-Video-Duration", "X-Video-Frames", "X-Engine", "Server-Timing")}
+                         ("X-Processing-Time", "X-Video-Duration", "X-Video-Frames", "X-Engine", "Server-Timing",
+                          "X-Speech-Language")}
         return {
             "/api/generate": {"post": self.op("Make the MP4 now and answer with it (synchronous).", self.guarded({
                 "200": _ok("The MP4 (H.264 + AAC, faststart).", _binary("video/mp4"), video_headers),
@@ -243,12 +245,18 @@ def _binary(media_type: str) -> dict:
 
 
 def _language_schema() -> dict:
-    languages = list(LANGUAGES)
+    choices = list(LANGUAGE_CHOICES)
     # The service accepts the codes in any case and with surrounding spaces ("EN", " ru ").
-    any_case = "|".join("".join(f"[{c.upper()}{c}]" for c in code) for code in languages)
+    any_case = "|".join("".join(f"[{c.upper()}{c}]" for c in code) for code in choices)
     return {"type": "string", "pattern": f"^\\s*({any_case})\\s*$", "default": "ru", "example": "ru",
-            "description": "Speech language, case-insensitive: " + ", ".join(languages)
-                           + " (ru: Russian, kk: Kazakh, en: English)."}
+            "description": "Speech language, case-insensitive: " + ", ".join(choices)
+                           + " (ru: Russian, kk: Kazakh, en: English; auto: from the text's letters). "
+                             "Omitted: ru, whatever the text. Given: it must fit the text's script "
+                             "(400 `language_mismatch`) unless `allow_mismatch` is true."}
+
+
+_ALLOW_MISMATCH_SCHEMA = {"type": "boolean", "default": False,
+                          "description": "Let the voice read a text in another script on purpose (an accent)."}
 
 
 def _schemas() -> dict:
@@ -272,6 +280,7 @@ def _schemas() -> dict:
         "duration": {"type": "number", "nullable": True, "description": "Seconds of video."},
         "frames": {"type": "integer", "nullable": True},
         "engine": nullable_str,
+        "language": {**nullable_str, "description": "The voice of a text job (auto resolved); null for a recording."},
         "callback_url": nullable_str,
     }}
     urls = ("status_url", "events_url", "video_url", "stream_url")
@@ -291,9 +300,10 @@ def _schemas() -> dict:
 _UNAUTHORIZED = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)
 _WRITE_ERRORS = {
     "400": _error("Bad input: `invalid_json`, `missing_input`, `invalid_text`, `empty_text`, "
-                  "`unsupported_language`, `invalid_audio`, `invalid_image`, `image_too_large`, "
-                  "`invalid_callback_url`."),
-    "413": _error("Over a limit: `text_too_long`, `upload_too_large`, `payload_too_large`, `audio_too_long`."),
+                  "`unsupported_language`, `language_mismatch`, `invalid_input`, `invalid_audio`, `invalid_image`, "
+                  "`image_too_large`, `invalid_callback_url`."),
+    "413": _error("Over a limit: `text_too_long`, `upload_too_large`, `payload_too_large`, `audio_too_long`, "
+                  "`speech_too_long`."),
     "503": _error("Not now: `not_ready` (models loading or failed), `busy` (all render slots taken), "
                   "`shutting_down`, `tts_unavailable` (the remote TTS circuit is open), `tts_timeout`.",
                   retry_after=False),
@@ -319,6 +329,8 @@ _HEADERS = {
     "X-Video-Duration": {"required": True, "schema": {"type": "number"}},
     "X-Video-Frames": {"required": True, "schema": {"type": "integer"}},
     "X-Engine": {"required": True, "schema": {"type": "string"}},
+    "X-Speech-Language": {"description": "The voice that spoke the text (auto resolved); absent for a recording.",
+                          "schema": {"type": "string", "enum": list(LANGUAGES)}},
     "Server-Timing": {"required": True, "description": "Stage timings: `tts;dur=12.3, ...` (ms).",
                       "schema": {"type": "string"}},
 }

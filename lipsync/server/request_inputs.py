@@ -63,14 +63,14 @@ def _form_inputs() -> dict:
         inputs["avatar_image"] = check_image(_read_upload(avatar_file, AVATAR),
                                              settings.max_image_pixels)
         if request.endpoint == JOB_ENDPOINT:  # a job decodes it later: refuse a broken one now
-            service.decode_avatar(inputs["avatar_image"])
+            service.check_avatar(inputs["avatar_image"])  # small, and at most AVATAR_DECODES at once
     if audio_file is not None:
         inputs["recording"] = normalize_recording(_read_upload(audio_file, RECORDING),
                                                   settings, service.temp_root())
     elif "text" in request.form:
         _log_text(request.form["text"])
         inputs.update(text=clean_text(request.form["text"]),
-                      language=request.form.get("language", DEFAULT_LANGUAGE))
+                      **_language(request.form.get("language", _OMITTED), request.form.get("allow_mismatch", _OMITTED)))
     else:
         raise InvalidInputError("send an 'audio' file or a 'text' field", code="missing_input")
     return inputs
@@ -96,7 +96,25 @@ def _json_inputs() -> dict:
     if "text" not in body:
         raise InvalidInputError("'text' is missing", code="missing_input")
     _log_text(body["text"])  # clean_text refuses a non-string (null too: the same answer from both APIs)
-    return {"text": clean_text(body["text"]), "language": body.get("language", DEFAULT_LANGUAGE)}
+    return {"text": clean_text(body["text"]), **_language(body.get("language", _OMITTED),
+                                                                body.get("allow_mismatch", _OMITTED))}
+
+
+_OMITTED = object()  # no "language" key at all (null is a value, and refused like any non-language)
+_FORM_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _language(language, allow_mismatch) -> dict:
+    """``language`` and ``allow_mismatch`` for the service. An omitted language is today's
+    default, spoken whatever the text's script (as clients that never send one always got);
+    an explicit one (or ``auto``) is checked against the text unless ``allow_mismatch``."""
+    if isinstance(allow_mismatch, str):  # a form field: exactly the words the API document lists
+        allow_mismatch = _FORM_BOOLEANS.get(allow_mismatch, allow_mismatch)
+    if allow_mismatch is not _OMITTED and not isinstance(allow_mismatch, bool):
+        raise InvalidInputError("'allow_mismatch' must be true or false", code="invalid_input")
+    if language is _OMITTED:
+        return {"language": DEFAULT_LANGUAGE, "allow_mismatch": allow_mismatch is _OMITTED or allow_mismatch}
+    return {"language": language, "allow_mismatch": allow_mismatch is not _OMITTED and allow_mismatch}
 
 
 def _log_text(text) -> None:
