@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 
-from lipsync.server import create_app
+from lipsync.server import close_app, create_app
 from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings
 
@@ -23,3 +25,15 @@ def make_app(config: dict | None = None, **values):
     ``config`` says otherwise); stop it with ``lipsync.server.close_app``."""
     settings, server = split_settings(**values)
     return create_app({"SETTINGS": settings, "SERVER": server, "LOAD_IN_BACKGROUND": False, **(config or {})})
+
+
+@contextmanager
+def unlimited_app(root, **values) -> Iterator:
+    """A built-in-engine app with its files under ``root`` and no rate limits (tests send many
+    requests), closed on exit; ``values`` override settings."""
+    app = make_app(**{"output_dir": str(root / "o"), "cache_dir": str(root / "c"), "engine": "builtin",
+                      "rate_limit": "off", "rate_limit_read": "off", **values})
+    try:
+        yield app
+    finally:
+        close_app(app)

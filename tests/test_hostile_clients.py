@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from lipsync.server import close_app
-from tests.apps import make_app
+from tests.apps import unlimited_app
 from tests.conftest import REPO, wait_until
 from tests.test_faults import free_port
 
@@ -139,11 +138,8 @@ def test_the_dev_server_caps_its_connections_and_recovers(dev_server):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    app = make_app(output_dir=str(root / "o"), cache_dir=str(root / "c"), engine="builtin", rate_limit="off",
-                   rate_limit_read="off")
-    yield app
-    close_app(app)
+    with unlimited_app(tmp_path_factory.mktemp("hostile")) as app:
+        yield app
 
 
 def test_a_form_with_thousands_of_parts_is_refused_for_what_it_is(app):

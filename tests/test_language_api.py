@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from lipsync.server import close_app
-from tests.apps import make_app
+from tests.apps import unlimited_app
 
 RUSSIAN = "Привет, как дела?"
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("language")
-    app = make_app(output_dir=str(root / "o"), cache_dir=str(root / "c"), engine="builtin", rate_limit="off",
-                   rate_limit_read="off")
-    yield app
-    close_app(app)
+    with unlimited_app(tmp_path_factory.mktemp("language")) as app:
+        yield app
 
 
 @pytest.fixture
