@@ -6,9 +6,10 @@ FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PORT=3000
 
-# System ffmpeg (found before the pip-bundled one) and the libraries OpenCV needs.
+# System ffmpeg (found before the pip-bundled one), the libraries OpenCV needs, and nginx for
+# the production stack (make serve: nginx in front of two gunicorns, lipsync/server/stack.py).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ffmpeg libgomp1 \
+ && apt-get install -y --no-install-recommends ffmpeg libgomp1 nginx \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -16,8 +17,9 @@ COPY requirements.txt .
 RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt
 
 COPY . .
+RUN pip install --no-deps -e .
 RUN mkdir -p outputs checkpoints .cache
 EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:3000/api/health').status != 200)"
-CMD ["gunicorn", "-c", "python:lipsync.server.gunicorn_conf"]
+CMD ["python", "-m", "lipsync.server.stack"]
