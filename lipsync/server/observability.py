@@ -2,7 +2,7 @@
 
 * ``configure_logging(level, fmt)``: one JSON object per line on stderr
   (``fmt="json"``) or classic text lines. Called by the entry points
-  (``python app.py``, ``gunicorn.conf.py``, the CLI may too), never by
+  (``python app.py``, ``gunicorn_conf``, the CLI may too), never by
   ``create_app``, so tests and embedding applications keep their logging.
 * ``RequestObserver``: WSGI middleware that gives every request an id
   (a sane incoming ``X-Request-ID`` is kept, otherwise a random one), returns
