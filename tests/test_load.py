@@ -50,7 +50,7 @@ def test_eight_clients_for_thirty_seconds_nothing_lost(live, capsys):
     # Warm up (first renders allocate the encoder, TTS voice, caches), then take the baseline.
     warm = session(KEYS[0])
     for text in TEXTS[:3]:
-        assert warm.post(server.url("/api/generate"), json={"text": text, "language": "ru"}, timeout=60).ok
+        assert warm.post(server.url("/api/generate"), json={"text": text, "language": "auto"}, timeout=60).ok
     job = warm.post(server.url("/api/jobs"), json={"text": "Warm up.", "language": "en"}, timeout=60).json()
     server.wait_job(job["id"], headers={"Authorization": f"Bearer {KEYS[0]}"})
     warm.close()
@@ -85,7 +85,7 @@ def test_eight_clients_for_thirty_seconds_nothing_lost(live, capsys):
             text = TEXTS[n % len(TEXTS)]
             n += 1
             try:
-                r = http.post(server.url("/api/generate"), json={"text": text, "language": "ru"}, timeout=60)
+                r = http.post(server.url("/api/generate"), json={"text": text, "language": "auto"}, timeout=60)
             except requests.RequestException as exc:
                 with lock:
                     unexpected.append(f"sync: {type(exc).__name__}: {exc}")
