@@ -115,6 +115,7 @@ def test_uploaded_recording_is_lip_synced_without_tts(client, app, tmp_path, spe
     _assert_clean(app)
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_a_compressed_recording_within_the_upload_limit_is_not_refused_after_decoding(tmp_path, speech_wav_path):
     """The limit is on what the client sends: 7 s of MP3 (~60 KB) fits 100 KB, although its
     16 kHz WAV (~270 KB) would not; as a job too (the queue stores the decoded WAV)."""

@@ -75,6 +75,7 @@ def test_remote_tts_error_is_a_502_and_the_server_stays_healthy(tmp_path, tts_se
     assert client.get("/api/health").status_code == 200
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_remote_tts_timeout_is_a_503(tmp_path, tts_server):
     client = _client(tmp_path, tts_server + "/slow")
     r = client.post("/api/generate", json={"text": "Hello", "language": "en"})

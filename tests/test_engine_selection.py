@@ -57,6 +57,7 @@ def test_a_checkpoint_at_CHECKPOINT_PATH_switches_to_wav2lip(tmp_path, generator
     assert info["version"] and info["device"] == "cpu"
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_any_checkpoint_in_the_folder_is_found_but_not_s3fd_weights(tmp_path, generator_weights):
     folder = tmp_path / "checkpoints"
     folder.mkdir()

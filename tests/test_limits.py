@@ -336,6 +336,7 @@ def test_eight_concurrent_decodes_of_a_16_bit_png_stay_within_two_decodes_of_mem
     assert m["after"] - m["base"] < 0.25 * worth, m  # and given back
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_large_images_are_decoded_reduced_but_never_below_twice_the_output_height(big_png):
     service = LipsyncService(Settings())
     image = service.decode_avatar(big_png.read_bytes())

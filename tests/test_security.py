@@ -144,6 +144,7 @@ def test_rate_limit_per_client_answers_429_with_retry_after(tmp_path):
         close_app(app)
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_clients_without_key_are_limited_by_ip_and_x_forwarded_for_needs_trusted_proxies(tmp_path):
     app = _app(tmp_path, rate_limit="2/minute")
     try:
@@ -211,6 +212,7 @@ def redis_url(tmp_path_factory):
     proc.wait(10)
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_redis_storage_shares_the_limit_between_processes(tmp_path, redis_url):
     """Two apps (think: two gunicorn workers or hosts) with one Redis share each client's budget."""
     apps = [_app(tmp_path / f"app{i}", rate_limit_storage_uri=redis_url["url"], rate_limit="3/minute",

@@ -230,6 +230,7 @@ def test_client_error_is_not_retried(srv):
     assert srv["hits"] == {"/404": 1}
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_hanging_service_times_out_quickly(srv):
     tts = HttpTTS(srv["base"] + "/hang", timeout=0.5, retries=1, **FAST)
     started = time.monotonic()
@@ -333,6 +334,7 @@ def test_create_provider_picks_from_settings(srv):
     assert create_provider(Settings(tts_provider="espeak", tts_api_url=srv["base"])).name == "espeak"
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_an_answer_trickling_in_times_out_at_the_deadline(srv):
     """The read timeout bounds each wait on the socket; a body that keeps arriving, a byte at a
     time, must still end the attempt at ``timeout``."""

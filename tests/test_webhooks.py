@@ -233,6 +233,7 @@ def test_a_receiver_failing_twice_with_500_gets_three_attempts(make_queue, recei
     assert gaps[0] >= 0.09 and gaps[1] >= 0.19, gaps
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_the_engine_worker_is_not_blocked_by_a_slow_receiver(make_queue, receiver):
     # every attempt to /slow outlasts the 0.3 s timeout until the fourth, which answers 200
     first_hook_when_ended: dict = {}  # the first job's webhook state as the worker ends each job
@@ -405,6 +406,7 @@ def test_deliveries_to_different_receivers_run_in_parallel(receiver, other_recei
         sender.stop()
 
 
+@pytest.mark.slow  # waits on real timeouts, servers or big files: seconds
 def test_the_sender_keeps_a_fixed_number_of_threads(receiver):
     def senders() -> set:
         return {t for t in threading.enumerate() if t.name.startswith("lipsync-webhooks")}
