@@ -26,6 +26,7 @@ from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
 from lipsync.media import audio, ffmpeg, video
+from lipsync.memory import release_memory
 from lipsync.settings import Settings
 from lipsync.tts.base import Speech, validate_request
 from lipsync.tts.text import split_sentences
@@ -337,25 +338,6 @@ class LipsyncService:
         root = os.path.join(self.settings.output_dir, "tmp")
         os.makedirs(root, exist_ok=True)
         return root
-
-
-def _load_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to give back this way
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def release_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere): image
-    decoders free many medium-sized buffers that glibc would otherwise keep."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def _ms_since(start: float) -> float:

@@ -19,6 +19,7 @@ import pytest
 from lipsync.errors import InvalidInputError, NoFaceError
 from lipsync.jobs import JobRequest, LocalJobQueue, WebhookSender, sign, validate_callback_url, verify_signature
 from lipsync.jobs.webhooks import encode_payload, redact_url
+from lipsync.server.links import job_links
 from tests.test_jobs import SlowService, make_queue, make_settings, wait_for  # noqa: F401 - make_queue: a fixture
 
 SECRET = "test-secret"
@@ -485,11 +486,7 @@ def test_webhook_logs_never_show_credentials_or_query_strings(receiver, caplog):
 
 # ------------------------------------------------- payload links (#10)
 def test_the_webhook_payload_carries_the_job_links(tmp_path, receiver):
-    def links(job_id):
-        base = f"/api/jobs/{job_id}"
-        return {"status_url": base, "events_url": f"{base}/events", "video_url": f"{base}/video",
-                "stream_url": f"{base}/stream"}
-
+    links = job_links  # what the server passes (lipsync.server.links)
     q = LocalJobQueue(SlowService(), make_settings(tmp_path), webhook_backoff=0.05, job_links=links)
     q.start()
     try:

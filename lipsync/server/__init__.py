@@ -7,7 +7,7 @@ Modules: ``factory`` (create_app / close_app), the blueprints ``pages``, ``api``
 health, avatar, OpenAPI), ``jobs_api`` and ``ops`` (metrics); ``request_inputs`` (what a
 request asks for, checked), ``hooks`` (API keys, rate limits, CORS, security headers, JSON
 errors); ``security``, ``lifecycle`` (render slots, graceful shutdown), ``observability``
-(logs, metrics), ``state_metrics``, ``openapi``, ``memory``; ``serve`` (``python app.py``)
+(logs, metrics), ``state_metrics``, ``openapi``; ``serve`` (``python app.py``)
 and ``gunicorn_conf`` (production). Nothing outside this package imports Flask.
 """
 

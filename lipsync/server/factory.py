@@ -18,12 +18,12 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from lipsync.errors import LipsyncError
 from lipsync.jobs import LocalJobQueue
+from lipsync.memory import release_memory
 from lipsync.server import hooks
 from lipsync.server.api import api
 from lipsync.server.jobs_api import jobs_api
 from lipsync.server.lifecycle import Lifecycle, RenderSlots
 from lipsync.server.links import job_links
-from lipsync.server.memory import release_memory
 from lipsync.server.observability import Metrics, RequestObserver, record_finished_job
 from lipsync.server.openapi import build_openapi
 from lipsync.server.ops import ops
@@ -65,16 +65,16 @@ def create_app(config: dict | None = None) -> Flask:
     service = LipsyncService(settings)
     app.extensions["lipsync"] = service
     streaming_only = server.server_role == "stream"
+    # The stream role follows jobs only: no temp folders of its own, no models (its health answers
+    # 503; nginx never asks it).
     if not streaming_only:
         sweep_stale_temp(service.temp_root())
-    if streaming_only:
-        pass  # follows jobs only: the models stay unloaded (health answers 503 here; nginx never asks)
-    elif app.config["LOAD_IN_BACKGROUND"]:
-        loader = threading.Thread(target=service.load, name="lipsync-load", daemon=True)
-        loader.start()
-        app.extensions["loader"] = loader
-    else:
-        service.load()
+        if app.config["LOAD_IN_BACKGROUND"]:
+            loader = threading.Thread(target=service.load, name="lipsync-load", daemon=True)
+            loader.start()
+            app.extensions["loader"] = loader
+        else:
+            service.load()
     jobs = app.config.get("JOB_QUEUE")
     if jobs is None:
         jobs = LocalJobQueue(service, settings, on_job_end=lambda state: _job_ended(metrics, state),

@@ -59,7 +59,7 @@ def post_fork(server, worker):
     """Pin each worker to its own GPU when GPU_COUNT is set; cap glibc's malloc arenas."""
     if gpu_count > 0:
         os.environ["CUDA_VISIBLE_DEVICES"] = str((worker.age - 1) % gpu_count)
-    from lipsync.server.memory import tune_malloc
+    from lipsync.memory import tune_malloc
 
     tune_malloc()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from lipsync.errors import RefusedError
-from lipsync.server.memory import release_memory
+from lipsync.memory import release_memory
 
 if TYPE_CHECKING:
     from lipsync.jobs import JobQueue

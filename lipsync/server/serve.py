@@ -17,8 +17,8 @@ import threading
 from flask import Flask
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
+from lipsync.memory import tune_malloc
 from lipsync.server.factory import create_app
-from lipsync.server.memory import tune_malloc
 from lipsync.server.observability import configure_logging
 from lipsync.server.settings import ServerSettings
 from lipsync.settings import Settings

@@ -45,7 +45,8 @@ def release_memory() -> None:
     A render allocates and frees hundreds of MB of frame buffers; glibc keeps freed memory in its
     heaps (and raises its mmap threshold), so without this the process stays at its peak size
     long after the load is gone. ``malloc_trim(0)`` returns every free page; it takes about a
-    millisecond and runs only when no render is active."""
+    millisecond. The server calls it after renders and jobs, the service after avatar decodes;
+    a call while another trim runs returns at once."""
     if _malloc_trim is not None and _trim_lock.acquire(blocking=False):
         try:
             _malloc_trim(0)
