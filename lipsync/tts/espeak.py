@@ -223,6 +223,7 @@ class EspeakTTS:
             engine = _engine()
             for voice in self.voices.values():
                 engine.set_voice(voice)
+        import scipy.signal  # noqa: F401 - the resampler's ~1 s import belongs to start-up, not the first request
         return self
 
     def synthesize(self, text: str, language: str) -> Speech:
@@ -242,7 +243,7 @@ def _to_speech(native: np.ndarray, native_rate: int, events: list[tuple[int, str
         raise InvalidInputError("the text contains nothing that can be spoken", code="empty_text")
     samples = native.astype(np.float32) / 32768.0
     if native_rate != OUTPUT_RATE:
-        from scipy.signal import resample_poly  # here, not at import: scipy.signal takes ~1 s to import
+        from scipy.signal import resample_poly  # not at module import (~1 s): load() pays it at start-up
 
         ratio = Fraction(OUTPUT_RATE, native_rate)
         samples = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
