@@ -276,8 +276,11 @@ class JobStore:
                 row = conn.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
                 if row is None:
                     return None
-                cur = conn.execute("UPDATE jobs SET status = ?, started_at = ?, stage = NULL, progress = 0, "
-                                   "owner = ? WHERE id = ? AND status = ?", (RUNNING, now, owner, row["id"], QUEUED))
+                # MAX: ``now`` was read before this connection was free, possibly before a job
+                # submitted meanwhile was created; a job never starts before it exists.
+                cur = conn.execute("UPDATE jobs SET status = ?, started_at = MAX(?, created_at), stage = NULL, "
+                                   "progress = 0, owner = ? WHERE id = ? AND status = ?",
+                                   (RUNNING, now, owner, row["id"], QUEUED))
                 if cur.rowcount == 1:
                     return conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
                 # cancelled (or claimed elsewhere) between the SELECT and the UPDATE: try the next one
