@@ -41,6 +41,8 @@ from lipsync.tts.base import PhonemeEvent, Speech
 ANALYSIS_RATE = 100.0  # feature frames per second (10 ms hop)
 WINDOW_S = 0.025       # analysis window
 LEAD_S = 0.02          # the mouth moves slightly before the sound it makes
+OPEN_CURVE = 0.75      # phoneme driver: openness ** this (lifts small openings)
+PEAK_WEIGHT = 0.5      # phoneme driver: a frame shows its mean opening moved this far to its peak
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,19 @@ def smooth_both_ways(x: np.ndarray, rate: float, tau_s: float) -> np.ndarray:
     return attack_release(fwd[::-1], rate, tau_s, tau_s)[::-1]
 
 
-def _to_frames(values: np.ndarray, times: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
-    """Average of a 100 Hz track over each video frame's interval (shifted by LEAD_S)."""
+def _to_frames(values: np.ndarray, times: np.ndarray, n_frames: int, fps: float,
+               peak: float = 0.0) -> np.ndarray:
+    """A 100 Hz track over each video frame's interval (shifted by LEAD_S): its mean,
+    moved ``peak`` of the way towards its maximum (a still frame of a short vowel
+    shows the vowel, not the average of it and the closures around it)."""
     if n_frames <= 0:
         return np.zeros(0, np.float32)
-    # Sample densely (4 points per frame) and average: a box filter of one frame.
+    # Sample densely (4 points per frame): a box filter of one frame.
     offsets = (np.arange(4) + 0.5) / 4.0
     t = (np.arange(n_frames)[:, None] + offsets[None, :]) / fps + LEAD_S
     v = np.interp(t.ravel(), times, values, left=values[0] if values.size else 0.0,
                   right=0.0).reshape(n_frames, 4)
-    return v.mean(axis=1).astype(np.float32)
+    return ((1.0 - peak) * v.mean(axis=1) + peak * v.max(axis=1)).astype(np.float32)
 
 
 def _zscore(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -191,15 +196,13 @@ def audio_envelope(samples: np.ndarray, sr: int = 16000) -> tuple[np.ndarray, np
     return feats.times, (lin ** 1.5) * gate
 
 
-def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
-                     n_frames: int | None = None) -> MouthTrack:
-    """Mouth state from the sound alone (recordings, remote TTS)."""
-    if n_frames is None:
-        n_frames = frame_count(len(samples), fps)
+def _audio_openness(samples: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(times, openness in [0, 1], wide in [-1, 1]) at 100 Hz from the sound alone, or None
+    when nothing rises above the noise gate. Not yet smoothed in time."""
     feats = audio_features(samples, sr)
     times, energy = audio_envelope(samples, sr)
     if not np.any(energy > 0):
-        return _silent(n_frames, fps)
+        return None
     weight = energy
     z1 = np.tanh(_zscore(feats.f1_db, weight) / 1.5)      # +: open vowel
     z2 = np.tanh(_zscore(feats.f2_db, weight) / 1.5)      # +: spread, -: rounded
@@ -215,10 +218,22 @@ def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
     # The speaker's loudest open vowels reach 0.9 (gain at most 1.8).
     voiced = energy > 0.05
     typical = float(np.percentile(openness[voiced], 95)) if np.any(voiced) else 1.0
-    openness = openness * (0.9 / max(typical, 0.5))
-    wide = (0.7 * z2 + 0.25 * zf) * smoothstep(0.02, 0.25, energy)
-    openness = attack_release(np.clip(openness, 0.0, 1.0), ANALYSIS_RATE, 0.02, 0.04)
-    wide = smooth_both_ways(np.clip(wide, -1.0, 1.0), ANALYSIS_RATE, 0.04)
+    openness = np.clip(openness * (0.9 / max(typical, 0.5)), 0.0, 1.0)
+    wide = np.clip((0.7 * z2 + 0.25 * zf) * smoothstep(0.02, 0.25, energy), -1.0, 1.0)
+    return times, openness, wide
+
+
+def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
+                     n_frames: int | None = None) -> MouthTrack:
+    """Mouth state from the sound alone (recordings, remote TTS)."""
+    if n_frames is None:
+        n_frames = frame_count(len(samples), fps)
+    found = _audio_openness(samples, sr)
+    if found is None:
+        return _silent(n_frames, fps)
+    times, openness, wide = found
+    openness = attack_release(openness, ANALYSIS_RATE, 0.02, 0.04)
+    wide = smooth_both_ways(wide, ANALYSIS_RATE, 0.04)
     o = _to_frames(openness, times, n_frames, fps)
     w = _to_frames(wide, times, n_frames, fps)
     # Frames whose whole interval is below the gate are shut exactly.
@@ -282,6 +297,7 @@ VISEMES: dict[str, Viseme] = {
     "0": _V(0.8, -0.45, 1.0, 0.8),
     "o": _V(0.6, -0.7, 1.0, 1.0), "O": _V(0.7, -0.55, 1.0, 1.0), "oU": _V(0.55, -0.75, 1.0, 1.0),
     "OI": _V(0.65, -0.4, 1.0, 0.8), "Y": _V(0.45, -0.6, 1.0, 1.0),
+    "8": _V(0.5, -0.7, 1.0, 1.0),  # Kazakh ө
     "u": _V(0.35, -0.95, 1.0, 1.4), "U": _V(0.4, -0.75, 1.0, 1.2),
     "@": _V(0.45, 0.0, 0.5, 0.3), "3": _V(0.5, -0.1, 0.8, 0.4), "@L": _V(0.4, 0.0, 0.5, 0.3),
     "e": _V(0.65, 0.55, 1.0, 0.8), "E": _V(0.75, 0.45, 1.0, 0.8), "eI": _V(0.6, 0.6, 1.0, 0.8),
@@ -290,6 +306,12 @@ VISEMES: dict[str, Viseme] = {
     "y": _V(0.35, 0.45, 1.0, 0.8), "i@": _V(0.45, 0.6, 1.0, 0.8), "U@": _V(0.45, -0.6, 1.0, 1.0),
 }
 _DEFAULT = _V(0.3, 0.0, 0.3, 0.2)
+# Vowel mnemonics start with one of these (espeak-ng en, ru, kk): the sounds whose
+# opening is held for their whole duration.
+_VOWEL_STARTS = set("aAeEiIoOuUV03@&yY8")
+HOLD_MIN_S = 0.08      # a vowel this long or longer stays open for >= HOLD_FRAMES frames
+HOLD_FRAMES = 3
+HOLD_LEVEL = 0.7       # ... at no less than this fraction of its own peak
 _STRIP = "'\",;:%=!^~-+012345678"
 
 
@@ -307,6 +329,12 @@ def viseme(phoneme: str) -> Viseme:
         if key and key in VISEMES:
             return VISEMES[key]
     return _DEFAULT
+
+
+def is_vowel(phoneme: str) -> bool:
+    """True for an espeak-ng vowel mnemonic ("a", "A:", "a#", "oU", "u#", "@-", ...)."""
+    core = "".join(ch for ch in (phoneme or "").strip() if ch not in _STRIP)
+    return bool(core) and core[0] in _VOWEL_STARTS
 
 
 def _dominance_blend(events: Sequence[tuple[float, float, Viseme]], t: np.ndarray,
@@ -433,8 +461,18 @@ def track_from_phonemes(phonemes: Sequence[PhonemeEvent], samples: np.ndarray, f
     first, last = min(s for s, _, _ in events), max(e for _, e, _ in events)
     events.append((-1.0, first, _PAUSE))
     events.append((last, duration + 1.0, _PAUSE))
-    openness = _dominance_blend(events, t, "open")
+    shape = _dominance_blend(events, t, "open")
     wide = _dominance_blend(events, t, "wide")
+    # How far the mouth opens follows the sound (its loudness and spectrum, as for a
+    # recording: a synthesiser's phoneme marks are often off by tens of ms, and a
+    # loud frame with a shut mouth is what viewers see as "out of sync"); what shape
+    # it takes comes from the phonemes: an "a" opens wider than an "i" at the same level.
+    found = _audio_openness(samples, sr)
+    if found is None:
+        loud = np.zeros_like(t)
+    else:
+        loud = np.interp(t, found[0], found[1], left=0.0, right=0.0)
+    openness = loud * (0.65 + 0.4 * np.clip(shape, 0.0, 1.0))
     # Bilabials: the lips meet for the whole closure, whatever the neighbours do.
     closure = np.zeros_like(t)
     for a, b in closures:
@@ -443,31 +481,60 @@ def track_from_phonemes(phonemes: Sequence[PhonemeEvent], samples: np.ndarray, f
         if i1 > i0:
             closure[i0:i1] = np.maximum(closure[i0:i1], 1.0 - smoothstep(half, half + 0.02, np.abs(t[i0:i1] - mid)))
     openness = openness * (1.0 - closure)
-    # Audio level modulates the size of each opening (stressed vowels open
-    # more, stop closures and pauses inside words shut).
-    env_t, env = audio_envelope(samples, sr)
-    if np.any(env > 0):
-        level = smooth_both_ways(np.interp(t, env_t, env, right=0.0), ANALYSIS_RATE, 0.02)
-        openness = openness * (0.35 + 0.65 * np.clip(level / 0.6, 0.0, 1.0))
-    # Fast speech (short vowels between closures) never reaches its targets;
-    # lift the whole utterance so its widest openings are clearly visible.
+    # Fast synthetic speech rarely reaches the loudness of its own peaks for long:
+    # lift the utterance so its typical stressed vowel opens to 0.9 (gain <= 1.8).
     speaking = openness > 0.05
     if np.any(speaking):
         typical = float(np.percentile(openness[speaking], 95))
-        openness = np.clip(openness * (0.85 / max(typical, 0.55)), 0.0, 1.0)
-    openness = attack_release(openness, ANALYSIS_RATE, 0.015, 0.025)
+        openness = openness * (0.9 / max(typical, 0.5))
+    # Unstressed syllables of synthetic speech open only a little; lifted on a
+    # gentle curve (0.2 -> 0.3, 0.5 -> 0.6) they read as speech, not as a mumble.
+    openness = np.clip(openness, 0.0, 1.0) ** OPEN_CURVE
+    openness = attack_release(openness, ANALYSIS_RATE, 0.015, 0.03)
     wide = smooth_both_ways(wide, ANALYSIS_RATE, 0.025)
-    o = _to_frames(openness, t, n_frames, fps)
+    o = _to_frames(openness, t, n_frames, fps, peak=PEAK_WEIGHT)
     w = _to_frames(wide, t, n_frames, fps)
+    shut = np.zeros(n_frames, bool)
     # Every bilabial shows at least one frame with the lips together, however
     # short it is: the frame whose interval holds the middle of the closure.
     for a, b in closures:
-        i = int(np.floor((0.5 * (a + b) - LEAD_S) * fps))
+        i = int(np.floor(0.5 * (a + b) * fps))
         if 0 <= i < n_frames:
             o[i] = 0.0
+            shut[i] = True
+    _hold_vowels(o, merged, fps, shut)
     o[o < 0.02] = 0.0
     w[o == 0.0] = 0.0
     return MouthTrack(open=np.clip(o, 0, 1), wide=np.clip(w, -1, 1), fps=float(fps), source="phonemes")
+
+
+def _hold_vowels(o: np.ndarray, merged: Sequence[tuple[float, float, str]], fps: float,
+                 shut: np.ndarray) -> None:
+    """Keep every vowel of ``HOLD_MIN_S`` or longer open for at least ``HOLD_FRAMES``
+    frames at ``HOLD_LEVEL`` of its peak (in place): the sound of a vowel dips and
+    swells, the jaw does not flicker with it. Frames in ``shut`` (a bilabial's
+    closure) stay shut; a short vowel borrows the frame before it (anticipation)."""
+    n = o.shape[0]
+    for start, end, name in merged:
+        if end - start < HOLD_MIN_S or not is_vowel(name):
+            continue
+        i0 = int(np.floor((start - LEAD_S) * fps))
+        i1 = int(np.ceil((end - LEAD_S) * fps))  # exclusive
+        i0, i1 = max(0, i0), min(n, i1)
+        if i1 <= i0:
+            continue
+        peak = float(o[i0:i1].max())
+        if peak <= 0.05:
+            continue
+        while i1 - i0 < HOLD_FRAMES and (i0 > 0 or i1 < n):
+            if i0 > 0 and not shut[i0 - 1]:
+                i0 -= 1
+            elif i1 < n and not shut[i1]:
+                i1 += 1
+            else:
+                break
+        span = slice(i0, i1)
+        o[span] = np.where(shut[span], o[span], np.maximum(o[span], HOLD_LEVEL * peak))
 
 
 def _usable(phonemes: Iterable[PhonemeEvent]) -> bool:

@@ -23,7 +23,9 @@ import numpy as np
 
 from lipsync.engines.base import Region
 from lipsync.engines.blend import smoothstep
+from lipsync.faces import landmarks
 from lipsync.faces.box import FaceBox
+from lipsync.faces.landmarks import Landmarks
 
 # Where the mouth is in an S3FD box (forehead to chin), as fractions of it.
 PRIOR_LINE_Y = 0.79
@@ -32,7 +34,8 @@ PRIOR_UPPER_LIP = 0.045
 PRIOR_LOWER_LIP = 0.055
 
 # Motion range, as fractions of the box height / mouth half-width.
-MAX_DROP = 0.075        # lower lip drop at open=1
+MAX_DROP = 0.075        # lower lip drop at open=1 (box heights) when the mouth width is unknown
+DROP_PER_WIDTH = 0.27   # ... and as a fraction of the mouth's width (corner to corner)
 UPPER_LIFT = 0.14       # upper lip lift, as a fraction of the drop
 JAW_FOLLOW = 0.8        # how much of the lip drop the chin follows
 MAX_SPREAD = 0.12       # horizontal stretch of the lips at wide=+1
@@ -46,7 +49,8 @@ class MouthGeometry:
     ``cx``, ``cy``: middle of the lip-parting line; ``half_width``: centre to a
     corner; ``curve``: (a, b) with the line at y = cy + b*(x-cx) + a*(x-cx)**2;
     ``upper``/``lower``: lip thicknesses above/below the line; ``lip_bgr``,
-    ``skin_bgr``: mean colours; ``method``: "analysis" or "prior".
+    ``skin_bgr``: mean colours; ``method``: "landmarks" (the face mesh), "analysis"
+    (the pixels alone) or "prior" (where a mouth usually is in the box).
     """
 
     cx: float
@@ -60,6 +64,9 @@ class MouthGeometry:
     method: str
     profile: tuple = field(default=(), repr=False)  # ((x, y), ...) the traced line, corner to corner
     blur: float = 1.0    # the photo's own blur around the mouth (Gaussian sigma, px)
+    gap: float = 0.0     # the mouth's own opening at rest (teeth of a smile), px at the centre
+    teeth: bool = False  # the photo shows teeth between the lips at rest
+    inner: float = 0.9   # inner lip corners' half-span as a fraction of ``half_width``
 
     def line_y(self, x: np.ndarray) -> np.ndarray:
         """The lip line at columns ``x``; flat beyond the corners."""
@@ -94,10 +101,19 @@ def _mean_color(image: np.ndarray, x1, y1, x2, y2) -> tuple[float, float, float]
     return tuple(float(v) for v in np.median(patch, axis=0))
 
 
-def locate_mouth(image: np.ndarray, box: FaceBox) -> MouthGeometry:
-    """Find the closed mouth in ``box`` on a BGR ``image`` (see module doc)."""
+def locate_mouth(image: np.ndarray, box: FaceBox, landmarks: Landmarks | None = None) -> MouthGeometry:
+    """Find the mouth at rest in ``box`` on a BGR ``image``.
+
+    With the face mesh's ``landmarks`` (``lipsync.faces.landmarks``) the lip line,
+    corners, thicknesses and any rest opening come from the lip contours; without
+    them (or when they are implausible for ``box``) from the pixels (see module doc).
+    """
     h_img, w_img = image.shape[:2]
     box = box.clip(w_img, h_img)
+    if landmarks is not None:
+        found = _from_landmarks(image, box, landmarks)
+        if found is not None:
+            return found
     pcx, pcy, phw, pup, plo = _prior(box)
     bw, bh = float(box.width), float(box.height)
     found = _analyse(image, box)
@@ -120,6 +136,82 @@ def locate_mouth(image: np.ndarray, box: FaceBox) -> MouthGeometry:
     return MouthGeometry(cx=float(cx), cy=float(cy), half_width=float(hw), curve=curve,
                          upper=up, lower=lo, lip_bgr=lip, skin_bgr=skin, method=method,
                          profile=profile, blur=_blur_sigma(image, box))
+
+
+def _contour_y(points: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Heights of a lip contour ((n, 2), any order) at columns ``x``."""
+    order = np.argsort(points[:, 0], kind="stable")
+    return np.interp(x, points[order, 0], points[order, 1])
+
+
+def _lip_color(image: np.ndarray, outer_up, outer_lo, inner_up, inner_lo) -> tuple[float, float, float]:
+    """Median colour of the lips themselves: inside the outer contour, outside the inner one."""
+    outer = np.concatenate([outer_up, outer_lo[::-1]]).astype(np.float32)
+    inner = np.concatenate([inner_up, inner_lo[::-1]]).astype(np.float32)
+    x1, y1 = np.floor(outer.min(axis=0)).astype(int) - 1
+    x2, y2 = np.ceil(outer.max(axis=0)).astype(int) + 2
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    if x2 - x1 < 3 or y2 - y1 < 3:
+        return (128.0, 128.0, 128.0)
+    mask = np.zeros((y2 - y1, x2 - x1), np.uint8)
+    offset = np.array([x1, y1], np.float32)
+    cv2.fillPoly(mask, [np.round(outer - offset).astype(np.int32)], 1)
+    cv2.fillPoly(mask, [np.round(inner - offset).astype(np.int32)], 0)
+    pixels = image[y1:y2, x1:x2][mask > 0].astype(np.float64)
+    if pixels.shape[0] < 4:
+        return (128.0, 128.0, 128.0)
+    return tuple(float(v) for v in np.median(pixels, axis=0))
+
+
+def _from_landmarks(image: np.ndarray, box: FaceBox, lm: Landmarks) -> MouthGeometry | None:
+    """The mouth from the face mesh's lip contours, or None when they do not fit ``box``.
+
+    The line the mouth opens along runs through the middle of the inner lips: on a
+    closed mouth that is where the lips meet; on a smile showing its teeth it is
+    where the upper teeth meet the lower ones, so the upper teeth stay with the
+    upper lip and the lower teeth go down with the jaw.
+    """
+    bw, bh = float(box.width), float(box.height)
+    left, right = lm.points[landmarks.LIPS_OUTER_UPPER[0]], lm.points[landmarks.LIPS_OUTER_UPPER[-1]]
+    half_width = 0.5 * float(right[0] - left[0])
+    cx = 0.5 * float(left[0] + right[0])
+    centre_y = 0.5 * float(left[1] + right[1])
+    if not (0.06 * bw <= half_width <= 0.35 * bw and box.x1 <= cx <= box.x2
+            and box.y1 + 0.4 * bh <= centre_y <= box.y2 + 0.15 * bh):
+        return None
+    inner_up, inner_lo = lm.take(landmarks.LIPS_INNER_UPPER), lm.take(landmarks.LIPS_INNER_LOWER)
+    outer_up, outer_lo = lm.take(landmarks.LIPS_OUTER_UPPER), lm.take(landmarks.LIPS_OUTER_LOWER)
+    xs = np.linspace(float(left[0]), float(right[0]), max(9, int(round(half_width)) | 1))
+    # Between the inner corners: the middle of the inner lips; from there out to the
+    # outer corners: straight to the corner.
+    il, ir = float(inner_up[0, 0]), float(inner_up[-1, 0])
+    mid = 0.5 * (_contour_y(inner_up, xs) + _contour_y(inner_lo, xs))
+    ys = np.where(xs < il, np.interp(xs, [left[0], il], [left[1], 0.5 * (inner_up[0, 1] + inner_lo[0, 1])]),
+                  np.where(xs > ir, np.interp(xs, [ir, right[0]],
+                                              [0.5 * (inner_up[-1, 1] + inner_lo[-1, 1]), right[1]]), mid))
+    cy = float(np.interp(cx, xs, ys))
+    gap = float(max(0.0, _contour_y(inner_lo, np.array([cx]))[0] - _contour_y(inner_up, np.array([cx]))[0]))
+    upper = float(cy - _contour_y(outer_up, np.array([cx]))[0])
+    lower = float(_contour_y(outer_lo, np.array([cx]))[0] - cy)
+    upper = float(np.clip(upper, 0.015 * bh, 0.09 * bh))
+    lower = float(np.clip(lower, 0.02 * bh, 0.1 * bh))
+    inner = float(np.clip(0.5 * (ir - il) / max(half_width, 1.0), 0.6, 0.98))
+    # A straight-line fit (slope) for code that wants one; the profile is what is drawn.
+    slope = float(np.polyfit(xs - cx, ys, 1)[0]) if xs.size > 2 else 0.0
+    lip = _lip_color(image, outer_up, outer_lo, inner_up, inner_lo)
+    skin = _mean_color(image, cx - 0.45 * half_width, cy + lower + 0.03 * bh,
+                       cx + 0.45 * half_width, cy + lower + 0.08 * bh)
+    # Teeth at rest: a real gap between the lips, lighter and less red than the lips.
+    teeth = False
+    if gap > 0.15 * half_width:
+        strip = _mean_color(image, cx - 0.4 * half_width, cy - 0.25 * gap, cx + 0.4 * half_width, cy + 0.25 * gap)
+        lab = cv2.cvtColor(np.array([[strip, lip]], np.uint8), cv2.COLOR_BGR2LAB).astype(np.float32)[0]
+        teeth = bool(lab[0, 0] > lab[1, 0] + 8.0 and lab[0, 1] < lab[1, 1] - 2.0)
+    return MouthGeometry(cx=cx, cy=cy, half_width=half_width, curve=(0.0, slope), upper=upper, lower=lower,
+                         lip_bgr=lip, skin_bgr=skin, method="landmarks",
+                         profile=tuple((float(x), float(y)) for x, y in zip(xs, ys)),
+                         blur=_blur_sigma(image, box), gap=gap, inner=inner, teeth=teeth)
 
 
 def _blur_sigma(image: np.ndarray, box: FaceBox) -> float:
@@ -373,9 +465,10 @@ def _cos_window(d: np.ndarray, inner: float, outer: float) -> np.ndarray:
     return 0.5 + 0.5 * np.cos(np.pi * t)
 
 
-def _lens(t: np.ndarray) -> np.ndarray:
-    """Opening profile across the mouth (t = -1 .. 1 corner to corner)."""
-    u = t / 0.9  # the inner corners sit a little inside the lip corners
+def _lens(t: np.ndarray, inner: float = 0.9) -> np.ndarray:
+    """Opening profile across the mouth (t = -1 .. 1 corner to corner; the opening
+    ends at the inner lip corners, ``inner`` of the way out)."""
+    u = t / inner
     return np.clip(1.0 - u * u, 0.0, 1.0) ** 0.8
 
 
@@ -386,7 +479,12 @@ class MouthRenderer:
         h_img, w_img = image.shape[:2]
         self.geometry = g = geometry
         bw, bh = float(box.width), float(box.height)
-        self.max_drop = MAX_DROP * bh
+        # A wide-open "a" drops the lower lip by about a quarter of the mouth's width;
+        # a broad smile is wide for its face, so the drop is kept within the jaw's range.
+        if g.method == "landmarks":
+            self.max_drop = float(np.clip(DROP_PER_WIDTH * 2.0 * g.half_width, 0.05 * bh, 0.11 * bh))
+        else:
+            self.max_drop = MAX_DROP * bh
         self.max_lift = UPPER_LIFT * self.max_drop
         hw = g.half_width
         # The redrawn region: the lower face from under the nose to below the chin.
@@ -408,7 +506,7 @@ class MouthRenderer:
         dx = X - cx
         dyl = Y - self.line[None, :]  # > 0 below the lip line
         t = dx / hw
-        lens = _lens(t)
+        lens = _lens(t, g.inner)
         # Vertical room below the chin before the region ends: fields fade there.
         chin_r = chin - y1
         fade_end = min(chin_r + 0.12 * bh, rh - 0.05 * bh)
@@ -458,6 +556,7 @@ class MouthRenderer:
         grey = float(lip.mean())
         self.dark = np.clip(0.2 * lip + 3.0, 0, 255)                 # throat
         self.inner = np.clip(0.5 * lip, 0, 255)                       # wet inner lip
+        self.rim = np.clip(0.85 * lip, 0, 255)                        # lower lip's inner rim
         # Teeth: a little lighter than the skin, with a trace of its hue (grey
         # on a greyscale photo), never glossy white.
         level = float(np.clip(1.08 * max(grey, float(skin.mean())) + 12.0, 60.0, 225.0))
@@ -467,6 +566,8 @@ class MouthRenderer:
         # Softness of the painted lip edges: as blurred as the photo itself.
         self.aa = float(np.clip(2.0 * g.blur, 1.0, max(1.0, 0.015 * bh)))
         self.teeth_h = 0.03 * bh
+        # A smile with teeth keeps its own teeth.
+        self.own_teeth = g.teeth
         # Shared by concurrent requests: nothing may write to these.
         for value in vars(self).values():
             if isinstance(value, np.ndarray):
@@ -493,7 +594,7 @@ class MouthRenderer:
         cols = np.arange(self.mx1, self.mx2, dtype=np.float32)
         line_row = np.clip(np.round(self.line[self.mx1:self.mx2]).astype(np.int64), 0, self.base_y.shape[0] - 1)
         src_x = cols + k * self.side[line_row, np.arange(self.mx1, self.mx2)] if k != 0.0 else cols
-        lens = _lens((src_x - self.cx) / self.geometry.half_width).astype(np.float32)
+        lens = _lens((src_x - self.cx) / self.geometry.half_width, self.geometry.inner).astype(np.float32)
         line = np.interp(src_x, np.arange(self.line.size), self.line).astype(np.float32)
         yu = line - lift * lens
         yl = line + drop * lens
@@ -536,6 +637,11 @@ class MouthRenderer:
         wu = np.exp(-np.clip(du, 0, None) / (0.7 * band))[..., None]
         col = self.dark[None, None, :] * (1 - wl) + self.inner[None, None, :] * wl
         col = col * (1 - wu) + (0.7 * self.inner)[None, None, :] * wu
+        # The lower lip's inner rim rolls into view as the jaw drops: a band of lip
+        # colour along the bottom edge, so the opening reads as lips apart, not a shadow.
+        rim_w = np.clip(0.22 * g, 0.0, 0.6 * self.geometry.lower) * smoothstep(0.1, 0.5, o)
+        rim = (1.0 - smoothstep(0.5 * rim_w, rim_w + aa, dl)) * (rim_w > 0.5)
+        col = col * (1 - rim[..., None]) + self.rim[None, None, :] * rim[..., None]
         # Tongue: a rounded reddish mass low in a wide opening, lit from the front.
         tongue_amt = smoothstep(0.35, 0.85, o) * 0.75
         if tongue_amt > 0:
@@ -544,7 +650,9 @@ class MouthRenderer:
             shade = (0.65 + 0.35 * smoothstep(0.0, 1.0, 1.0 - dl / np.maximum(th, 1e-3)))[..., None]
             col = col * (1 - tg[..., None]) + (self.tongue[None, None, :] * shade) * tg[..., None]
         # Upper teeth: a band right under the upper lip, receding at the sides.
-        teeth_amt = smoothstep(0.3, 0.8, o) * (1.0 - 0.6 * max(0.0, -w))  # rounded lips hide them
+        teeth_amt = smoothstep(0.1, 0.5, o) * (1.0 - 0.3 * max(0.0, -w))  # rounded lips hide some
+        if self.own_teeth:
+            teeth_amt = 0.0  # the photo's own teeth move with the lips; painted ones would double them
         if teeth_amt > 0:
             tb = np.minimum(self.teeth_h * (0.4 + 0.6 * teeth_amt), 0.4 * g) \
                 * np.clip(1.0 - (t / 0.72) ** 4, 0.0, 1.0)[None, :] ** 0.5
