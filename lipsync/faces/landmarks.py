@@ -18,6 +18,7 @@ One ``cv2.dnn.Net`` is not safe to call from two threads: calls are serialised.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -27,6 +28,8 @@ import cv2
 import numpy as np
 
 from lipsync.faces.box import FaceBox
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "face_landmark.tflite"
 MODEL_SHA256 = "2efcb4f4de43c7614b80a3cc3e8a37354b3b3b40f75cce20f6f38f0f25d65493"
@@ -41,7 +44,10 @@ LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
 LIPS_INNER_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 LIPS_INNER_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263   # the subject's right/left eye corners
-NOSE_TIP, CHIN = 1, 152
+NOSE_TIP, SUBNASALE, CHIN = 1, 2, 152
+# The face's outline, clockwise from the top of the forehead.
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,19 @@ class Landmarks:
     def take(self, indices) -> np.ndarray:
         """The (len(indices), 2) points of ``indices``."""
         return self.points[list(indices)]
+
+    def lower_face(self) -> np.ndarray:
+        """(n, 2) polygon of the part of the face a mouth moves: the face outline below
+        the base of the nose, closed by a line just under the nose."""
+        oval = self.take(FACE_OVAL)
+        top = float(self.points[SUBNASALE, 1])
+        below = oval[:, 1] > top
+        if below.sum() < 3:
+            return oval
+        # The outline is a closed loop: rotate it so the part below the nose is one run.
+        start = int(np.argmax(~below & np.roll(below, -1))) + 1
+        run = np.roll(oval, -start, axis=0)[:int(below.sum())]
+        return np.concatenate([run, self.points[[SUBNASALE]]]).astype(np.float32)
 
     @property
     def roll(self) -> float:
@@ -116,3 +135,14 @@ def _load_net() -> cv2.dnn.Net:
 def shared_mesh() -> FaceMesh:
     """The process's one ``FaceMesh`` (the model costs ~10 MB and 50 ms to load)."""
     return FaceMesh()
+
+
+def face_landmarks(image_bgr: np.ndarray, box: FaceBox) -> Landmarks | None:
+    """The face mesh of the face in ``box``, or None when there is none to be had (the
+    model sees no face there, or OpenCV cannot run it): callers then fall back to
+    what the box alone tells them."""
+    try:
+        return shared_mesh().locate(image_bgr, box)
+    except cv2.error as exc:  # a broken OpenCV build must not take an engine down
+        log.warning("the face mesh failed (%s); going on without landmarks", exc)
+        return None

@@ -14,11 +14,9 @@ mutated and can be shared by concurrent requests.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Iterator
 
-import cv2
 import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
@@ -26,26 +24,15 @@ from lipsync.engines.builtin.drive import MouthTrack, mouth_track
 from lipsync.engines.builtin.mouth import MouthRenderer, locate_mouth
 from lipsync.errors import InvalidInputError
 from lipsync.faces.box import FaceBox
-from lipsync.faces.landmarks import Landmarks, shared_mesh
+from lipsync.faces.landmarks import face_landmarks
 from lipsync.media.audio import frame_count
 from lipsync.tts.base import Speech
-
-log = logging.getLogger(__name__)
 
 VERSION = "1.1"
 BATCH = 32            # frames per yielded batch
 OPEN_LEVELS = 64      # quantisation of ``open`` (< 1 px steps on a 512 px face)
 WIDE_LEVELS = 24      # quantisation of ``wide`` over [-1, 1]
 CACHE_BYTES = 96 << 20  # per render call
-
-
-def _landmarks(image: np.ndarray, box: FaceBox) -> Landmarks | None:
-    """The face mesh on the avatar, or None (no face for the mesh: the pixel analysis takes over)."""
-    try:
-        return shared_mesh().locate(image, box)
-    except cv2.error as exc:  # a broken OpenCV build must not take the engine down
-        log.warning("face mesh failed (%s); locating the mouth from the pixels", exc)
-        return None
 
 
 class BuiltinEngine:
@@ -61,7 +48,8 @@ class BuiltinEngine:
         clipped = box.clip(w, h)
         if clipped.width < 16 or clipped.height < 16:
             raise InvalidInputError("the face is too small to animate", code="invalid_image")
-        geometry = locate_mouth(image, clipped, _landmarks(image, clipped))
+        # Without the face mesh (no face for it) the mouth is found from the pixels.
+        geometry = locate_mouth(image, clipped, face_landmarks(image, clipped))
         renderer = MouthRenderer(image, clipped, geometry)
         return PreparedAvatar(image=image, box=box, region=renderer.region,
                               mask=renderer.mask[..., None].copy(), state=renderer)

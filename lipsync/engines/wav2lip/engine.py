@@ -43,11 +43,12 @@ from torch import nn
 
 from lipsync.devices import resolve_device
 from lipsync.engines.base import PreparedAvatar, Region
-from lipsync.engines.blend import smoothstep
+from lipsync.engines.blend import polygon_mask, smoothstep
 from lipsync.engines.wav2lip import onnx_backend
 from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
+from lipsync.faces.landmarks import face_landmarks
 from lipsync.media import audio
 from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
 from lipsync.tts.base import Speech
@@ -70,6 +71,10 @@ MASK_TOP_ZERO = 0.46
 MASK_TOP_FULL = 0.64
 MASK_BOTTOM_FEATHER = 0.07
 MASK_SIDE_FEATHER = 0.16
+# ... narrowed to the lower face outlined by the face mesh, grown and feathered by these
+# fractions of the box height (the model's jaw line need not match the avatar's exactly).
+LOWER_FACE_GROW = 0.03
+LOWER_FACE_FEATHER = 0.06
 
 
 def feather_mask(height: int, width: int) -> np.ndarray:
@@ -89,6 +94,25 @@ def feather_mask(height: int, width: int) -> np.ndarray:
     sides = smoothstep(0.0, 1.0, x / side_px) * smoothstep(0.0, 1.0, (width - 1 - x) / side_px)
     mask = (top * bottom)[:, None] * sides[None, :]
     return mask[:, :, None].astype(np.float32)
+
+
+def paste_mask(image: np.ndarray, box: FaceBox, region: Region) -> np.ndarray:
+    """(region.height, region.width, 1) float32: where the model's face replaces the avatar.
+
+    ``feather_mask`` (the lower part of the crop, zero on every border and above
+    ``MASK_TOP_ZERO``, which ``mouth_only`` relies on) narrowed to the lower face the
+    face mesh outlines (below the nose, inside the jaw line, grown and feathered by a
+    few per cent of the box): the cheeks' edges, the neck and the background stay the
+    avatar's own pixels. Without landmarks (the mesh sees no face) the rectangle alone.
+    """
+    mask = feather_mask(region.height, region.width)
+    landmarks = face_landmarks(image, box)
+    if landmarks is None:
+        return mask
+    size = float(box.height)
+    face = polygon_mask(landmarks.lower_face(), region, grow=LOWER_FACE_GROW * size,
+                        feather=LOWER_FACE_FEATHER * size)
+    return mask * face[:, :, None]
 
 
 @dataclass(frozen=True)
@@ -313,8 +337,7 @@ class Wav2LipEngine:
                     top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
                     top = top.to(self.device)
         state = _Wav2LipState(faces=faces, features=features, crop=face, constants=constants, top=top)
-        return PreparedAvatar(image=image, box=box, region=region,
-                              mask=feather_mask(region.height, region.width), state=state)
+        return PreparedAvatar(image=image, box=box, region=region, mask=paste_mask(image, box, region), state=state)
 
     def _build_ort(self, constants) -> None:
         """Export (and for int8 quantise and check) the decoder for ONNX Runtime; called under the lock.
