@@ -30,8 +30,8 @@ from lipsync.tts.base import Speech
 
 VERSION = "1.1"
 BATCH = 32            # frames per yielded batch
-OPEN_LEVELS = 64      # quantisation of ``open`` (< 1 px steps on a 512 px face)
-WIDE_LEVELS = 24      # quantisation of ``wide`` over [-1, 1]
+OPEN_LEVELS = 40      # quantisation of ``open`` (about 1 px steps on a 512 px face)
+WIDE_LEVELS = 16      # quantisation of ``wide`` over [-1, 1]
 CACHE_BYTES = 96 << 20  # per render call
 
 

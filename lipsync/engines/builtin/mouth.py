@@ -35,7 +35,7 @@ PRIOR_LOWER_LIP = 0.055
 
 # Motion range, as fractions of the box height / mouth half-width.
 MAX_DROP = 0.075        # lower lip drop at open=1 (box heights) when the mouth width is unknown
-DROP_PER_WIDTH = 0.27   # ... and as a fraction of the mouth's width (corner to corner)
+DROP_PER_WIDTH = 0.30   # ... and as a fraction of the mouth's width (corner to corner)
 UPPER_LIFT = 0.14       # upper lip lift, as a fraction of the drop
 JAW_FOLLOW = 0.8        # how much of the lip drop the chin follows
 MAX_SPREAD = 0.12       # horizontal stretch of the lips at wide=+1
@@ -482,7 +482,7 @@ class MouthRenderer:
         # A wide-open "a" drops the lower lip by about a quarter of the mouth's width;
         # a broad smile is wide for its face, so the drop is kept within the jaw's range.
         if g.method == "landmarks":
-            self.max_drop = float(np.clip(DROP_PER_WIDTH * 2.0 * g.half_width, 0.05 * bh, 0.11 * bh))
+            self.max_drop = float(np.clip(DROP_PER_WIDTH * 2.0 * g.half_width, 0.05 * bh, 0.12 * bh))
         else:
             self.max_drop = MAX_DROP * bh
         self.max_lift = UPPER_LIFT * self.max_drop
@@ -533,6 +533,10 @@ class MouthRenderer:
         side = np.exp(-0.5 * ((dx / (0.9 * hw)) ** 2 + (dyl / sy) ** 2))
         side *= _cos_window(dx, 1.7 * hw, 2.6 * hw) * _cos_window(dyl / sy, 1.5, 2.5)
         self.side = (side * dx).astype(np.float32)  # map_x = X + k * side
+        # Where the sideways field moves anything: only there do the fields need resampling.
+        rows, cols_ = np.nonzero(np.abs(self.side) > 1e-3)
+        self.side_band = ((int(rows.min()), int(rows.max()) + 1, int(cols_.min()), int(cols_.max()) + 1)
+                          if rows.size else None)
         # Where anything can move (more than a third of a pixel at the
         # extremes): the mask, feathered outwards and zero on the border.
         below = (dyl >= 0).astype(np.float32)
@@ -585,9 +589,8 @@ class MouthRenderer:
         lift = o * self.max_lift
         k = -w * (MAX_SPREAD if w > 0 else MAX_ROUND)  # > 0 squeezes (rounded), < 0 spreads
         map_x = self.base_x + k * self.side if k != 0.0 else self.base_x
-        if k != 0.0:
-            low = cv2.remap(self.low, map_x, self.base_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            up = cv2.remap(self.up, map_x, self.base_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if k != 0.0 and self.side_band is not None:
+            low, up = self._fields_moved_sideways(map_x)
         else:
             low, up = self.low, self.up
         # Opening edges per column, in output coordinates.
@@ -607,6 +610,21 @@ class MouthRenderer:
         if o > 0.0:
             self._paint_opening(out, yu, yl, lens, o, w)
         return out
+
+    def _fields_moved_sideways(self, map_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The jaw and upper-lip fields resampled at ``map_x``, only inside ``side_band``
+        (elsewhere map_x is the identity and the fields are unchanged)."""
+        y1, y2, x1, x2 = self.side_band
+        # map_x is absolute: shift it into the band's own coordinates.
+        mx = map_x[y1:y2, x1:x2] - np.float32(x1)
+        my = self.base_y[y1:y2, x1:x2] - np.float32(y1)
+        out = []
+        for field_ in (self.low, self.up):
+            moved = field_.copy()
+            moved[y1:y2, x1:x2] = cv2.remap(field_[y1:y2, x1:x2], mx, my, cv2.INTER_LINEAR,
+                                            borderMode=cv2.BORDER_REPLICATE)
+            out.append(moved)
+        return out[0], out[1]
 
     def _split(self, ys: np.ndarray) -> np.ndarray:
         split = self.line.copy()
