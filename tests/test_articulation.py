@@ -254,9 +254,17 @@ def test_motion_starts_with_the_sound_or_just_before_never_after(speeches, lang)
     events = [(s, e, name) for s, e, name in _merge_modifiers(speech.phonemes) if not name.startswith("_")]
     for onset in onsets:
         first_phoneme = min(events, key=lambda ev: abs(ev[0] - onset / FPS))
-        moving = np.flatnonzero(track.open[max(0, onset - 5):onset + 6] > 0.05)
+        # The mouth at rest in the pause before (the previous sentence's last syllable may
+        # still be closing 5 frames before the onset): motion starts after that.
+        shut = np.flatnonzero(track.open[max(0, onset - 8):onset + 1] <= 0.02)
+        if onset < 3 and not shut.size:  # speech from the first frame: nothing before to anticipate in
+            rest = 0
+        else:
+            assert shut.size, (lang, onset, "the mouth never rests in the pause")
+            rest = max(0, onset - 8) + int(shut[-1]) if track.open[onset] > 0.05 else onset
+        moving = np.flatnonzero(track.open[rest:onset + 6] > 0.05)
         assert moving.size, (lang, onset)
-        first = max(0, onset - 5) + int(moving[0])
+        first = rest + int(moving[0])
         if first_phoneme[2].startswith("m"):  # a nasal sounds with the lips shut
             assert track.open[onset] == 0.0 and first <= onset + 3, (lang, onset, first)
         else:

@@ -10,6 +10,7 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lipsync.engines.builtin.engine import VERSION as BUILTIN_VERSION
 from lipsync.server import close_app, create_app
 from lipsync.server.observability import JsonFormatter, configure_logging, sane_request_id
 from lipsync.settings import Settings
@@ -204,7 +205,7 @@ def test_metrics_count_requests_stages_jobs_and_describe_the_engine(app):
     assert _value(after, "lipsync_jobs", status="done") >= 1
     assert _value(after, "lipsync_queue_depth") == 0
     assert _value(after, "lipsync_ready") == 1
-    assert _value(after, "lipsync_engine_info", engine="builtin", device="cpu", version="1.0", checkpoint="",
+    assert _value(after, "lipsync_engine_info", engine="builtin", device="cpu", version=BUILTIN_VERSION, checkpoint="",
                   tts_provider="espeak", face_detector="haar") == 1
     assert _value(after, "process_resident_memory_bytes") > 0
     assert _value(after, "lipsync_shutting_down") == 0
