@@ -2,6 +2,8 @@
 
     python -m lipsync generate --text "Привет" --language ru --out hello.mp4
     python -m lipsync generate --audio speech.wav --avatar me.jpg --out me.mp4
+    python -m lipsync avatars add me.jpg --name "Me"      (then: generate --avatar-id av_...)
+    python -m lipsync avatars list | delete ID
     python -m lipsync health
 """
 
@@ -31,13 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"language of --text; auto: from its letters (default {DEFAULT_LANGUAGE})")
     gen.add_argument("--allow-mismatch", action="store_true",
                      help="let the voice read a text in another script (an accent on purpose)")
-    gen.add_argument("--avatar", help="avatar image (default: AVATAR_PATH, else the built-in portrait)")
+    who = gen.add_mutually_exclusive_group()
+    who.add_argument("--avatar", help="avatar image (default: AVATAR_PATH, else the built-in portrait)")
+    who.add_argument("--avatar-id", help="an avatar of the library (python -m lipsync avatars list)")
     gen.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: CHECKPOINT_PATH)")
     gen.add_argument("--engine", choices=("auto", "wav2lip", "builtin"), help="lip-sync engine (default: ENGINE)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("health", help="load everything and print what the service would report")
+
+    avatars = sub.add_parser("avatars", help="the avatar library (AVATARS_DIR), as the API without a key sees it")
+    act = avatars.add_subparsers(dest="action", required=True)
+    add = act.add_parser("add", help="add an image: its face is found and it is prepared once")
+    add.add_argument("image")
+    add.add_argument("--name")
+    act.add_parser("list", help="print the entries as JSON lines")
+    delete = act.add_parser("delete", help="delete an entry and its files")
+    delete.add_argument("avatar_id")
     return parser
 
 
@@ -51,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "health":
         return _health(settings)
+    if args.command == "avatars":
+        return _avatars(args, settings)
     return _generate(args, settings)
 
 
@@ -67,6 +82,30 @@ def _health(settings: Settings) -> int:
     service = _load(settings)
     print(json.dumps(service.describe(), indent=2, ensure_ascii=False))
     return 0 if service.status == "ready" else 1
+
+
+def _avatars(args, settings: Settings) -> int:
+    service = _load(settings)
+    if service.status != "ready":
+        return 1
+    try:
+        if args.action == "add":
+            try:
+                with open(args.image, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+                return 2
+            print(json.dumps(service.add_avatar(data, args.name).public(), ensure_ascii=False))
+        elif args.action == "list":
+            for record in service.avatars.list(None):
+                print(json.dumps(record.public(), ensure_ascii=False))
+        else:
+            service.avatars.delete(args.avatar_id, None)
+    except LipsyncError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _generate(args, settings: Settings) -> int:
@@ -107,7 +146,8 @@ def _generate(args, settings: Settings) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
         result = service.generate(out, text=args.text, language=args.language, recording=recording,
-                                  allow_mismatch=args.allow_mismatch, progress=progress)
+                                  allow_mismatch=args.allow_mismatch, progress=progress,
+                                  avatar_id=args.avatar_id)
     except LipsyncError as exc:
         if bar is not None:
             bar.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from lipsync.avatars.library import AvatarLibrary, AvatarRecord
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
@@ -109,6 +110,7 @@ class LipsyncService:
         self.tts = None
         self.faces = None
         self.avatar: PreparedAvatar | None = None
+        self.avatars: AvatarLibrary | None = None
         self._avatar_jpeg: bytes | None = None
         self._ready = threading.Event()
         self._decode_slots = threading.BoundedSemaphore(AVATAR_DECODES)
@@ -133,6 +135,10 @@ class LipsyncService:
                 self.avatar = self.prepare_avatar(default_avatar())
             _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
+            self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.engine, self.prepare_avatar, self.faces.faces,
+                                         max_per_owner=s.max_avatars)
+            self.avatars.set_default(self.avatar, os.path.basename(s.avatar_path) if s.avatar_path
+                                     else "built-in portrait")
             self.status = "ready"
             log.info("ready in %.1f s: %s", time.perf_counter() - started, self.describe())
         except Exception as exc:  # noqa: BLE001 - reported through health, never crashes the server
@@ -192,6 +198,12 @@ class LipsyncService:
                 self._decode_held.held = False
                 release_memory()
 
+    def add_avatar(self, data: bytes, name: str | None = None, owner: str | None = None) -> AvatarRecord:
+        """Decode an uploaded avatar image, check it shows exactly one face, prepare and store it
+        in the library (``lipsync.avatars``); returns its entry."""
+        with self._decoding():
+            return self.avatars.add(self.decode_avatar(data), name, owner)
+
     def prepare_avatar(self, image: np.ndarray) -> PreparedAvatar:
         """Scale an avatar to output size, find its face (cached) and let the engine prepare it."""
         # Detect (and cache, and apply FACE_BOX) on the image as the user gave
@@ -250,13 +262,15 @@ class LipsyncService:
     def generate(self, out_path: str, *, text: str | None = None, language: str | None = None,
                  recording: bytes | None = None, avatar_image: bytes | None = None,
                  progress: ProgressCallback | None = None, live_path: str | None = None,
-                 allow_mismatch: bool = False) -> GenerationResult:
+                 allow_mismatch: bool = False, avatar_id: str | None = None,
+                 owner: str | None = None) -> GenerationResult:
         """Make the MP4 at ``out_path`` from ``text`` (+ ``language``) or a ``recording``.
 
         Long texts are spoken sentence by sentence: the next sentence is
         synthesised while the current one is lip-synced and encoded, and all
         go into one MP4. ``avatar_image`` optionally replaces the preloaded
-        avatar for this request only. ``live_path``, when given, receives a
+        avatar for this request only; ``avatar_id`` picks one of the library's
+        entries that ``owner`` (an API key id, or None) may use. ``live_path``, when given, receives a
         fragmented MP4 that grows while rendering (for streaming playback).
         Raises ``LipsyncError`` subclasses for bad input; an exception raised
         by ``progress`` aborts the render. On any failure nothing is left at
@@ -270,9 +284,15 @@ class LipsyncService:
 
         if recording is None:
             text, language = self.validate_text(text, language, allow_mismatch=allow_mismatch)
+        if avatar_image is not None and avatar_id is not None:
+            raise InvalidInputError("give either an 'avatar' image or an 'avatar_id', not both",
+                                    code="conflicting_inputs")
         avatar = self.avatar
         if avatar_image is not None:
             avatar = self.avatar_from_bytes(avatar_image)
+            timings["avatar"] = _ms_since(started)
+        elif avatar_id is not None:
+            avatar = self.avatars.prepared(avatar_id, owner)
             timings["avatar"] = _ms_since(started)
 
         report("tts", 0.0)

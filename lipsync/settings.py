@@ -112,6 +112,8 @@ class Settings(EnvSettings):
     s3fd_path: str = "checkpoints/s3fd.pth"
     face_box: tuple[int, int, int, int] | None = None  # manual x1,y1,x2,y2 override
     cache_dir: str = ".cache"
+    avatars_dir: str = ""                   # the avatar library; "" = <output_dir>/avatars
+    max_avatars: int = 100                  # library entries per API key (or in all, without keys)
     # --- lip-sync engine
     engine: str = "auto"                    # wav2lip when a checkpoint exists, else builtin
     checkpoint_path: str = "checkpoints/Wav2Lip-SD-GAN.pt"
@@ -174,8 +176,12 @@ class Settings(EnvSettings):
         self.check_positive("batch_size", "fps", "max_output_height", "max_text_chars", "max_upload_bytes")
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
-        self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds")
+        self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars")
         self.check_non_negative("tts_breaker_reset_seconds")
+
+    @property
+    def resolved_avatars_dir(self) -> str:
+        return self.avatars_dir or os.path.join(self.output_dir, "avatars")
 
     @property
     def resolved_tts_provider(self) -> str:

@@ -40,6 +40,29 @@ def test_cli_generates_from_text(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_avatar_library_add_use_list_delete(tmp_path):
+    from tests.conftest import fixture_path
+
+    r = _cli(tmp_path, "avatars", "add", str(fixture_path("mona_low.jpg")), "--name", "Mona", FACE_DETECTOR="haar")
+    assert r.returncode == 0, r.stderr
+    entry = json.loads(r.stdout)
+    assert entry["id"].startswith("av_") and (entry["width"], entry["height"]) == (1280, 720)
+    listed = [json.loads(line)["id"] for line in _cli(tmp_path, "avatars", "list").stdout.splitlines()]
+    assert listed == ["default", entry["id"]]
+    out = tmp_path / "mona.mp4"
+    r = _cli(tmp_path, "generate", "--text", "Hello", "--language", "en", "--avatar-id", entry["id"],
+             "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (probe(out)["width"], probe(out)["height"]) == (1280, 720)
+    assert _cli(tmp_path, "avatars", "delete", entry["id"]).returncode == 0
+    r = _cli(tmp_path, "generate", "--text", "Hello", "--language", "en", "--avatar-id", entry["id"],
+             "--out", str(out), "--quiet")
+    assert r.returncode == 1 and "unknown_avatar" in r.stderr
+    r = _cli(tmp_path, "avatars", "add", __file__)
+    assert r.returncode == 1 and "invalid_image" in r.stderr
+
+
+@pytest.mark.slow
 def test_cli_lip_syncs_a_recording_onto_another_avatar(tmp_path, speech_wav_path):
     from tests.conftest import fixture_path
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DETECTORS = ("auto", "s3fd", "haar")
 NO_FACE_MESSAGE = "no face found in the avatar image"
+SECOND_FACE_RATIO = 0.5  # a second face counts when at least this fraction of the largest one's width
 
 
 class Detector(Protocol):
@@ -150,6 +151,23 @@ class FaceLocator:
             self._cache.to_disk(key, box, {"score": score, "detector": self.detector.name,
                                            "detector_id": self.detector.cache_id, "image_size": [w, h]})
             return box
+
+    def faces(self, image_bgr: np.ndarray) -> list[FaceBox]:
+        """Every face the detector sees in ``image_bgr`` (the override box alone when one is
+        set), preferred first; detections less than ``SECOND_FACE_RATIO`` of the largest one's
+        width are left out (a face in a poster behind the presenter, a false detection in a
+        pattern). Not cached: for checking an upload once, not for every request."""
+        _validate_image(image_bgr)
+        h, w = image_bgr.shape[:2]
+        if self.override is not None:
+            return [self.override.clip(w, h)]
+        with self._lock:
+            found = [box.clip(w, h) for box, _ in self.detector.detect(image_bgr)]
+        found = [box for box in found if box.width > 0 and box.height > 0]
+        if not found:
+            return []
+        widest = max(box.width for box in found)
+        return [box for box in found if box.width >= SECOND_FACE_RATIO * widest]
 
     def cache_key(self, image_bgr: np.ndarray) -> str:
         """SHA-256 hex of the detector id, the image's shape, dtype and pixels."""

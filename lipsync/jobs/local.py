@@ -195,7 +195,8 @@ class LocalJobQueue(JobQueue):
         try:
             # the language as resolved ("auto" chosen, a mismatch allowed): the worker speaks it as is
             stored = {"text": text, "language": language, "allow_mismatch": request.allow_mismatch,
-                      "recording": None, "avatar_image": None}
+                      "recording": None, "avatar_image": None, "avatar_id": request.avatar_id,
+                      "owner": request.owner}
             if request.recording is not None:
                 stored["recording"] = self._write_input(job_dir, RECORDING_NAME, request.recording)
             if request.avatar_image is not None:
@@ -588,6 +589,8 @@ class _Render:
                           allow_mismatch=bool(request.get("allow_mismatch")))
         if request.get("avatar_image"):
             kwargs["avatar_image"] = _read(self.job_dir, AVATAR_NAME)
+        elif request.get("avatar_id"):
+            kwargs.update(avatar_id=request["avatar_id"], owner=request.get("owner"))
         self.check_abort()
         current = self.jobs.store.row(self.job_id)
         if current is None or current["status"] != RUNNING:

@@ -44,14 +44,17 @@ RUNNING_PROGRESS_MAX = 0.99
 class JobRequest:
     """What to make: ``text`` (+ ``language``, maybe ``"auto"``; ``allow_mismatch`` lets a voice
     read a text in another script on purpose) or a ``recording`` (any format ffmpeg reads; it
-    wins over text when both are given), optionally another ``avatar_image``, and an http(s)
-    ``callback_url`` to POST the final state to."""
+    wins over text when both are given), optionally another ``avatar_image`` or a library
+    ``avatar_id`` (looked up for ``owner``, an API key id), and an http(s) ``callback_url`` to
+    POST the final state to."""
 
     text: str | None = None
     language: str | None = None
     allow_mismatch: bool = False
     recording: bytes | None = None
     avatar_image: bytes | None = None
+    avatar_id: str | None = None
+    owner: str | None = None
     callback_url: str | None = None
 
 

@@ -21,6 +21,7 @@ from lipsync.jobs import LocalJobQueue
 from lipsync.memory import release_memory
 from lipsync.server import hooks
 from lipsync.server.api import api
+from lipsync.server.avatars_api import avatars_api
 from lipsync.server.jobs_api import jobs_api
 from lipsync.server.lifecycle import Lifecycle, RenderSlots
 from lipsync.server.links import job_links
@@ -91,7 +92,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["openapi"] = build_openapi(settings, server)
     register_state_metrics(metrics, service, jobs, slots, lifecycle)
 
-    for blueprint in (pages, api, jobs_api, ops):
+    for blueprint in (pages, api, jobs_api, avatars_api, ops):
         app.register_blueprint(blueprint)
     app.before_request(hooks.guard)
     app.after_request(hooks.decorate)

@@ -22,9 +22,11 @@ log = logging.getLogger("lipsync.web")
 # Never behind an API key: the page and what it loads before the user can do anything.
 PUBLIC_ENDPOINTS = frozenset({"pages.index", "static", "api.health", "api.avatar", "api.openapi"})
 # Endpoints that start work: the strict rate limit, refused while shutting down.
-WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit"})
+WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit", "avatars.add"})
 # The looser limit: reads and cancels of jobs.
-READ_ENDPOINTS = frozenset({"jobs.status", "jobs.events", "jobs.video", "jobs.stream", "jobs.cancel"})
+READ_ENDPOINTS = frozenset({"jobs.status", "jobs.events", "jobs.video", "jobs.stream", "jobs.cancel",
+                            "avatars.index", "avatars.show", "avatars.thumbnail", "avatars.image",
+                            "avatars.delete"})
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                            "media-src 'self' blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "

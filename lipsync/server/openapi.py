@@ -69,7 +69,8 @@ class _Document:
                                     "`{\"error\", \"code\"}`; 429 and most 503 answers carry Retry-After."},
             "servers": [{"url": "/"}],
             "tags": [{"name": n} for n in ("page", "generate", "jobs", "avatar", "operations")],
-            "paths": {**self.page_paths(), **self.generate_paths(), **self.job_paths(), **self.ops_paths()},
+            "paths": {**self.page_paths(), **self.generate_paths(), **self.job_paths(), **self.avatar_paths(),
+                      **self.ops_paths()},
             "components": {"schemas": _schemas(), "headers": _HEADERS},
         }
         if self.keys:
@@ -117,12 +118,13 @@ class _Document:
                        f"{s.max_audio_seconds:g} s. `avatar`: PNG or JPEG with a face, at most "
                        f"{s.max_image_pixels} pixels.")
         text, language = self.text_schema(), _language_schema()
-        json_props = {"text": text, "language": language, "allow_mismatch": _ALLOW_MISMATCH_SCHEMA}
+        json_props = {"text": text, "language": language, "allow_mismatch": _ALLOW_MISMATCH_SCHEMA,
+                      "avatar_id": _AVATAR_ID_SCHEMA}
         form_props = {"audio": {"type": "string", "format": "binary",
                                 "description": "A recording to lip-sync instead of speaking `text`."},
                       "avatar": {"type": "string", "format": "binary",
                                  "description": "An image that replaces the preloaded avatar for this request."},
-                      "text": text, "language": language,
+                      "avatar_id": _AVATAR_ID_SCHEMA, "text": text, "language": language,
                       "allow_mismatch": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}}
         if with_callback:
             json_props["callback_url"] = _CALLBACK_SCHEMA
@@ -222,6 +224,63 @@ class _Document:
             },
         }
 
+    def avatar_paths(self) -> dict:
+        s = self.settings
+        not_found = _error("No such avatar for this API key (code `unknown_avatar`).")
+
+        def avatar_op(summary: str, responses: dict, *, bucket: str = "read", get: bool = True, **extra) -> dict:
+            return self.op(summary, self.guarded(responses, bucket=bucket, write=False), tags=["avatar"], get=get,
+                           **extra)
+
+        upload = {"required": True, "description": f"`avatar`: a PNG or JPEG showing exactly one face, at most "
+                                                   f"{s.max_upload_bytes} bytes and {s.max_image_pixels} pixels.",
+                  "content": {"multipart/form-data": {
+                      "schema": {"type": "object", "required": ["avatar"], "properties": {
+                          "avatar": {"type": "string", "format": "binary"},
+                          "name": {"type": "string", "maxLength": 80, "description": "A label for pickers."}}},
+                      "encoding": {"avatar": {"contentType": "image/png, image/jpeg"}}}}}
+        return {
+            "/api/avatars": {
+                "get": avatar_op("The avatars this API key may use: `default` (the preloaded one), then its own.", {
+                    "200": _ok("The list.", {"application/json": {"schema": {
+                        "type": "object", "required": ["avatars"],
+                        "properties": {"avatars": {"type": "array", "items": _ref("Avatar")}}}}}),
+                    "503": _error("Not loaded yet (code `not_ready`)."),
+                }),
+                "post": avatar_op("Add an avatar: its face is found and it is prepared once, now; then use its "
+                                  "`id` as `avatar_id`.", {
+                                      "201": _ok("Added.", {"application/json": {"schema": _ref("Avatar")}},
+                                                 {"Location": _header("Location")}),
+                                      "400": _error("Not an image, or a bad field (codes `invalid_image`, "
+                                                    "`missing_input`, `invalid_name`)."),
+                                      "413": _error("Too large (code `payload_too_large`)."),
+                                      "422": _error("No face (`no_face`) or more than one (`several_faces`)."),
+                                      "503": _error("Not loaded yet (code `not_ready`)."),
+                                  }, bucket="write", get=False, requestBody=upload),
+            },
+            "/api/avatars/{avatar_id}": {
+                "parameters": [_AVATAR_ID_PARAM],
+                "get": avatar_op("One avatar.", {
+                    "200": _ok("The avatar.", {"application/json": {"schema": _ref("Avatar")}}),
+                    "404": not_found}),
+                "delete": avatar_op("Delete an avatar and its files.", {
+                    "204": {"description": "Deleted.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
+                    "404": not_found,
+                    "409": _error("The default avatar cannot be deleted (code `avatar_is_default`)."),
+                }, get=False),
+            },
+            "/api/avatars/{avatar_id}/thumbnail": {
+                "parameters": [_AVATAR_ID_PARAM],
+                "get": avatar_op("A 256 px JPEG of the avatar.", {
+                    "200": _ok("JPEG image.", _binary("image/jpeg")), "404": not_found}),
+            },
+            "/api/avatars/{avatar_id}/image": {
+                "parameters": [_AVATAR_ID_PARAM],
+                "get": avatar_op("The avatar at output size (JPEG), as videos show it.", {
+                    "200": _ok("JPEG image.", _binary("image/jpeg")), "404": not_found}),
+            },
+        }
+
     def ops_paths(self) -> dict:
         metrics_public = not self.keys or self.server.metrics_public
         return {
@@ -254,6 +313,14 @@ def _language_schema() -> dict:
                              "Omitted: ru, whatever the text. Given: it must fit the text's script "
                              "(400 `language_mismatch`) unless `allow_mismatch` is true."}
 
+
+_AVATAR_ID_SCHEMA = {"type": "string", "maxLength": 64, "nullable": True, "example": "default",
+                     "description": "An avatar of the library (`GET /api/avatars`): `default` or an id this API "
+                                    "key uploaded; 400 `unknown_avatar` otherwise. Not with an `avatar` upload. "
+                                    "Null or empty: the preloaded avatar."}
+_AVATAR_ID_PARAM = {"name": "avatar_id", "in": "path", "required": True,
+                    "schema": {"type": "string", "pattern": "^(default|av_[0-9a-f]{16})$"}, "example": "default",
+                    "description": "`default` or an id `POST /api/avatars` returned."}
 
 _ALLOW_MISMATCH_SCHEMA = {"type": "boolean", "default": False,
                           "description": "Let the voice read a text in another script on purpose (an accent)."}
@@ -294,7 +361,17 @@ def _schemas() -> dict:
         "avatar": {"type": "object", "properties": {
             "width": {"type": "integer"}, "height": {"type": "integer"},
             "face_box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4}}}}}
-    return {"Error": error, "JobState": job_state, "Job": job, "Health": health}
+    avatar = {"type": "object", "required": ["id", "name", "kind", "width", "height", "frames", "face_box",
+                                             "url", "thumbnail_url", "image_url"], "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "kind": {"type": "string", "enum": ["image", "video"]},
+        "width": {"type": "integer"}, "height": {"type": "integer"},
+        "fps": {"type": "number", "nullable": True}, "frames": {"type": "integer"},
+        "face_box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
+                     "description": "x1, y1, x2, y2 in pixels of the avatar at output size."},
+        "created_at": {"type": "number", "description": "Unix seconds."},
+        "url": {"type": "string"}, "thumbnail_url": {"type": "string"}, "image_url": {"type": "string"}}}
+    return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar}
 
 
 _UNAUTHORIZED = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)

@@ -11,7 +11,7 @@ from flask import request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import LimitedStream
 
-from lipsync.errors import InvalidInputError
+from lipsync.errors import InvalidInputError, LipsyncError
 from lipsync.inputs import (
     AVATAR,
     RECORDING,
@@ -22,7 +22,7 @@ from lipsync.inputs import (
     read_upload,
 )
 from lipsync.server import context
-from lipsync.server.observability import ENV_TEXT, clip
+from lipsync.server.observability import ENV_KEY_ID, ENV_TEXT, clip
 from lipsync.tts.base import DEFAULT_LANGUAGE
 
 JOB_ENDPOINT = "jobs.submit"
@@ -31,9 +31,10 @@ JOB_ENDPOINT = "jobs.submit"
 def generate_inputs() -> dict:
     """The generate request as keyword arguments of ``LipsyncService.generate``, checked before any work.
 
-    JSON: ``{"text", "language"}``. multipart/form-data: an ``audio`` file
+    JSON: ``{"text", "language", "avatar_id"}``. multipart/form-data: an ``audio`` file
     (lip-sync a recording, no TTS) or ``text``/``language`` fields, plus an
-    optional ``avatar`` image replacing the preloaded one for this request.
+    optional ``avatar`` image replacing the preloaded one for this request, or
+    an ``avatar_id`` from the library (``GET /api/avatars``).
     Uploads are checked by content (not by name): the avatar must be a PNG or
     JPEG within ``MAX_IMAGE_PIXELS``; a recording must be a known audio
     container, is decoded once with ffmpeg forced to that demuxer and cut at
@@ -59,13 +60,16 @@ def _form_inputs() -> dict:
     inputs: dict = {}
     audio_file = request.files.get("audio")
     avatar_file = request.files.get("avatar")
+    inputs.update(_avatar_id(request.form.get("avatar_id", _OMITTED)))
+    if avatar_file is not None and inputs:
+        raise InvalidInputError("give either an 'avatar' image or an 'avatar_id', not both", code="conflicting_inputs")
     if avatar_file is not None:
-        inputs["avatar_image"] = check_image(_read_upload(avatar_file, AVATAR),
+        inputs["avatar_image"] = check_image(read_request_file(avatar_file, AVATAR),
                                              settings.max_image_pixels)
         if request.endpoint == JOB_ENDPOINT:  # a job decodes it later: refuse a broken one now
             service.check_avatar(inputs["avatar_image"])  # small, and at most AVATAR_DECODES at once
     if audio_file is not None:
-        inputs["recording"] = normalize_recording(_read_upload(audio_file, RECORDING),
+        inputs["recording"] = normalize_recording(read_request_file(audio_file, RECORDING),
                                                   settings, service.temp_root())
     elif "text" in request.form:
         _log_text(request.form["text"])
@@ -97,7 +101,8 @@ def _json_inputs() -> dict:
         raise InvalidInputError("'text' is missing", code="missing_input")
     _log_text(body["text"])  # clean_text refuses a non-string (null too: the same answer from both APIs)
     return {"text": clean_text(body["text"]), **_language(body.get("language", _OMITTED),
-                                                                body.get("allow_mismatch", _OMITTED))}
+                                                                body.get("allow_mismatch", _OMITTED)),
+            **_avatar_id(body.get("avatar_id", _OMITTED))}
 
 
 _OMITTED = object()  # no "language" key at all (null is a value, and refused like any non-language)
@@ -122,6 +127,24 @@ def _log_text(text) -> None:
         request.environ[ENV_TEXT] = clip(text, 200)
 
 
-def _read_upload(file, kind: tuple[str, str]) -> bytes:
+def read_request_file(file, kind: tuple[str, str]) -> bytes:
     """An uploaded file's bytes (werkzeug ``FileStorage``), within ``MAX_UPLOAD_BYTES``."""
     return read_upload(file.stream, context.settings().max_upload_bytes, kind)
+
+
+def _avatar_id(value) -> dict:
+    """``avatar_id`` and the owner it is looked up for, checked now (400 ``unknown_avatar``):
+    a job must not fail later for a typo, and one key never uses another key's avatar."""
+    if value is _OMITTED or value is None or value == "":
+        return {}
+    if not isinstance(value, str):
+        raise InvalidInputError("'avatar_id' must be a string", code="invalid_input")
+    owner = request.environ.get(ENV_KEY_ID)
+    try:
+        context.service().avatars.get(value, owner)
+    except LipsyncError as exc:
+        if exc.code != "unknown_avatar":
+            raise
+        raise InvalidInputError(f"no avatar with id {value!r} (GET /api/avatars lists yours)",
+                                code="unknown_avatar") from None
+    return {"avatar_id": value, "owner": owner}

@@ -1,0 +1,278 @@
+"""The avatar library: uploaded avatars, prepared once, kept on disk, used by id.
+
+Layout (``Settings.avatars_dir``, a folder every node of a cluster can share)::
+
+    <avatars_dir>/<id>/avatar.json      what the API shows, plus the owner's key id
+    <avatars_dir>/<id>/image.png        the avatar at output size, upright (EXIF applied)
+    <avatars_dir>/<id>/thumbnail.jpg    256 px on its long side, for pickers
+    <avatars_dir>/<id>/prepared.pkl     the engine's per-avatar preparation (face box,
+                                        mouth geometry, fields, masks), keyed by the engine
+
+Everything expensive (decoding, face detection, landmarks, the engine's preparation)
+happens in ``add``; a folder appears under its final name only when complete (written
+under a temporary name, then renamed), so a crash never leaves half an avatar. After a
+restart ``prepared`` reads ``prepared.pkl``; when the engine changed (another engine,
+checkpoint or version) it prepares again from ``image.png`` and rewrites it.
+
+Ownership: an avatar belongs to the API key that uploaded it (its key id, a short hash;
+None without keys). Another key's avatar is "not found" (404), not "forbidden", so ids
+cannot be probed. The preloaded avatar (``AVATAR_PATH`` or the built-in portrait) is the
+entry ``default``, visible to everyone and never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from lipsync.engines.base import Engine, PreparedAvatar
+from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError, RefusedError
+from lipsync.faces.box import FaceBox
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ID = "default"
+ID_PATTERN = re.compile(r"^av_[0-9a-f]{16}$")
+MAX_NAME_CHARS = 80
+THUMBNAIL_PX = 256
+PREPARED_IN_MEMORY = 8     # prepared avatars kept in memory (a builtin one is ~10-40 MB)
+META, IMAGE, THUMBNAIL, PREPARED = "avatar.json", "image.png", "thumbnail.jpg", "prepared.pkl"
+
+
+@dataclass(frozen=True)
+class AvatarRecord:
+    """One library entry as stored in ``avatar.json``."""
+
+    id: str
+    name: str
+    kind: str                  # "image"
+    width: int                 # the avatar at output size, pixels
+    height: int
+    fps: float | None          # None for an image
+    frames: int                # 1 for an image
+    face_box: list[int]        # [x1, y1, x2, y2] on the avatar at output size
+    created_at: float          # unix seconds
+    owner: str | None = None   # the uploading key's id (never shown)
+
+    def public(self) -> dict:
+        """What the API shows (no owner)."""
+        info = asdict(self)
+        info.pop("owner")
+        return info
+
+
+class AvatarLibrary:
+    """Avatars on disk plus a small in-memory cache of their engine preparation.
+
+    ``prepare_image(image_bgr) -> PreparedAvatar`` is the service's (face box found on the
+    image as uploaded, then everything scaled to output size and prepared by the engine);
+    ``find_faces(image_bgr) -> [FaceBox]`` counts the faces of an upload. Thread-safe.
+    """
+
+    def __init__(self, root: str, engine: Engine, prepare_image, find_faces, *, max_per_owner: int = 100):
+        self.root = root
+        self.engine = engine
+        self._prepare_image = prepare_image
+        self._find_faces = find_faces
+        self.max_per_owner = max_per_owner
+        self._default: tuple[AvatarRecord, PreparedAvatar, bytes] | None = None
+        self._cache: OrderedDict[str, PreparedAvatar] = OrderedDict()
+        self._lock = threading.Lock()
+        os.makedirs(root, exist_ok=True)
+
+    # ---------------------------------------------------------------- the default entry
+    def set_default(self, prepared: PreparedAvatar, name: str) -> None:
+        """Make the preloaded avatar the ``default`` entry (kept in memory only)."""
+        h, w = prepared.image.shape[:2]
+        record = AvatarRecord(id=DEFAULT_ID, name=name, kind="image", width=w, height=h, fps=None, frames=1,
+                              face_box=prepared.box.as_list(), created_at=time.time())
+        self._default = (record, prepared, _thumbnail(prepared.image))
+
+    # ---------------------------------------------------------------- queries
+    def get(self, avatar_id: str, owner: str | None) -> AvatarRecord:
+        """The entry ``avatar_id`` as ``owner`` may see it; 404 ``unknown_avatar`` otherwise."""
+        if avatar_id == DEFAULT_ID and self._default is not None:
+            return self._default[0]
+        record = self._read(avatar_id)
+        if record is None or record.owner != owner:
+            raise LipsyncError(f"no avatar with id {avatar_id!r}", code="unknown_avatar", status=404)
+        return record
+
+    def list(self, owner: str | None) -> list[AvatarRecord]:
+        """``owner``'s avatars, newest first, after the default entry."""
+        records = []
+        for name in os.listdir(self.root):
+            record = self._read(name) if ID_PATTERN.match(name) else None
+            if record is not None and record.owner == owner:
+                records.append(record)
+        records.sort(key=lambda r: r.created_at, reverse=True)
+        return ([self._default[0]] if self._default is not None else []) + records
+
+    def thumbnail(self, avatar_id: str, owner: str | None) -> bytes:
+        """The entry's thumbnail (JPEG bytes)."""
+        self.get(avatar_id, owner)
+        if avatar_id == DEFAULT_ID:
+            return self._default[2]
+        with open(os.path.join(self.root, avatar_id, THUMBNAIL), "rb") as f:
+            return f.read()
+
+    def image(self, avatar_id: str, owner: str | None) -> bytes:
+        """The entry's picture at output size (JPEG bytes), as the video shows it."""
+        self.get(avatar_id, owner)
+        image = self._default[1].image if avatar_id == DEFAULT_ID else \
+            cv2.imread(os.path.join(self.root, avatar_id, IMAGE), cv2.IMREAD_COLOR)
+        if image is None:
+            raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return jpeg.tobytes()
+
+    def prepared(self, avatar_id: str, owner: str | None) -> PreparedAvatar:
+        """The engine's preparation of the entry: from memory, else from disk, else made
+        again from the stored image (after an engine change) and stored."""
+        record = self.get(avatar_id, owner)
+        if avatar_id == DEFAULT_ID:
+            return self._default[1]
+        with self._lock:
+            found = self._cache.get(avatar_id)
+            if found is not None:
+                self._cache.move_to_end(avatar_id)
+                return found
+        folder = os.path.join(self.root, avatar_id)
+        prepared = self._load_prepared(folder)
+        if prepared is None:
+            image = cv2.imread(os.path.join(folder, IMAGE), cv2.IMREAD_COLOR)
+            if image is None:
+                raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
+            prepared = self.engine.prepare(image, FaceBox(*record.face_box))
+            self._store_prepared(folder, prepared)
+        with self._lock:
+            self._cache[avatar_id] = prepared
+            while len(self._cache) > PREPARED_IN_MEMORY:
+                self._cache.popitem(last=False)
+        return prepared
+
+    # ---------------------------------------------------------------- changes
+    def add(self, image_bgr: np.ndarray, name: str | None, owner: str | None) -> AvatarRecord:
+        """Check, prepare and store an uploaded image; returns its new entry.
+
+        Raises 422 ``no_face`` / ``several_faces`` (exactly one face is needed),
+        400 ``invalid_name``, 429 ``too_many_avatars`` past ``max_per_owner``."""
+        name = _clean_name(name)
+        if sum(1 for r in self.list(owner) if r.id != DEFAULT_ID) >= self.max_per_owner:
+            raise RefusedError(f"this key already has {self.max_per_owner} avatars; delete one first",
+                               code="too_many_avatars", status=429)
+        faces = self._find_faces(image_bgr)
+        if not faces:
+            raise NoFaceError("no face found in the uploaded avatar (frame 0)", code="no_face")
+        if len(faces) > 1:
+            boxes = ", ".join(str(b.as_list()) for b in faces[:4])
+            raise NoFaceError(f"the uploaded avatar shows {len(faces)} faces (frame 0: {boxes}); "
+                              "an avatar needs exactly one", code="several_faces")
+        prepared = self._prepare_image(image_bgr)
+        h, w = prepared.image.shape[:2]
+        record = AvatarRecord(id="av_" + secrets.token_hex(8), name=name or "avatar", kind="image", width=w,
+                              height=h, fps=None, frames=1, face_box=prepared.box.as_list(),
+                              created_at=time.time(), owner=owner)
+        staging = os.path.join(self.root, f".new-{record.id}")
+        try:
+            os.makedirs(staging)
+            if not cv2.imwrite(os.path.join(staging, IMAGE), prepared.image):
+                raise LipsyncError("could not store the avatar image", code="storage_failed", status=500)
+            with open(os.path.join(staging, THUMBNAIL), "wb") as f:
+                f.write(_thumbnail(prepared.image))
+            self._store_prepared(staging, prepared)
+            with open(os.path.join(staging, META), "w", encoding="utf-8") as f:
+                json.dump(asdict(record), f)
+            os.rename(staging, os.path.join(self.root, record.id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._lock:
+            self._cache[record.id] = prepared
+            while len(self._cache) > PREPARED_IN_MEMORY:
+                self._cache.popitem(last=False)
+        log.info("avatar %s added (%dx%d, face %s)", record.id, w, h, record.face_box)
+        return record
+
+    def delete(self, avatar_id: str, owner: str | None) -> None:
+        """Remove ``owner``'s entry and its files (the default entry cannot be deleted: 409)."""
+        if avatar_id == DEFAULT_ID:
+            raise LipsyncError("the default avatar cannot be deleted (it is AVATAR_PATH)",
+                               code="avatar_is_default", status=409)
+        self.get(avatar_id, owner)
+        folder = os.path.join(self.root, avatar_id)
+        # Rename first: readers see it gone at once, and a crash mid-delete leaves a
+        # hidden folder, never half an avatar under its id.
+        doomed = os.path.join(self.root, f".deleted-{avatar_id}-{secrets.token_hex(4)}")
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        with self._lock:
+            self._cache.pop(avatar_id, None)
+
+    # ---------------------------------------------------------------- storage
+    def _read(self, avatar_id: str) -> AvatarRecord | None:
+        if not ID_PATTERN.match(avatar_id or ""):
+            return None
+        try:
+            with open(os.path.join(self.root, avatar_id, META), encoding="utf-8") as f:
+                return AvatarRecord(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _engine_key(self) -> dict:
+        return {k: v for k, v in self.engine.describe().items() if k in ("engine", "checkpoint", "version", "device")}
+
+    def _store_prepared(self, folder: str, prepared: PreparedAvatar) -> None:
+        try:
+            data = pickle.dumps({"engine": self._engine_key(), "prepared": prepared}, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - an engine state that cannot be pickled is prepared per load
+            log.warning("the %s engine's preparation cannot be stored (%s); it is made again after restarts",
+                        self.engine.name, exc)
+            return
+        tmp = os.path.join(folder, PREPARED + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(folder, PREPARED))
+
+    def _load_prepared(self, folder: str) -> PreparedAvatar | None:
+        try:
+            with open(os.path.join(folder, PREPARED), "rb") as f:
+                stored = pickle.load(f)  # written by this service into its own storage
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+            return None
+        if not isinstance(stored, dict) or stored.get("engine") != self._engine_key():
+            return None
+        prepared = stored.get("prepared")
+        return prepared if isinstance(prepared, PreparedAvatar) else None
+
+
+def _clean_name(name) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidInputError("'name' must be a string", code="invalid_name")
+    name = " ".join(name.split())
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInputError(f"'name' has {len(name)} characters; the limit is {MAX_NAME_CHARS}",
+                                code="invalid_name")
+    return name or None
+
+
+def _thumbnail(image: np.ndarray) -> bytes:
+    h, w = image.shape[:2]
+    scale = THUMBNAIL_PX / max(h, w)
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return jpeg.tobytes()
