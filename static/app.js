@@ -1,5 +1,6 @@
-// The page: interface language, health badge, character counter, jobs (submit, follow over SSE,
-// stream while rendering, cancel), player and download, and this browser's recent videos.
+// The page: interface language, health badge, character counter, the avatar library (pick, upload
+// with progress and a face check, delete), jobs (submit, follow over SSE, stream while rendering,
+// cancel), player and download, and this browser's recent videos.
 // Everything is wired up here with addEventListener and data-* attributes: the page needs no
 // inline script or handler, so a Content-Security-Policy without 'unsafe-inline' works.
 (function () {
@@ -9,7 +10,9 @@
   const UI_LANGS = ["ru", "kk", "en"];
   const STAGES = ["tts", "lipsync", "encode"];
   const KEYS = { uiLang: "talking-avatar.ui-lang", speechLang: "talking-avatar.speech-lang",
-                 history: "talking-avatar.history", apiKey: "talking-avatar.api-key" };
+                 history: "talking-avatar.history", apiKey: "talking-avatar.api-key",
+                 avatar: "talking-avatar.avatar" };
+  const DEFAULT_AVATAR = "default";  // the preloaded avatar: GET /api/avatars lists it first
   const HISTORY_MAX = 5;
   // Speech language "auto" (issue #17): the same letter rules as the server's lipsync/tts/language.py.
   const AUTO = "auto";
@@ -30,6 +33,15 @@
   const download = $("download"), stats = $("stats");
   const historyList = $("history"), historyEmpty = $("history-empty"), historyClear = $("history-clear");
   const apiKeyField = $("api-key-field"), apiKeyInput = $("api-key");
+  const avatarPicker = $("avatar-picker"), avatarList = $("avatar-list"), avatarFile = $("avatar-file");
+  const avatarUpload = $("avatar-upload"), avatarFileName = $("avatar-file-name"), avatarNameInput = $("avatar-name");
+  const avatarSend = $("avatar-send"), avatarUploadCancel = $("avatar-upload-cancel");
+  const avatarProgress = $("avatar-progress"), avatarProgressFill = $("avatar-progress-fill");
+  const avatarProgressLabel = $("avatar-progress-label");
+  const avatarResult = $("avatar-result"), avatarResultImage = $("avatar-result-image"), faceBox = $("face-box");
+  const avatarResultText = $("avatar-result-text"), avatarResultOk = $("avatar-result-ok");
+  const avatarResultDelete = $("avatar-result-delete");
+  const DEFAULT_PREVIEW = avatar.getAttribute("src");  // GET /api/avatar: the preloaded avatar, full size
 
   const maxChars = Number(text.dataset.maxChars) || 5000;
   const maxUploadBytes = Number(audio.dataset.maxUploadBytes) || 0;
@@ -42,6 +54,11 @@
   let shownStats = null;   // {duration, frames, engine, total}
   let avatarOk = null;     // null: loading, true/false: the preview image loaded or failed
   let job = null;          // the job this page follows (see submit())
+  let avatars = null;      // GET /api/avatars' list (null until it has loaded)
+  let selectedAvatar = String(load(KEYS.avatar, DEFAULT_AVATAR) || DEFAULT_AVATAR);
+  let avatarUploadJob = null;  // {xhr, status: uploading|processing, fraction} while an avatar uploads
+  let shownAvatar = null;  // the avatar entry just uploaded, shown with its face box
+  let armedDelete = null;  // {id, timer}: the delete button that asks "Delete?" (a second click deletes)
 
   // ------------------------------------------------------------------ storage
   function load(key, fallback) {
@@ -59,6 +76,7 @@
   // EventSource, the <video> and the download links cannot send headers, so their URLs carry
   // ?api_key= (the server accepts that on GET/HEAD).
   let apiKey = String(load(KEYS.apiKey, "") || "");
+  let keyTimer = null;
   function keyHeaders(headers) {
     const out = Object.assign({}, headers);
     if (apiKey) out["X-API-Key"] = apiKey;
@@ -81,6 +99,8 @@
     save(KEYS.apiKey, apiKey);
     if (lastError && lastError.code === "unauthorized") showError(null);
     renderHistory();
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(loadAvatars, 400);  // the avatar library belongs to the key
   });
 
   // --------------------------------------------------------------------- i18n
@@ -131,6 +151,7 @@
       button.setAttribute("aria-pressed", String(button.dataset.uiLang === uiLang));
     }
     renderCounter(); renderAudioChoice(); renderHealth(); renderProgress(); renderMessages(); renderStats(); renderHistory();
+    renderAvatars(); renderAvatarUpload(); renderAvatarResult();
   }
 
   for (const button of document.querySelectorAll("[data-ui-lang]")) {
@@ -265,7 +286,8 @@
       lastHealth = { state: h.status === "ready" ? "ready" : h.status === "error" ? "error" : "loading", data: h };
       if (h.status === "ready") {
         delay = 30000;
-        if (avatarOk === false) avatar.src = avatar.src.split("?")[0] + "?" + Date.now();
+        if (avatarOk === false) showPreview(true);
+        if (!avatars && avatarList.dataset.state === "error") loadAvatars();  // refused while loading
       }
     } catch (e) {
       lastHealth = { state: "unreachable", data: null };
@@ -367,6 +389,346 @@
     }
   }
 
+  // ----------------------------------------------------------- avatar library
+  // GET /api/avatars: "default" (the preloaded avatar) first, then this browser's (this key's)
+  // uploads. The choice is a group of radio buttons (arrow keys move it); the preview on the
+  // screen shows the chosen avatar; jobs send its id as avatar_id (none for the default).
+  // Thumbnails are <img>: their URLs carry ?api_key= when a key is needed, like the videos'.
+  const AVATAR_ERRORS = new Set(["no_face", "several_faces", "invalid_image", "payload_too_large", "too_many_avatars",
+                                 "invalid_name", "image_too_large", "unknown_avatar", "avatar_is_default"]);
+  let avatarsSeq = 0;
+
+  function findAvatar(id) { return (avatars || []).find((a) => a.id === id) || null; }
+  function avatarName(entry) {
+    if (!entry) return "";
+    return entry.id === DEFAULT_AVATAR ? t("avatar_default_name") : String(entry.name || t("avatar_unnamed"));
+  }
+  function requestAvatarId() {
+    return selectedAvatar !== DEFAULT_AVATAR && findAvatar(selectedAvatar) ? selectedAvatar : null;
+  }
+  function clearAvatarError() {
+    if (lastError && AVATAR_ERRORS.has(lastError.code)) showError(null);
+  }
+
+  async function loadAvatars() {
+    const seq = ++avatarsSeq;
+    avatarList.dataset.state = "loading";
+    let response, body = null;
+    try {
+      response = await fetch("/api/avatars", { cache: "no-store", headers: keyHeaders() });
+      if (response.ok) body = await response.json();
+    } catch (e) { response = null; }
+    if (seq !== avatarsSeq) return;  // a newer load (another key) answers instead
+    if (!body || !Array.isArray(body.avatars)) {
+      // 503 while the models load (loaded again once ready), 401 until a key is entered.
+      const unauthorized = !!response && response.status === 401;
+      avatarList.dataset.state = unauthorized ? "unauthorized" : "error";
+      if (unauthorized) showApiKeyField(false);
+      if (!avatars) renderAvatars();
+      return;
+    }
+    avatars = body.avatars.filter((a) => a && typeof a.id === "string");
+    avatarList.dataset.state = "ready";
+    if (!findAvatar(selectedAvatar)) selectedAvatar = DEFAULT_AVATAR;
+    if (shownAvatar && !findAvatar(shownAvatar.id)) { shownAvatar = null; renderAvatarResult(); }
+    renderAvatars();
+    showPreview(false);
+  }
+
+  // The avatar on the screen, at full size: the preloaded one, or a library one by its image_url.
+  function previewUrl() {
+    const entry = findAvatar(selectedAvatar);
+    return !entry || entry.id === DEFAULT_AVATAR ? DEFAULT_PREVIEW : withKey(entry.image_url);
+  }
+  function showPreview(reload) {
+    let url = previewUrl();
+    if (reload) url += (url.includes("?") ? "&" : "?") + "t=" + Date.now();
+    avatar.dataset.avatarId = findAvatar(selectedAvatar) ? selectedAvatar : DEFAULT_AVATAR;
+    if (avatar.getAttribute("src") === url) return;
+    avatarOk = null;
+    avatar.src = url;
+  }
+
+  function selectAvatar(id) {
+    if (!findAvatar(id)) id = DEFAULT_AVATAR;
+    const changed = id !== selectedAvatar;
+    selectedAvatar = id;
+    save(KEYS.avatar, id);
+    for (const radio of avatarList.querySelectorAll("input[type=radio]")) radio.checked = radio.value === id;
+    for (const item of avatarList.querySelectorAll("[data-avatar-id]")) {
+      item.dataset.selected = String(item.dataset.avatarId === id);
+    }
+    if (changed && !player.hidden && !(job && !job.ended)) resetPlayer();  // show who will speak next
+    showPreview(false);
+    if (lastError && lastError.code === "unknown_avatar") showError(null);
+  }
+
+  function renderAvatars() {
+    // Rebuilt on changes and on a language switch: keep the keyboard focus where it was.
+    const active = document.activeElement;
+    const focus = active && avatarList.contains(active)
+      ? (active.dataset.deleteAvatar ? `[data-delete-avatar="${CSS.escape(active.dataset.deleteAvatar)}"]`
+        : active.name === "avatar-choice" ? `input[value="${CSS.escape(active.value)}"]` : null) : null;
+    for (const item of [...avatarList.querySelectorAll("[data-avatar-id]")]) item.remove();
+    const addItem = avatarList.querySelector(".avatar-add-item");
+    (avatars || []).forEach((entry, i) => {
+      const name = avatarName(entry);
+      const item = document.createElement("div");
+      item.className = "avatar-item";
+      item.dataset.avatarId = entry.id;
+      item.dataset.selected = String(entry.id === selectedAvatar);
+      const radio = document.createElement("input");
+      radio.type = "radio";
+      radio.name = "avatar-choice";
+      radio.className = "avatar-radio";
+      radio.id = `avatar-choice-${i}`;
+      radio.value = entry.id;
+      radio.checked = entry.id === selectedAvatar;
+      const tile = document.createElement("label");
+      tile.className = "avatar-tile";
+      tile.htmlFor = radio.id;
+      tile.title = name;
+      const img = document.createElement("img");
+      img.className = "avatar-thumb";
+      img.alt = "";
+      img.src = withKey(entry.thumbnail_url);
+      const caption = document.createElement("span");
+      caption.className = "avatar-name";
+      caption.textContent = name;
+      tile.append(img, caption);
+      item.append(radio, tile);
+      if (entry.id !== DEFAULT_AVATAR) {
+        const del = document.createElement("button");
+        del.type = "button";
+        del.className = "avatar-delete";
+        del.dataset.deleteAvatar = entry.id;
+        renderDeleteButton(del, entry);
+        item.append(del);
+      }
+      avatarList.insertBefore(item, addItem);
+    });
+    if (focus) { const node = avatarList.querySelector(focus); if (node) node.focus(); }
+  }
+
+  avatarList.addEventListener("change", (event) => {
+    if (event.target.name === "avatar-choice" && event.target.checked) selectAvatar(event.target.value);
+  });
+
+  // -- delete, in two steps: "×", then "Delete?" (the same button; Escape, leaving it or 6 s undo that)
+  function renderDeleteButton(button, entry) {
+    const armed = !!armedDelete && armedDelete.id === entry.id;
+    const name = avatarName(entry);
+    button.dataset.armed = String(armed);
+    if (button.classList.contains("avatar-delete")) {
+      button.textContent = armed ? t("avatar_delete_confirm") : "×";
+      button.setAttribute("aria-label", armed ? t("avatar_delete_confirm_label", { name }) : t("avatar_delete_label", { name }));
+      button.title = button.getAttribute("aria-label");
+    } else {
+      button.textContent = armed ? t("avatar_delete_confirm") : t("avatar_delete_this");
+    }
+  }
+  function deleteButtons(id) {
+    const out = [...avatarList.querySelectorAll(`[data-delete-avatar="${CSS.escape(id)}"]`)];
+    if (shownAvatar && shownAvatar.id === id) out.push(avatarResultDelete);
+    return out;
+  }
+  function disarmDelete() {
+    if (!armedDelete) return;
+    const id = armedDelete.id;
+    clearTimeout(armedDelete.timer);
+    armedDelete = null;
+    const entry = findAvatar(id);
+    if (entry) for (const button of deleteButtons(id)) renderDeleteButton(button, entry);
+  }
+  function pressDelete(id) {
+    const entry = findAvatar(id);
+    if (!entry || entry.id === DEFAULT_AVATAR) return;
+    if (armedDelete && armedDelete.id === id) { disarmDelete(); deleteAvatar(entry); return; }
+    disarmDelete();
+    armedDelete = { id, timer: setTimeout(disarmDelete, 6000) };
+    for (const button of deleteButtons(id)) renderDeleteButton(button, entry);
+  }
+  avatarList.addEventListener("click", (event) => {
+    const button = event.target.closest("[data-delete-avatar]");
+    if (button) pressDelete(button.dataset.deleteAvatar);
+  });
+  avatarResultDelete.addEventListener("click", () => { if (shownAvatar) pressDelete(shownAvatar.id); });
+  avatarPicker.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && armedDelete && event.target.dataset && event.target.dataset.armed === "true") {
+      event.preventDefault();
+      disarmDelete();
+    }
+  });
+  avatarPicker.addEventListener("focusout", (event) => {
+    if (armedDelete && event.target.dataset && event.target.dataset.armed === "true") disarmDelete();
+  });
+
+  async function deleteAvatar(entry) {
+    clearAvatarError();
+    let response;
+    try {
+      response = await fetch(entry.url || `/api/avatars/${encodeURIComponent(entry.id)}`,
+                             { method: "DELETE", headers: keyHeaders() });
+    } catch (e) {
+      showError({ code: "network" });
+      return;
+    }
+    if (response.status !== 204 && response.status !== 404) {  // 404: already gone
+      showError(await readError(response));
+      return;
+    }
+    const focusNext = avatarList.contains(document.activeElement) || document.activeElement === avatarResultDelete
+      || document.activeElement === document.body;
+    avatars = (avatars || []).filter((a) => a.id !== entry.id);
+    if (shownAvatar && shownAvatar.id === entry.id) { shownAvatar = null; renderAvatarResult(); }
+    if (selectedAvatar === entry.id) selectAvatar(DEFAULT_AVATAR);
+    renderAvatars();
+    if (focusNext) {  // the deleted button took the focus with it: the chosen avatar gets it
+      const radio = avatarList.querySelector("input[type=radio]:checked");
+      if (radio) radio.focus();
+    }
+  }
+
+  // -- upload: choose a photo ("+"), an optional name, Upload; XHR for the upload's progress
+  function chosenAvatarFile() { return (avatarFile.files && avatarFile.files[0]) || null; }
+  function fileStem(name) { return String(name || "").replace(/\.[^.]*$/, "").replace(/[_\s]+/g, " ").trim().slice(0, 80); }
+
+  function renderAvatarUpload() {
+    const file = chosenAvatarFile();
+    const up = avatarUploadJob;
+    avatarUpload.hidden = !file && !up;
+    avatarFileName.textContent = file ? file.name : "";
+    avatarNameInput.placeholder = file ? fileStem(file.name) : "";
+    avatarNameInput.readOnly = !!up;
+    avatarFile.disabled = !!up;  // one upload at a time
+    avatarSend.hidden = !!up;
+    avatarProgress.hidden = !up;
+    if (!up) return;
+    const pct = up.status === "processing" ? 100 : Math.round((up.fraction || 0) * 100);
+    avatarProgressLabel.textContent = up.status === "processing" ? t("avatar_processing") : t("avatar_uploading", { n: pct });
+    avatarProgressFill.style.width = `${pct}%`;  // CSSOM: allowed under a CSP without 'unsafe-inline'
+    avatarProgress.dataset.status = up.status;
+    avatarProgress.setAttribute("aria-valuenow", String(pct));
+    avatarProgress.setAttribute("aria-valuetext", avatarProgressLabel.textContent);
+  }
+
+  function resetAvatarUpload() {
+    avatarFile.value = "";
+    avatarNameInput.value = "";
+    renderAvatarUpload();
+  }
+
+  avatarFile.addEventListener("change", () => {
+    if (avatarUploadJob) return;
+    clearAvatarError();
+    const file = chosenAvatarFile();
+    if (file && maxUploadBytes && file.size > maxUploadBytes) {
+      resetAvatarUpload();
+      showError({ code: "payload_too_large" });
+      return;
+    }
+    if (file) { shownAvatar = null; renderAvatarResult(); }
+    renderAvatarUpload();
+    if (file) avatarNameInput.focus();
+  });
+  avatarNameInput.addEventListener("keydown", (event) => {
+    // Enter here uploads the photo; it must not submit the form (which makes a video).
+    if (event.key === "Enter") { event.preventDefault(); if (!avatarUploadJob) uploadAvatar(); }
+  });
+  avatarSend.addEventListener("click", () => uploadAvatar());
+  avatarUploadCancel.addEventListener("click", () => {
+    if (avatarUploadJob) avatarUploadJob.xhr.abort();
+    avatarUploadJob = null;
+    resetAvatarUpload();
+    clearAvatarError();
+    avatarFile.focus();
+  });
+
+  function uploadAvatar() {
+    const file = chosenAvatarFile();
+    if (!file || avatarUploadJob) return;
+    clearAvatarError();
+    const data = new FormData();
+    data.append("avatar", file, file.name);
+    const name = avatarNameInput.value.trim() || fileStem(file.name);
+    if (name) data.append("name", name.slice(0, 80));
+    const xhr = new XMLHttpRequest();
+    const up = { xhr, status: "uploading", fraction: 0 };
+    avatarUploadJob = up;
+    xhr.open("POST", "/api/avatars");
+    for (const [header, value] of Object.entries(keyHeaders())) xhr.setRequestHeader(header, value);
+    xhr.upload.addEventListener("progress", (event) => {
+      if (avatarUploadJob !== up || !event.lengthComputable) return;
+      up.fraction = event.total ? event.loaded / event.total : 0;
+      renderAvatarUpload();
+    });
+    // All sent: the server now finds the face and prepares the avatar (a second or two).
+    xhr.upload.addEventListener("load", () => { if (avatarUploadJob === up) { up.status = "processing"; renderAvatarUpload(); } });
+    xhr.addEventListener("load", () => {
+      if (avatarUploadJob !== up) return;
+      avatarUploadJob = null;
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+      if (xhr.status === 201 && body && typeof body.id === "string") {
+        resetAvatarUpload();
+        avatarAdded(body);
+        return;
+      }
+      renderAvatarUpload();
+      const retry = Number(xhr.getResponseHeader("Retry-After")) || (body && Number(body.retry_after)) || null;
+      const err = { code: body && body.code, error: body && body.error, status: xhr.status, retryAfter: retry };
+      if (xhr.status === 413 && !err.code) err.code = "payload_too_large";  // refused by a proxy
+      showError(err);
+    });
+    xhr.addEventListener("error", () => {
+      if (avatarUploadJob !== up) return;
+      avatarUploadJob = null;
+      renderAvatarUpload();
+      showError({ code: "network" });
+    });
+    renderAvatarUpload();
+    xhr.send(data);
+  }
+
+  function avatarAdded(entry) {
+    avatars = avatars || [];
+    const at = avatars.length && avatars[0].id === DEFAULT_AVATAR ? 1 : 0;  // newest first, after the default
+    avatars.splice(at, 0, entry);
+    renderAvatars();
+    selectAvatar(entry.id);
+    shownAvatar = entry;
+    renderAvatarResult();
+    avatarResultOk.focus();
+  }
+
+  // The new avatar with its face box: the thumbnail is the whole picture, scaled, so the box is
+  // placed in percentages of the picture (face_box is in pixels of width x height).
+  function renderAvatarResult() {
+    avatarResult.hidden = !shownAvatar;
+    if (!shownAvatar) { avatarResultImage.removeAttribute("src"); return; }
+    const entry = shownAvatar;
+    const url = withKey(entry.thumbnail_url);
+    if (avatarResultImage.getAttribute("src") !== url) avatarResultImage.src = url;
+    avatarResultImage.dataset.avatarId = entry.id;
+    avatarResultText.textContent = t("avatar_added", { name: avatarName(entry) });
+    renderDeleteButton(avatarResultDelete, entry);
+    const [x1, y1, x2, y2] = Array.isArray(entry.face_box) ? entry.face_box.map(Number) : [0, 0, 0, 0];
+    const w = Number(entry.width) || 1, h = Number(entry.height) || 1;
+    const box = faceBox.style;
+    box.left = `${(100 * x1) / w}%`;
+    box.top = `${(100 * y1) / h}%`;
+    box.width = `${(100 * (x2 - x1)) / w}%`;
+    box.height = `${(100 * (y2 - y1)) / h}%`;
+    faceBox.hidden = !(x2 > x1 && y2 > y1);
+  }
+  avatarResultOk.addEventListener("click", () => {
+    const id = shownAvatar && shownAvatar.id;
+    shownAvatar = null;
+    renderAvatarResult();
+    const radio = id && avatarList.querySelector(`input[value="${CSS.escape(id)}"]`);
+    if (radio) radio.focus();
+  });
+
   // -------------------------------------------------------------------- jobs
   // Cancel is switched off with aria-disabled, not `disabled`: a disabled button loses focus.
   function setCancelUsable(usable) { cancel.setAttribute("aria-disabled", String(!usable)); }
@@ -383,6 +745,7 @@
     text.readOnly = busy;
     audio.disabled = busy;
     audioClear.disabled = busy;
+    avatarPicker.disabled = busy;  // the job uses the avatar chosen when it started
     renderAudioChoice();
     if (!busy && cancelHadFocus) generate.focus();
   }
@@ -439,16 +802,21 @@
 
     let body;
     const headers = {};
+    const avatarId = requestAvatarId();  // only for a library avatar: the default one needs no field
     if (file) {
       body = new FormData();
       body.append("audio", file, file.name);
+      if (avatarId) body.append("avatar_id", avatarId);
     } else {
-      body = JSON.stringify({ text: text.value, language: language.value });  // "auto" until a language is picked
+      const fields = { text: text.value, language: language.value };  // "auto" until a language is picked
+      if (avatarId) fields.avatar_id = avatarId;
+      body = JSON.stringify(fields);
       headers["Content-Type"] = "application/json";
     }
     const mine = { id: null, urls: null, state: null, ended: false, events: null, timer: null, streaming: false,
                    entry: file ? { kind: "recording", name: file.name }
                                : { kind: "text", text: text.value.trim().slice(0, 200), language: speechLanguage() } };
+    if (avatarId) mine.entry.avatar = avatarName(findAvatar(avatarId));
     // The Generate button is about to hide: keyboard focus goes to Cancel once that is usable.
     const moveFocus = document.activeElement === generate || document.activeElement === document.body;
     job = mine;
@@ -470,6 +838,7 @@
       const err = await readError(response);
       endJob(mine);
       showError(err);
+      if (err.code === "unknown_avatar") loadAvatars();  // deleted meanwhile (another tab)
       return;
     }
     let state;
@@ -632,6 +1001,7 @@
       }
       if (typeof entry.duration === "number") meta.append(` · ${t("seconds", { n: num(entry.duration, 1) })}`);
       if (entry.language) meta.append(` · ${String(entry.language).toUpperCase()}`);
+      if (typeof entry.avatar === "string" && entry.avatar) meta.append(` · ${snippet(entry.avatar)}`);
       main.append(title, meta);
       const actions = document.createElement("div");
       actions.className = "history-actions";
@@ -684,6 +1054,8 @@
   else language.value = AUTO;  // until the person picks a language: the text decides, not the interface
   setUiLang(initialLang(), false);
   showScreen("avatar");
+  showPreview(false);
   pollHealth();
   pruneHistory();
+  loadAvatars();
 })();

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.conftest import skip_or_fail
+from tests.conftest import fixture_path, skip_or_fail
 from tests.conftest import wait_until as wait_for  # a condition in Python (wait_until below polls the page)
 
 try:
@@ -58,6 +58,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
 H264_AAC = 'video/mp4; codecs="avc1.42E01E, mp4a.40.2"'
 HISTORY_KEY = "talking-avatar.history"
 UI_LANG_KEY = "talking-avatar.ui-lang"
+API_KEY_KEY = "talking-avatar.api-key"
 
 # ~29 s of speech, rendered in ~1.5 s: long enough to watch the job run and stream.
 TEXT = " ".join(f"This is sentence number {i}, spoken while the next one is being prepared." for i in range(6))
@@ -79,6 +80,21 @@ RECORDER = """() => {
   for (const type of ["loadedmetadata", "loadeddata", "playing", "error"])
     player.addEventListener(type, () => rec.events.push({type, source: player.dataset.source,
         time: player.currentTime, duration: player.duration}));
+}"""
+# Page-side recorder of the avatar upload's progress bar.
+UPLOAD_RECORDER = """() => {
+  const rec = window.__upload = [];
+  const bar = document.getElementById("avatar-progress"), label = document.getElementById("avatar-progress-label");
+  new MutationObserver(() => rec.push({status: bar.dataset.status, value: Number(bar.getAttribute("aria-valuenow")),
+      label: label.textContent, shown: !bar.hidden}))
+    .observe(bar, {attributes: true, subtree: true, childList: true, characterData: true});
+}"""
+# Where the face box is drawn over the uploaded avatar's picture, in CSS pixels.
+FACE_BOX = """() => {
+  const img = document.getElementById("avatar-result-image"), box = document.getElementById("face-box");
+  const i = img.getBoundingClientRect(), b = box.getBoundingClientRect();
+  return {img: [i.left, i.top, i.width, i.height], box: [b.left, b.top, b.right, b.bottom],
+          natural: [img.naturalWidth, img.naturalHeight], shown: !box.hidden && b.width > 0};
 }"""
 # Set up before any page script runs: collect CSP violations.
 INIT = """window.__csp = [];
@@ -552,6 +568,7 @@ def test_no_horizontal_scroll_on_a_375_px_phone(open_page, server, lang):
     page.reload()
     expect(page.locator("#health")).to_have_attribute("data-state", "ready")
     expect(page.locator("#history li")).to_have_count(1)
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")  # the picker, filled
     page.click("#generate")  # empty: the longest error line shows
     expect(page.locator("#error")).to_be_visible()
     assert page.evaluate("window.innerWidth") == 375
@@ -626,3 +643,211 @@ def test_speech_language_follows_the_text_until_one_is_picked(open_page, server)
     expect(detected).to_have_attribute("data-mismatch", "false")
     page.reload()
     expect(select).to_have_value("kk")
+
+
+# ------------------------------------------------------------- avatar library
+def avatar_ids(server) -> list[str]:
+    return [a["id"] for a in json.loads(api(server, "/api/avatars")[2])["avatars"]]
+
+
+def upload_avatar(page, path, name: str | None = None, enter: bool = False):
+    """Choose ``path`` with the picker's "+" file input (and a name), press Upload (or Enter in
+    the name field): the response."""
+    page.set_input_files("#avatar-file", str(path))
+    expect(page.locator("#avatar-upload")).to_be_visible()
+    expect(page.locator("#avatar-name")).to_be_focused()
+    if name is not None:
+        page.fill("#avatar-name", name)
+    with page.expect_response(lambda r: r.url.endswith("/api/avatars") and r.request.method == "POST") as sent:
+        if enter:
+            page.press("#avatar-name", "Enter")
+        else:
+            page.click("#avatar-send")
+    return sent.value
+
+
+def test_the_avatar_picker_shows_the_default_avatar_chosen(open_page, server):
+    page = open_page("en-US")
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    default = page.locator('#avatar-list [data-avatar-id="default"]')
+    expect(default).to_be_visible()
+    expect(default).to_have_attribute("data-selected", "true")
+    expect(default.locator("input[type=radio]")).to_be_checked()
+    expect(default).to_contain_text(messages(page, "en")["avatar_default_name"])
+    expect(default.locator("[data-delete-avatar]")).to_have_count(0)  # the preloaded avatar stays
+    thumb = default.locator("img")
+    assert thumb.get_attribute("src") == "/api/avatars/default/thumbnail"
+    wait_until(page, "document.querySelector('#avatar-list [data-avatar-id=default] img').complete")
+    assert thumb.evaluate("(img) => img.naturalWidth") == 256  # the thumbnail really loaded
+    expect(page.locator("#avatar")).to_have_attribute("data-avatar-id", "default")
+    assert page.get_attribute("#avatar", "src") == "/api/avatar"  # the preview: the full-size picture
+    page.click('[data-ui-lang="ru"]')
+    expect(default).to_contain_text(messages(page, "ru")["avatar_default_name"])
+
+    # With an API key, the list is fetched with it and the thumbnails' URLs carry it.
+    key = "page-test-key-0123456789"
+    page.evaluate("([k, v]) => localStorage.setItem(k, JSON.stringify(v))", [API_KEY_KEY, key])
+    with page.expect_request(lambda r: r.url.endswith("/api/avatars") and r.method == "GET") as listed:
+        page.reload()
+    assert listed.value.headers.get("x-api-key") == key
+    expect(default.locator("img")).to_have_attribute("src", f"/api/avatars/default/thumbnail?api_key={key}")
+
+
+def test_an_uploaded_avatar_shows_its_face_box_and_is_used_for_both_kinds_of_job(open_page, server, tmp_path):
+    page = open_page("en-US")
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    page.evaluate(UPLOAD_RECORDER)
+    response = upload_avatar(page, fixture_path("mona_low.jpg"), "Mona")
+    assert response.status == 201 and response.request.headers.get("content-type", "").startswith("multipart/form-data")
+    entry = response.json()
+    try:
+        assert entry["name"] == "Mona" and (entry["width"], entry["height"]) == (1280, 720)
+
+        # The upload showed its progress, then the bar went away.
+        result = page.locator("#avatar-result")
+        expect(result).to_be_visible(timeout=20_000)
+        expect(page.locator("#avatar-progress")).to_be_hidden()
+        expect(page.locator("#avatar-upload")).to_be_hidden()
+        rec = page.evaluate("window.__upload")
+        shown = [r for r in rec if r["shown"]]
+        assert shown and {r["status"] for r in shown} <= {"uploading", "processing"}, rec
+        assert any(r["status"] == "processing" and r["value"] == 100 and r["label"] == "Looking for the face…"
+                   for r in shown), rec
+        assert not rec[-1]["shown"], rec
+
+        # The picture with the face box where the server found the face.
+        expect(result).to_contain_text("The avatar “Mona” is added and chosen.")
+        wait_until(page, "document.getElementById('avatar-result-image').naturalWidth > 0")
+        geometry = page.evaluate(FACE_BOX)
+        assert geometry["shown"] and geometry["natural"] == [256, 144], geometry
+        left, top, width, height = geometry["img"]
+        assert abs(height / width - 720 / 1280) < 0.02, geometry
+        scale = width / entry["width"]
+        x1, y1, x2, y2 = entry["face_box"]
+        expected = [left + x1 * scale, top + y1 * scale, left + x2 * scale, top + y2 * scale]
+        assert all(abs(a - b) <= 1.5 for a, b in zip(geometry["box"], expected)), (geometry, expected)
+        shot(page, "avatar-uploaded")
+
+        # In the picker, chosen; the preview shows it.
+        item = page.locator(f'#avatar-list [data-avatar-id="{entry["id"]}"]')
+        expect(item).to_have_attribute("data-selected", "true")
+        expect(item.locator("input[type=radio]")).to_be_checked()
+        expect(item).to_contain_text("Mona")
+        expect(page.locator('#avatar-list [data-avatar-id="default"] input')).not_to_be_checked()
+        expect(page.locator("#avatar")).to_have_attribute("data-avatar-id", entry["id"])
+        wait_until(page, "document.getElementById('avatar').naturalWidth > 0")
+        assert entry["id"] in avatar_ids(server)
+        page.click("#avatar-result-ok")
+        expect(result).to_be_hidden()
+        expect(item.locator("input[type=radio]")).to_be_focused()
+        page.keyboard.press("ArrowLeft")  # a radio group: the arrow keys choose
+        expect(page.locator('#avatar-list [data-avatar-id="default"] input')).to_be_checked()
+        expect(page.locator("#avatar")).to_have_attribute("data-avatar-id", "default")
+        page.keyboard.press("ArrowRight")
+        expect(item.locator("input[type=radio]")).to_be_checked()
+        expect(page.locator("#avatar")).to_have_attribute("data-avatar-id", entry["id"])
+
+        # A recording: multipart with an avatar_id field (Playwright shows no multipart body with a
+        # file: the server tells, by the video's size; the default avatar is 512 x 512).
+        from tests.media import probe
+
+        page.set_input_files("#audio", files=[{"name": "hi.wav", "mimeType": "audio/wav", "buffer": tone_wav(0.8)}])
+        with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as sent:
+            page.click("#generate")
+        assert sent.value.status == 202
+        assert sent.value.request.headers["content-type"].startswith("multipart/form-data")
+        job = sent.value.json()
+        expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=30_000)
+        assert job_state(server, job["id"])["status"] == "done"
+        video = tmp_path / "recording.mp4"
+        video.write_bytes(api(server, job["video_url"])[2])
+        info = probe(video)
+        assert (info["width"], info["height"]) == (1280, 720)
+        page.click("#audio-clear")
+
+        # A text: JSON, with avatar_id; the video is Mona's size (the default avatar is 512 x 512).
+        page.fill("#text", "Hello there.")
+        page.select_option("#language", "en")
+        with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as sent:
+            page.click("#generate")
+        assert json.loads(sent.value.request.post_data) == {"text": "Hello there.", "language": "en",
+                                                            "avatar_id": entry["id"]}
+        job = sent.value.json()
+        expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=30_000)
+        assert job_state(server, job["id"])["status"] == "done"
+        video = tmp_path / "text.mp4"
+        video.write_bytes(api(server, job["video_url"])[2])
+        info = probe(video)
+        assert (info["width"], info["height"]) == (1280, 720)
+        expect(page.locator(f'#history li[data-job-id="{job["id"]}"]')).to_contain_text("· Mona")
+        if page.evaluate("(t) => document.createElement('video').canPlayType(t)", H264_AAC) == "":
+            skip_or_fail("this Chromium cannot decode H.264/AAC MP4: the request and the video were checked, "
+                         "playback was not")
+        wait_until(page, "document.getElementById('player').currentTime > 0.3")
+        assert page.evaluate("[document.getElementById('player').videoWidth, "
+                             "document.getElementById('player').videoHeight]") == [1280, 720]
+    finally:
+        api(server, entry["url"], "DELETE")
+
+
+def test_a_photo_without_a_face_is_refused_in_the_interface_language(open_page, server, tmp_path):
+    import cv2
+
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((300, 400, 3), 128, np.uint8))
+    before = avatar_ids(server)
+    page = open_page("ru-RU")
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    response = upload_avatar(page, grey)
+    assert response.status == 422 and response.json()["code"] == "no_face"
+    error = page.locator("#error")
+    expect(error).to_have_attribute("data-code", "no_face")
+    expect(error).to_have_text(messages(page, "ru")["errors"]["no_face"])
+    assert messages(page, "ru")["errors"]["no_face"] != messages(page, "en")["errors"]["no_face"]
+    expect(page.locator("#avatar-result")).to_be_hidden()
+    expect(page.locator("#avatar-progress")).to_be_hidden()
+    expect(page.locator("#avatar-send")).to_be_visible()  # another try, or another photo
+    expect(page.locator("#avatar-list [data-avatar-id]")).to_have_count(len(before))
+    expect(page.locator('#avatar-list [data-avatar-id="default"] input')).to_be_checked()
+    page.click('[data-ui-lang="kk"]')
+    expect(error).to_have_text(messages(page, "kk")["errors"]["no_face"])
+    page.click("#avatar-upload-cancel")  # dropping the photo drops its error
+    expect(error).to_be_hidden()
+    expect(page.locator("#avatar-upload")).to_be_hidden()
+    assert avatar_ids(server) == before
+
+
+def test_deleting_an_avatar_asks_once_more_then_removes_it_on_a_phone(open_page, server):
+    page = open_page("en-US", mobile=True)
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    long_name = "A very long avatar name that does not fit"
+    entry = upload_avatar(page, fixture_path("mona_low.jpg"), long_name, enter=True).json()
+    assert not [u for u in page.posts if u.endswith("/api/jobs")]  # Enter uploaded, it made no video
+    item = page.locator(f'#avatar-list [data-avatar-id="{entry["id"]}"]')
+    expect(item.locator("input[type=radio]")).to_be_checked()
+    expect(page.locator("#avatar-result")).to_be_visible()
+    assert_no_horizontal_overflow(page, "375 px, an avatar just uploaded")
+    shot(page, "mobile-avatar-uploaded")
+
+    delete = item.locator("[data-delete-avatar]")
+    expect(delete).to_have_attribute("aria-label", f"Delete the avatar “{long_name}”")
+    delete.click()  # first press: it asks
+    expect(delete).to_have_attribute("data-armed", "true")
+    expect(delete).to_have_text("Delete?")
+    page.keyboard.press("Escape")  # changed one's mind
+    expect(delete).to_have_attribute("data-armed", "false")
+    assert entry["id"] in avatar_ids(server)
+    delete.click()
+    delete.click()  # second press: deleted
+    expect(item).to_have_count(0)
+    assert entry["id"] not in avatar_ids(server)
+    # It was chosen: the default one is again, on the screen too.
+    expect(page.locator('#avatar-list [data-avatar-id="default"] input')).to_be_checked()
+    expect(page.locator('#avatar-list [data-avatar-id="default"] input')).to_be_focused()
+    expect(page.locator("#avatar-result")).to_be_hidden()
+    expect(page.locator("#avatar")).to_have_attribute("data-avatar-id", "default")
+    wait_until(page, "document.getElementById('avatar').naturalWidth > 0")
+    assert page.get_attribute("#avatar", "src") == "/api/avatar"
+    page.reload()
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    expect(page.locator(f'#avatar-list [data-avatar-id="{entry["id"]}"]')).to_have_count(0)
