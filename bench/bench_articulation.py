@@ -7,10 +7,10 @@ For the fixture photos, the built-in portrait and any ``--avatars``, the service
 MP4 of the Russian, Kazakh and English sentences the issue names and of the Kennedy
 recording, then prints per video:
 
-* ``pixels r / opening``: the dark mouth opening measured in the decoded frames against
-  the avatar (its height at the mouth's centre over the mouth's width; loud-frame 90th
-  percentile minus the quiet frames), correlated with the MP4's own loudness: the
-  measure ``tests/test_articulation.py`` asserts (r >= 0.65, opening >= 0.08);
+* ``pixels r / opening``: (from a second MP4 without idle motion) the dark mouth opening
+  measured in the decoded frames against the avatar (its height at the mouth's centre
+  over the mouth's width; loud-frame 90th percentile minus the quiet frames), correlated
+  with the MP4's own loudness: the measure ``tests/test_articulation.py`` asserts (r >= 0.65, opening >= 0.08);
 * ``judge r / opening``: ``../shared/tools/lip_judge.py`` (MediaPipe's face mesh with
   refined lips, in its own environment; the issue's targets r >= 0.5, opening >= 0.10),
   when ``--judge`` (default ``../.judge/bin/python``) exists. The judge is a tool of the
@@ -126,13 +126,16 @@ def main() -> None:
             ok, png = cv2.imencode(".png", image)
             for source in ("ru", "kk", "en", "recording"):
                 video = root / f"{name}_{source}.mp4"
-                if source == "recording":
-                    if recording is None:
-                        continue
-                    service.generate(str(video), recording=recording, avatar_image=png.tobytes())
-                else:
-                    service.generate(str(video), text=TEXTS[source], language=source, avatar_image=png.tobytes())
-                r, opening = mouth_figures(video, image)
+                if source == "recording" and recording is None:
+                    continue
+                inputs = ({"recording": recording} if source == "recording"
+                          else {"text": TEXTS[source], "language": source})
+                # The judge sees the product as served (idle motion on); the pixel measure
+                # compares frames with the still photo, so it gets a still head.
+                still = root / f"{name}_{source}_still.mp4"
+                service.generate(str(video), avatar_image=png.tobytes(), **inputs)
+                service.generate(str(still), avatar_image=png.tobytes(), idle_motion=False, **inputs)
+                r, opening = mouth_figures(still, image)
                 judged = judge(args.judge, video)
                 jr, jo = judged if judged else (float("nan"), float("nan"))
                 miss = judged is not None and (jr < 0.5 or jo < 0.10)

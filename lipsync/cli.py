@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--avatar-id", help="an avatar of the library (python -m lipsync avatars list)")
     gen.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: CHECKPOINT_PATH)")
     gen.add_argument("--engine", choices=("auto", "wav2lip", "builtin"), help="lip-sync engine (default: ENGINE)")
+    gen.add_argument("--no-idle-motion", action="store_true",
+                     help="no blinks, head sway or breathing (default: IDLE_MOTION)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -147,7 +149,7 @@ def _generate(args, settings: Settings) -> int:
     try:
         result = service.generate(out, text=args.text, language=args.language, recording=recording,
                                   allow_mismatch=args.allow_mismatch, progress=progress,
-                                  avatar_id=args.avatar_id)
+                                  avatar_id=args.avatar_id, idle_motion=False if args.no_idle_motion else None)
     except LipsyncError as exc:
         if bar is not None:
             bar.close()

@@ -16,8 +16,9 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -25,9 +26,12 @@ import numpy as np
 from lipsync.avatars.library import AvatarLibrary, AvatarRecord
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
+from lipsync.faces.box import FaceBox
+from lipsync.faces.landmarks import face_landmarks
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
 from lipsync.media import audio, ffmpeg, video
 from lipsync.memory import release_memory
+from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
 from lipsync.settings import Settings
 from lipsync.tts.base import Speech, validate_request
 from lipsync.tts.text import split_sentences
@@ -135,8 +139,8 @@ class LipsyncService:
                 self.avatar = self.prepare_avatar(default_avatar())
             _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
-            self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.engine, self.prepare_avatar, self.faces.faces,
-                                         max_per_owner=s.max_avatars)
+            self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.engine, self.prepare_avatar,
+                                         self.prepare_scaled, self.faces.faces, max_per_owner=s.max_avatars)
             self.avatars.set_default(self.avatar, os.path.basename(s.avatar_path) if s.avatar_path
                                      else "built-in portrait")
             self.status = "ready"
@@ -211,7 +215,13 @@ class LipsyncService:
         box = self.faces.locate(image)
         scaled = video.fit_to_height(image, self.settings.max_output_height)
         box = box.scaled(scaled.shape[0] / image.shape[0]).clip(scaled.shape[1], scaled.shape[0])
-        return self.engine.prepare(scaled, box)
+        return self.prepare_scaled(scaled, box)
+
+    def prepare_scaled(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
+        """The engine's preparation of an avatar already at output size, plus its idle-motion rig."""
+        prepared = self.engine.prepare(image, box)
+        rig = prepare_idle(prepared.image, box, face_landmarks(prepared.image, box))
+        return replace(prepared, idle=rig)
 
     def describe(self) -> dict:
         """Health details: engine, checkpoint, device, TTS provider, face detector."""
@@ -263,14 +273,16 @@ class LipsyncService:
                  recording: bytes | None = None, avatar_image: bytes | None = None,
                  progress: ProgressCallback | None = None, live_path: str | None = None,
                  allow_mismatch: bool = False, avatar_id: str | None = None,
-                 owner: str | None = None) -> GenerationResult:
+                 owner: str | None = None, idle_motion: bool | None = None) -> GenerationResult:
         """Make the MP4 at ``out_path`` from ``text`` (+ ``language``) or a ``recording``.
 
         Long texts are spoken sentence by sentence: the next sentence is
         synthesised while the current one is lip-synced and encoded, and all
         go into one MP4. ``avatar_image`` optionally replaces the preloaded
         avatar for this request only; ``avatar_id`` picks one of the library's
-        entries that ``owner`` (an API key id, or None) may use. ``live_path``, when given, receives a
+        entries that ``owner`` (an API key id, or None) may use. ``idle_motion``
+        (default ``IDLE_MOTION``) adds blinks, head sway and breathing, the same
+        for the same input. ``live_path``, when given, receives a
         fragmented MP4 that grows while rendering (for streaming playback).
         Raises ``LipsyncError`` subclasses for bad input; an exception raised
         by ``progress`` aborts the render. On any failure nothing is left at
@@ -303,8 +315,11 @@ class LipsyncService:
         else:
             pieces = SpeechPieces.synthesised(self.tts, split_sentences(text), language,
                                               max_seconds=self.settings.max_speech_seconds)
+        idle = self.settings.idle_motion if idle_motion is None else bool(idle_motion)
+        seed = zlib.crc32(recording if recording is not None else f"{language}:{text}".encode())
         try:
-            frames, segments = self._render(pieces, avatar, out_path, live_path, timings, report)
+            frames, segments = self._render(pieces, avatar, out_path, live_path, timings, report,
+                                            idle_seed=seed if idle else None)
         finally:
             pieces.close()
         if recording is None:
@@ -315,8 +330,12 @@ class LipsyncService:
                                 language=None if recording is not None else language)
 
     def _render(self, pieces: SpeechPieces, avatar: PreparedAvatar, out_path: str, live_path: str | None,
-                timings: dict[str, float], report: ProgressCallback) -> tuple[int, tuple]:
-        """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments)."""
+                timings: dict[str, float], report: ProgressCallback,
+                idle_seed: int | None = None) -> tuple[int, tuple]:
+        """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments).
+        With ``idle_seed`` (and a rig on the avatar) every frame gets the idle motion."""
+        rig = avatar.idle if idle_seed is not None else None
+        moved = np.empty_like(avatar.image) if rig is not None else None
         fps, rate = self.settings.fps, audio.SAMPLE_RATE
         segments: list[tuple[float, float]] = []
         height, width = avatar.image.shape[:2]
@@ -332,6 +351,11 @@ class LipsyncService:
                 writer.write_audio(samples)
                 wanted = len(samples) * fps // rate
                 done = 0
+                motion = None
+                if rig is not None:
+                    motion = idle_track(wanted, fps, idle_seed, rig.face_height,
+                                        mouth_open=audio.frame_loudness(samples, wanted, fps, rate),
+                                        first=writer.frames)
                 patches = self.engine.render(avatar, Speech(samples, rate, speech.phonemes), fps)
                 try:
                     while done < wanted:
@@ -339,7 +363,9 @@ class LipsyncService:
                         batch = next(patches)[: wanted - done]
                         engine_s += time.perf_counter() - t
                         t, encode_before = time.perf_counter(), writer.encode_seconds
-                        for frame in video.composite(avatar, [batch]):
+                        for k, frame in enumerate(video.composite(avatar, [batch])):
+                            if motion is not None:
+                                frame = apply_idle(frame, rig, motion, done + k, out=moved)
                             writer.write(frame)
                         composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                         done += len(batch)

@@ -114,6 +114,7 @@ class Settings(EnvSettings):
     cache_dir: str = ".cache"
     avatars_dir: str = ""                   # the avatar library; "" = <output_dir>/avatars
     max_avatars: int = 100                  # library entries per API key (or in all, without keys)
+    idle_motion: bool = True                # blinks, head sway, breathing on image avatars (per request too)
     # --- lip-sync engine
     engine: str = "auto"                    # wav2lip when a checkpoint exists, else builtin
     checkpoint_path: str = "checkpoints/Wav2Lip-SD-GAN.pt"

@@ -78,13 +78,17 @@ class AvatarLibrary:
 
     ``prepare_image(image_bgr) -> PreparedAvatar`` is the service's (face box found on the
     image as uploaded, then everything scaled to output size and prepared by the engine);
-    ``find_faces(image_bgr) -> [FaceBox]`` counts the faces of an upload. Thread-safe.
+    ``prepare_scaled(image_bgr, box)`` prepares a stored picture again (already at output
+    size, its box known); ``find_faces(image_bgr) -> [FaceBox]`` counts the faces of an
+    upload. Thread-safe.
     """
 
-    def __init__(self, root: str, engine: Engine, prepare_image, find_faces, *, max_per_owner: int = 100):
+    def __init__(self, root: str, engine: Engine, prepare_image, prepare_scaled, find_faces, *,
+                 max_per_owner: int = 100):
         self.root = root
         self.engine = engine
         self._prepare_image = prepare_image
+        self._prepare_scaled = prepare_scaled
         self._find_faces = find_faces
         self.max_per_owner = max_per_owner
         self._default: tuple[AvatarRecord, PreparedAvatar, bytes] | None = None
@@ -155,7 +159,7 @@ class AvatarLibrary:
             image = cv2.imread(os.path.join(folder, IMAGE), cv2.IMREAD_COLOR)
             if image is None:
                 raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
-            prepared = self.engine.prepare(image, FaceBox(*record.face_box))
+            prepared = self._prepare_scaled(image, FaceBox(*record.face_box))
             self._store_prepared(folder, prepared)
         with self._lock:
             self._cache[avatar_id] = prepared

@@ -32,6 +32,8 @@ class PreparedAvatar:
             the rendered patch replaces the avatar at each pixel (feathered
             edges, so no seam shows).
     state:  engine-private data (reference crop, mouth geometry, ...).
+    idle:   the avatar's idle-motion rig (``lipsync.motion.idle.IdleRig``), added by the
+            service; None: the face stays still apart from the mouth.
     """
 
     image: np.ndarray
@@ -39,6 +41,7 @@ class PreparedAvatar:
     region: Region
     mask: np.ndarray
     state: Any = None
+    idle: Any = None
 
 
 class Engine(Protocol):

@@ -55,6 +55,7 @@ class JobRequest:
     avatar_image: bytes | None = None
     avatar_id: str | None = None
     owner: str | None = None
+    idle_motion: bool | None = None
     callback_url: str | None = None
 
 

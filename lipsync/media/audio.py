@@ -170,6 +170,19 @@ def frame_count(n_samples: int, fps: float) -> int:
     return int(np.ceil(mel_columns * fps / MEL_FRAMES_PER_SECOND))
 
 
+def frame_loudness(samples: np.ndarray, n_frames: int, fps: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(n_frames,) float32 in [0, 1]: each video frame's RMS level over its own samples,
+    relative to the loudest frame (0 for frames past the end, all 0 for silence)."""
+    x = np.asarray(samples, dtype=np.float32).ravel()
+    hop = sr / float(fps)
+    edges = np.minimum((np.arange(n_frames + 1) * hop).astype(np.int64), x.size)
+    power = np.add.reduceat(np.append(x * x, 0.0), edges[:-1]) if n_frames else np.zeros(0)
+    counts = np.maximum(np.diff(edges), 1)
+    rms = np.sqrt(np.where(np.diff(edges) > 0, power / counts, 0.0))
+    peak = float(rms.max()) if rms.size else 0.0
+    return (rms / peak if peak > 0 else rms).astype(np.float32)
+
+
 def mel_windows(mel: np.ndarray, fps: float) -> np.ndarray:
     """The model's audio input for every video frame.
 

@@ -119,12 +119,14 @@ class _Document:
                        f"{s.max_image_pixels} pixels.")
         text, language = self.text_schema(), _language_schema()
         json_props = {"text": text, "language": language, "allow_mismatch": _ALLOW_MISMATCH_SCHEMA,
-                      "avatar_id": _AVATAR_ID_SCHEMA}
+                      "avatar_id": _AVATAR_ID_SCHEMA, "idle_motion": _IDLE_MOTION_SCHEMA}
         form_props = {"audio": {"type": "string", "format": "binary",
                                 "description": "A recording to lip-sync instead of speaking `text`."},
                       "avatar": {"type": "string", "format": "binary",
                                  "description": "An image that replaces the preloaded avatar for this request."},
                       "avatar_id": _AVATAR_ID_SCHEMA, "text": text, "language": language,
+                      "idle_motion": {**_IDLE_MOTION_SCHEMA, "type": "string",
+                                      "enum": ["true", "false", "1", "0", "yes", "no"]},
                       "allow_mismatch": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}}
         if with_callback:
             json_props["callback_url"] = _CALLBACK_SCHEMA
@@ -321,6 +323,10 @@ _AVATAR_ID_SCHEMA = {"type": "string", "maxLength": 64, "nullable": True, "examp
 _AVATAR_ID_PARAM = {"name": "avatar_id", "in": "path", "required": True,
                     "schema": {"type": "string", "pattern": "^(default|av_[0-9a-f]{16})$"}, "example": "default",
                     "description": "`default` or an id `POST /api/avatars` returned."}
+
+_IDLE_MOTION_SCHEMA = {"type": "boolean", "nullable": True,
+                       "description": "Blinks, a slow head sway and breathing (default: the server's IDLE_MOTION, "
+                                      "on unless set off); the same input gives the same motion."}
 
 _ALLOW_MISMATCH_SCHEMA = {"type": "boolean", "default": False,
                           "description": "Let the voice read a text in another script on purpose (an accent)."}

@@ -61,6 +61,7 @@ def _form_inputs() -> dict:
     audio_file = request.files.get("audio")
     avatar_file = request.files.get("avatar")
     inputs.update(_avatar_id(request.form.get("avatar_id", _OMITTED)))
+    inputs.update(_idle_motion(request.form.get("idle_motion", _OMITTED)))
     if avatar_file is not None and inputs:
         raise InvalidInputError("give either an 'avatar' image or an 'avatar_id', not both", code="conflicting_inputs")
     if avatar_file is not None:
@@ -102,7 +103,7 @@ def _json_inputs() -> dict:
     _log_text(body["text"])  # clean_text refuses a non-string (null too: the same answer from both APIs)
     return {"text": clean_text(body["text"]), **_language(body.get("language", _OMITTED),
                                                                 body.get("allow_mismatch", _OMITTED)),
-            **_avatar_id(body.get("avatar_id", _OMITTED))}
+            **_avatar_id(body.get("avatar_id", _OMITTED)), **_idle_motion(body.get("idle_motion", _OMITTED))}
 
 
 _OMITTED = object()  # no "language" key at all (null is a value, and refused like any non-language)
@@ -130,6 +131,17 @@ def _log_text(text) -> None:
 def read_request_file(file, kind: tuple[str, str]) -> bytes:
     """An uploaded file's bytes (werkzeug ``FileStorage``), within ``MAX_UPLOAD_BYTES``."""
     return read_upload(file.stream, context.settings().max_upload_bytes, kind)
+
+
+def _idle_motion(value) -> dict:
+    """``idle_motion`` (true/false; a form's words as for ``allow_mismatch``), or nothing: the server's default."""
+    if value is _OMITTED or value is None:
+        return {}
+    if isinstance(value, str):
+        value = _FORM_BOOLEANS.get(value, value)
+    if not isinstance(value, bool):
+        raise InvalidInputError("'idle_motion' must be true or false", code="invalid_input")
+    return {"idle_motion": value}
 
 
 def _avatar_id(value) -> dict:

@@ -1,0 +1,1 @@
+"""Motion beyond the mouth: ``idle`` (blinks, head sway, breathing) over every frame."""
