@@ -86,17 +86,24 @@ def _health(settings: Settings) -> int:
     return 0 if service.status == "ready" else 1
 
 
+def _read_file(path: str) -> bytes | None:
+    """The file's bytes, or None after saying on stderr why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return None
+
+
 def _avatars(args, settings: Settings) -> int:
     service = _load(settings)
     if service.status != "ready":
         return 1
     try:
         if args.action == "add":
-            try:
-                with open(args.image, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+            data = _read_file(args.image)
+            if data is None:
                 return 2
             print(json.dumps(service.add_avatar(data, args.name).public(), ensure_ascii=False))
         elif args.action == "list":
@@ -125,11 +132,8 @@ def _generate(args, settings: Settings) -> int:
 
     recording = None
     if args.audio:
-        try:
-            with open(args.audio, "rb") as f:
-                recording = f.read()
-        except OSError as exc:
-            print(f"error: cannot read {args.audio}: {exc.strerror}", file=sys.stderr)
+        recording = _read_file(args.audio)
+        if recording is None:
             return 2
 
     bar = None

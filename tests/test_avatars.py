@@ -99,6 +99,7 @@ def test_upload_then_generate_with_it_by_id(client, app, tmp_path):
     assert np.abs(first[:300].astype(int) - mona[:300]).mean() < 4
 
 
+@pytest.mark.slow
 def test_a_job_uses_the_avatar_too(client, tmp_path):
     entry = _upload(client, "kennedy_low.jpg").get_json()
     r = client.post("/api/jobs", json={"text": "Hello there.", "language": "en", "avatar_id": entry["id"]})
@@ -169,6 +170,7 @@ def test_delete_removes_the_files_and_the_entry(client, app):
     assert client.delete(entry["url"]).status_code == 404
 
 
+@pytest.mark.slow
 def test_the_library_has_a_limit_per_key(client, app):
     for a in client.get("/api/avatars").get_json()["avatars"][1:]:
         client.delete(a["url"])
@@ -179,6 +181,7 @@ def test_the_library_has_a_limit_per_key(client, app):
         client.delete(f"/api/avatars/{avatar_id}")
 
 
+@pytest.mark.slow
 def test_a_restart_keeps_the_avatars_prepared(root, client, tmp_path):
     entry = _upload(client, "mona_low.jpg", "kept").get_json()
     again = make_app(**_settings(root))
@@ -197,6 +200,7 @@ def test_a_restart_keeps_the_avatars_prepared(root, client, tmp_path):
     client.delete(entry["url"])
 
 
+@pytest.mark.slow
 def test_api_keys_own_their_avatars(root, tmp_path):
     app = make_app(**{**_settings(root), "output_dir": str(root / "keyed"), "api_keys": (KEY_A, KEY_B)})
     try:

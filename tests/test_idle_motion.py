@@ -96,6 +96,7 @@ def videos(service, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_the_same_input_gives_the_same_video(service, tmp_path):
     """Byte for byte, from a recording. (espeak-ng's in-process output varies by a few samples
     from call to call, so a text gives the same motion but not the same bytes.)"""
@@ -108,6 +109,7 @@ def test_the_same_input_gives_the_same_video(service, tmp_path):
     assert one.read_bytes() != still.read_bytes()
 
 
+@pytest.mark.slow
 def test_the_face_moves_and_blinks_while_the_background_and_border_stay(service, videos):
     avatar = service.avatar
     rig = avatar.idle
@@ -141,6 +143,7 @@ def test_the_face_moves_and_blinks_while_the_background_and_border_stay(service,
         assert 2 <= b - a <= 8  # 150-250 ms at 25 fps, a frame either side partly closed
 
 
+@pytest.mark.slow
 def test_the_request_and_the_setting_switch_it_off(tmp_path):
     app = make_app(output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), engine="builtin",
                    face_detector="haar", rate_limit="off", idle_motion=False,

@@ -693,6 +693,17 @@ def test_the_avatar_picker_shows_the_default_avatar_chosen(open_page, server):
     expect(default.locator("img")).to_have_attribute("src", f"/api/avatars/default/thumbnail?api_key={key}")
 
 
+def _finished_video_size(page, server, job: dict, path) -> tuple[int, int]:
+    """Wait for the page to play the job's final video; its (width, height) as the server made it."""
+    from tests.media import probe
+
+    expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=30_000)
+    assert job_state(server, job["id"])["status"] == "done"
+    path.write_bytes(api(server, job["video_url"])[2])
+    info = probe(path)
+    return info["width"], info["height"]
+
+
 def test_an_uploaded_avatar_shows_its_face_box_and_is_used_for_both_kinds_of_job(open_page, server, tmp_path):
     page = open_page("en-US")
     expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
@@ -749,20 +760,12 @@ def test_an_uploaded_avatar_shows_its_face_box_and_is_used_for_both_kinds_of_job
 
         # A recording: multipart with an avatar_id field (Playwright shows no multipart body with a
         # file: the server tells, by the video's size; the default avatar is 512 x 512).
-        from tests.media import probe
-
         page.set_input_files("#audio", files=[{"name": "hi.wav", "mimeType": "audio/wav", "buffer": tone_wav(0.8)}])
         with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as sent:
             page.click("#generate")
         assert sent.value.status == 202
         assert sent.value.request.headers["content-type"].startswith("multipart/form-data")
-        job = sent.value.json()
-        expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=30_000)
-        assert job_state(server, job["id"])["status"] == "done"
-        video = tmp_path / "recording.mp4"
-        video.write_bytes(api(server, job["video_url"])[2])
-        info = probe(video)
-        assert (info["width"], info["height"]) == (1280, 720)
+        assert _finished_video_size(page, server, sent.value.json(), tmp_path / "recording.mp4") == (1280, 720)
         page.click("#audio-clear")
 
         # A text: JSON, with avatar_id; the video is Mona's size (the default avatar is 512 x 512).
@@ -773,12 +776,7 @@ def test_an_uploaded_avatar_shows_its_face_box_and_is_used_for_both_kinds_of_job
         assert json.loads(sent.value.request.post_data) == {"text": "Hello there.", "language": "en",
                                                             "avatar_id": entry["id"]}
         job = sent.value.json()
-        expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=30_000)
-        assert job_state(server, job["id"])["status"] == "done"
-        video = tmp_path / "text.mp4"
-        video.write_bytes(api(server, job["video_url"])[2])
-        info = probe(video)
-        assert (info["width"], info["height"]) == (1280, 720)
+        assert _finished_video_size(page, server, job, tmp_path / "text.mp4") == (1280, 720)
         expect(page.locator(f'#history li[data-job-id="{job["id"]}"]')).to_contain_text("· Mona")
         if page.evaluate("(t) => document.createElement('video').canPlayType(t)", H264_AAC) == "":
             skip_or_fail("this Chromium cannot decode H.264/AAC MP4: the request and the video were checked, "
