@@ -32,9 +32,10 @@ DOCUMENTED = {(429, "rate_limited"), (429, "queue_full"), (503, "busy")}
 # Memory: back near the baseline. The bound is what a leak of per-request resources exceeds:
 # an SQLite connection per request thread was ~120 KB (+100 MiB over this test), a frame
 # batch or a video is 0.1-1 MB. What stays is the allocator's plateau after the first renders
-# in each thread (measured in one process with 4 render threads: +16.1 MiB after 48 renders,
-# +16.6 MiB after 120, i.e. no growth per request; through this test +45-61 MiB).
-RSS_GROWTH_KIB = 64 * 1024
+# in each thread, which depends on how the threads interleave: measured in one process with 4
+# render threads, +16.1 MiB after 48 renders, +16.6 after 120, +14.3 after 320 (idle motion
+# on; +17.1 off), i.e. no growth per request; through this test +45-65 MiB.
+RSS_GROWTH_KIB = 80 * 1024
 
 
 @pytest.mark.slow
