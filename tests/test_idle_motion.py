@@ -178,3 +178,33 @@ def test_a_rig_without_landmarks_still_sways_but_never_blinks():
     assert rig.eyes == () and not rig.blink_field.any()
     # Nothing moves at the moving region's edge (less than 1/1000 of the sway: 0.003 px).
     assert rig.head.max() > 0.9 and rig.head[0].max() < 1e-3 and rig.head[:, 0].max() < 1e-3
+
+
+def test_eyebrows_rise_a_touch_on_some_stressed_syllables_and_leave_the_eyes_alone():
+    loudness = np.zeros(50 * FPS)
+    peaks = np.arange(20, 50 * FPS - 20, 30)  # a stressed syllable every 1.2 s
+    loudness[peaks] = 1.0
+    track = idle_track(loudness.size, FPS, seed=9, face_height=200.0, mouth_open=loudness)
+    raises = _runs(track.brow > 0)
+    tops = [a + int(np.argmax(track.brow[a:b])) for a, b in raises]
+    assert 5 <= len(raises) < len(peaks)  # some syllables, not all of them
+    assert all(np.min(np.abs(peaks - t)) <= 1 for t in tops)  # on a syllable
+    assert np.diff(tops).min() / FPS >= 1.5
+    assert not idle_track(loudness.size, FPS, seed=9, face_height=200.0).brow.any()  # no sound, no brows
+    # On the picture: the brows move up by about 1 % of the face's height, the eyes do not move.
+    from lipsync.motion.idle import BROW_RAISE, IdleTrack, apply_idle
+
+    image = cv2.imread(str(fixture_path("avatar.jpg")))
+    box = FaceLocator(detector="haar").locate(image)
+    rig = prepare_idle(image, box, face_landmarks(image, box))
+    zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
+    raised = apply_idle(image, rig, IdleTrack(dx=zero, dy=zero, roll=zero, breath=zero, blink=zero, brow=one), 0)
+    for eye in rig.eyes:
+        rows = slice(int(eye.upper) - 1, int(eye.lower) + 2)
+        assert np.array_equal(raised[rows, int(eye.x1):int(eye.x2)], image[rows, int(eye.x1):int(eye.x2)])
+    lm = face_landmarks(image, box)
+    brow_row, x = int(lm.points[105, 1]), int(lm.points[105, 0])
+    column, moved = image[:, x].astype(np.float32), raised[:, x].astype(np.float32)
+    shifts = [np.abs(column[brow_row - 15 + k:brow_row + 15 + k] - moved[brow_row - 15:brow_row + 15]).mean()
+              for k in range(0, 8)]
+    assert 0.6 * BROW_RAISE * box.height <= int(np.argmin(shifts)) <= 1.4 * BROW_RAISE * box.height + 1

@@ -10,7 +10,9 @@ motion of a whole video, deterministically from ``seed``:
   twitch);
 * head sway: two slow sines per axis (periods 5-11 s), about 1.2 % of the face's height
   sideways (2-3 px at 720p), 0.6 % up and down and 0.6 degree of roll;
-* breathing: a 3.5-4.5 s cycle lifting the chest and, less, the head.
+* breathing: a 3.5-4.5 s cycle lifting the chest and, less, the head;
+* eyebrows a touch up (about 1 % of the face's height) on some stressed syllables (loudness
+  peaks at least 1.5 s apart), rising just before the peak and settling over 0.3 s.
 
 ``apply_idle(frame, rig, track, i)`` draws frame ``i``: one ``cv2.remap`` of the rig's
 region. Displacements fade to nothing before the region's edge, so the background and
@@ -36,7 +38,13 @@ SWAY_ROLL_DEG = 0.6
 BREATH_PERIOD_S = (3.5, 4.5)
 BREATH_CHEST = 0.01            # chest lift, fraction of the face box height
 BREATH_HEAD = 0.004
+BROW_RAISE = 0.011             # eyebrow lift at its top, fraction of the face box height
+BROW_GAP_S = 1.5               # at least this long between two raises
+BROW_SHARE = 0.6               # share of the stressed syllables that get one
 
+# Eyebrows in the face mesh: (upper edge points, lower edge points), the subject's right then left.
+_BROWS = (((70, 63, 105, 66, 107), (46, 53, 52, 65, 55)),
+          ((300, 293, 334, 296, 336), (276, 283, 282, 295, 285)))
 # Eyes in the face mesh: (outer corner, inner corner, upper lid points, lower lid points).
 _EYES = ((33, 133, (160, 159, 158), (144, 145, 153)),
          (263, 362, (387, 386, 385), (373, 374, 380)))
@@ -67,19 +75,22 @@ class IdleRig:
     face_height: float       # pixels
     eyes: tuple[Eye, ...]
     blink_field: np.ndarray  # (h, w) float32: how far (in lid travels) each pixel samples upwards at a closed blink
+    brow_field: np.ndarray   # (h, w) float32: share of the brow raise each pixel moves up by
     grid: tuple[np.ndarray, np.ndarray]  # (xx, yy) float32 pixel coordinates of the region
     head_grid: tuple[np.ndarray, np.ndarray]  # (head * xx, head * yy), precomputed for apply_idle
 
 
 @dataclass(frozen=True)
 class IdleTrack:
-    """Per-frame motion: ``dx``, ``dy`` (px), ``roll`` (radians), ``breath`` (0..1), ``blink`` (0..1)."""
+    """Per-frame motion: ``dx``, ``dy`` (px), ``roll`` (radians), ``breath``, ``blink`` and
+    ``brow`` (0..1; None: no eyebrow motion)."""
 
     dx: np.ndarray
     dy: np.ndarray
     roll: np.ndarray
     breath: np.ndarray
     blink: np.ndarray
+    brow: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.dx.shape[0])
@@ -110,24 +121,27 @@ def prepare_idle(image: np.ndarray, box: FaceBox, landmarks=None) -> IdleRig:
               * smoothstep(0, edge, yy) * smoothstep(0, edge, rh - 1 - yy))
     eyes: tuple[Eye, ...] = ()
     blink = np.zeros((rh, rw), np.float32)
+    brow = np.zeros((rh, rw), np.float32)
     if landmarks is not None:
         eyes = tuple(_eye(landmarks.points, *spec) for spec in _EYES)
         for eye in eyes:
             blink = np.maximum(blink, _blink_field(eye, x, y))
-    head, chest, blink = (head * border).astype(np.float32), (chest * border).astype(np.float32), \
-        (blink * border).astype(np.float32)
+        for (upper, lower), eye in zip(_BROWS, eyes):
+            brow = np.maximum(brow, _brow_field(landmarks.points[list(upper)], landmarks.points[list(lower)],
+                                                eye, x, y))
+    head, chest, blink, brow = ((a * border).astype(np.float32) for a in (head, chest, blink, brow))
     # Work only where something moves: the weights' bounding box (outside it the remap is the identity).
     rows, cols = np.nonzero((head > 1e-4) | (chest > 1e-4) | (blink > 1e-4))
     if rows.size:
         y1, y2 = max(0, int(rows.min()) - 1), min(head.shape[0], int(rows.max()) + 2)
         x1, x2 = max(0, int(cols.min()) - 1), min(head.shape[1], int(cols.max()) + 2)
-        head, chest, blink = (np.ascontiguousarray(a[y1:y2, x1:x2]) for a in (head, chest, blink))
+        head, chest, blink, brow = (np.ascontiguousarray(a[y1:y2, x1:x2]) for a in (head, chest, blink, brow))
         region = Rect(region.x1 + x1, region.y1 + y1, region.x1 + x2, region.y1 + y2)
     xx, yy = (np.ascontiguousarray(a) for a in np.meshgrid(np.arange(region.width, dtype=np.float32),
                                                            np.arange(region.height, dtype=np.float32)))
     return IdleRig(region=region, head=head, chest=chest,
                    pivot=(cx - region.x1, box.y2 + 0.3 * fh - region.y1), face_height=fh, eyes=eyes,
-                   blink_field=blink, grid=(xx, yy), head_grid=(head * xx, head * yy))
+                   blink_field=blink, brow_field=brow, grid=(xx, yy), head_grid=(head * xx, head * yy))
 
 
 def _eye(points: np.ndarray, outer: int, inner: int, upper: tuple, lower: tuple) -> Eye:
@@ -148,6 +162,20 @@ def _blink_field(eye: Eye, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     below_lid = 1.0 - smoothstep(eye.lower - 0.1 * opening, eye.lower + 0.25 * opening, y)
     above = smoothstep(eye.upper - 1.4 * opening, eye.upper - 0.1 * opening, y)
     return across * below_lid * above
+
+
+def _brow_field(upper: np.ndarray, lower: np.ndarray, eye: Eye, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """1 on the eyebrow, fading out over the forehead above it and before the eye's upper lid
+    below it (the lid and the eye never move with the brow)."""
+    x1, x2 = float(min(upper[:, 0].min(), lower[:, 0].min())), float(max(upper[:, 0].max(), lower[:, 0].max()))
+    top, bottom = float(upper[:, 1].min()), float(lower[:, 1].max())
+    height = max(bottom - top, 2.0)
+    margin = 0.15 * (x2 - x1)
+    across = smoothstep(x1 - 2 * margin, x1, x) * (1.0 - smoothstep(x2, x2 + 2 * margin, x))
+    above = smoothstep(top - 2.5 * height, top - 0.3 * height, y)
+    lid = max(eye.upper - 0.3 * (eye.lower - eye.upper), bottom + 0.2 * height)
+    below = 1.0 - smoothstep(bottom + 0.2 * height, lid, y)
+    return across * above * below
 
 
 def idle_track(n_frames: int, fps: float, seed: int, face_height: float,
@@ -183,11 +211,36 @@ def idle_track(n_frames: int, fps: float, seed: int, face_height: float,
                 break
         _add_blink(blink, at, length, fps)
         start = (first + at) / fps + length + rng.uniform(*BLINK_EVERY_S)
+    brow = _brow_track(n_frames, fps, seed, first, mouth_open)
     scale = face_height
     return IdleTrack(dx=(SWAY_X * scale * sway[0]).astype(np.float32),
                      dy=(SWAY_Y * scale * sway[1] - BREATH_HEAD * scale * breath).astype(np.float32),
                      roll=np.radians(SWAY_ROLL_DEG * sway[2]).astype(np.float32),
-                     breath=breath.astype(np.float32), blink=np.clip(blink, 0, 1).astype(np.float32))
+                     breath=breath.astype(np.float32), blink=np.clip(blink, 0, 1).astype(np.float32),
+                     brow=brow)
+
+
+def _brow_track(n_frames: int, fps: float, seed: int, first: int, loudness: np.ndarray | None) -> np.ndarray:
+    """Eyebrow raises (0..1) on some loudness peaks of this call's frames: up over 80 ms before
+    the peak, held 120 ms, down over 300 ms. Which peaks get one is decided per absolute
+    frame from ``seed``, so the same input gives the same brows."""
+    brow = np.zeros(n_frames, np.float32)
+    if loudness is None or len(loudness) != n_frames or n_frames < 3:
+        return brow
+    level = np.asarray(loudness, np.float64)
+    last = -1e9
+    t = np.arange(n_frames) / float(fps)
+    for i in range(n_frames):
+        lo, hi = max(0, i - 3), min(n_frames, i + 4)
+        if level[i] < 0.85 or level[i] < level[lo:hi].max() or t[i] - last < BROW_GAP_S:
+            continue
+        last = t[i]
+        if np.random.default_rng([seed, first + i]).random() > BROW_SHARE:
+            continue
+        u = t - t[i]
+        shape = smoothstep(-0.08, 0.0, u) * (1.0 - smoothstep(0.12, 0.42, u))
+        brow = np.maximum(brow, shape.astype(np.float32))
+    return brow
 
 
 def _add_blink(blink: np.ndarray, first: int, length_s: float, fps: float) -> None:
@@ -213,7 +266,7 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
     r = rig.region
     dx, dy, roll = float(track.dx[i]), float(track.dy[i]), float(track.roll[i])
     breath, blink = float(track.breath[i]), float(track.blink[i])
-    if dx == dy == roll == breath == blink == 0.0:
+    if dx == dy == roll == breath == blink == 0.0 and (track.brow is None or track.brow[i] == 0.0):
         return result
     xx, yy = rig.grid
     px, py = rig.pivot
@@ -237,6 +290,9 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
     if blink > 0.0 and rig.eyes:
         opening = np.mean([e.lower - e.upper for e in rig.eyes])
         map_y = cv2.scaleAdd(rig.blink_field, -blink * opening, map_y)
+    brow = float(track.brow[i]) if track.brow is not None else 0.0
+    if brow > 0.0:  # sampling from below moves the brow up
+        map_y = cv2.scaleAdd(rig.brow_field, brow * BROW_RAISE * rig.face_height, map_y)
     patch = np.ascontiguousarray(frame[r.y1:r.y2, r.x1:r.x2])
     result[r.y1:r.y2, r.x1:r.x2] = cv2.remap(patch, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return result
