@@ -6,7 +6,8 @@ Layout (``Settings.avatars_dir``, a folder every node of a cluster can share)::
     <avatars_dir>/<id>/image.png        the avatar at output size, upright (EXIF applied)
     <avatars_dir>/<id>/thumbnail.jpg    256 px on its long side, for pickers
     <avatars_dir>/<id>/prepared.pkl     the engine's per-avatar preparation (face box,
-                                        mouth geometry, fields, masks), keyed by the engine
+                                        mouth geometry, fields, masks) and the idle-motion
+                                        rig, keyed by the engine (pickle, zlib-compressed)
 
 Everything expensive (decoding, face detection, landmarks, the engine's preparation)
 happens in ``add``; a folder appears under its final name only when complete (written
@@ -31,6 +32,7 @@ import secrets
 import shutil
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -240,7 +242,8 @@ class AvatarLibrary:
 
     def _store_prepared(self, folder: str, prepared: PreparedAvatar) -> None:
         try:
-            data = pickle.dumps({"engine": self._engine_key(), "prepared": prepared}, protocol=pickle.HIGHEST_PROTOCOL)
+            data = zlib.compress(pickle.dumps({"engine": self._engine_key(), "prepared": prepared},
+                                              protocol=pickle.HIGHEST_PROTOCOL), 1)
         except Exception as exc:  # noqa: BLE001 - an engine state that cannot be pickled is prepared per load
             log.warning("the %s engine's preparation cannot be stored (%s); it is made again after restarts",
                         self.engine.name, exc)
@@ -253,8 +256,8 @@ class AvatarLibrary:
     def _load_prepared(self, folder: str) -> PreparedAvatar | None:
         try:
             with open(os.path.join(folder, PREPARED), "rb") as f:
-                stored = pickle.load(f)  # written by this service into its own storage
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+                stored = pickle.loads(zlib.decompress(f.read()))  # written by this service into its own storage
+        except (OSError, zlib.error, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
             return None
         if not isinstance(stored, dict) or stored.get("engine") != self._engine_key():
             return None

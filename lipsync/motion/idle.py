@@ -79,6 +79,20 @@ class IdleRig:
     grid: tuple[np.ndarray, np.ndarray]  # (xx, yy) float32 pixel coordinates of the region
     head_grid: tuple[np.ndarray, np.ndarray]  # (head * xx, head * yy), precomputed for apply_idle
 
+    def __getstate__(self) -> dict:
+        # The grids are half the rig's size and cheap to make again: not stored.
+        state = dict(self.__dict__)
+        state.pop("grid"), state.pop("head_grid")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        h, w = state["head"].shape
+        xx, yy = (np.ascontiguousarray(a) for a in np.meshgrid(np.arange(w, dtype=np.float32),
+                                                               np.arange(h, dtype=np.float32)))
+        state = {**state, "grid": (xx, yy), "head_grid": (state["head"] * xx, state["head"] * yy)}
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
 
 @dataclass(frozen=True)
 class IdleTrack:
