@@ -15,13 +15,17 @@ Two drivers produce them:
   fricative band) gives how open/rounded/spread within the speaker's own range.
   Attack/release smoothing makes shapes blend like real articulation.
 * ``track_from_phonemes``: when the synthesiser reported its phoneme timeline
-  (espeak-ng mnemonics), every phoneme has a viseme target and a dominance
-  (Cohen-Massaro style coarticulation: vowels and lip-shaping consonants
-  such as f/v/w/sh impose their shape, weak ones such as t/k take the shape
-  of the vowels around them). Bilabials (m/p/b) close the lips completely
-  over their closure, found in the audio (a stop's silent closure usually
-  precedes its marked burst), and at least one frame shows them shut. The
-  audio level then modulates how far each vowel opens.
+  (espeak-ng mnemonics). How far the jaw drops follows the sound, as for a
+  recording (the marks are often tens of ms off the audio, and a loud frame
+  with a shut mouth reads as out of sync); the phonemes give the shape: every
+  phoneme has a viseme target and a dominance (Cohen-Massaro style
+  coarticulation: vowels and lip-shaping consonants such as f/v/w/sh impose
+  their shape, weak ones such as t/k take the shape of the vowels around
+  them), so an "a" opens wider than an "i" and o/u round the lips. Bilabials
+  (m/p/b) close the lips completely over their closure, found in the audio
+  (a stop's silent closure usually precedes its marked burst), and at least
+  one frame shows them shut; vowels of 80 ms or more are held open for at
+  least 3 frames.
 
 ``mouth_track(speech, fps)`` picks the phoneme driver when phonemes are present.
 All functions are pure: no state is kept between calls.
@@ -429,7 +433,7 @@ def _closure_span(name: str, start: float, end: float, prev_start: float, times:
 
 def track_from_phonemes(phonemes: Sequence[PhonemeEvent], samples: np.ndarray, fps: float,
                         sr: int = 16000, n_frames: int | None = None) -> MouthTrack:
-    """Mouth state from the synthesiser's phoneme timeline, modulated by audio level."""
+    """Mouth state from the sound's level and the synthesiser's phoneme timeline (module doc)."""
     if n_frames is None:
         n_frames = frame_count(len(samples), fps)
     merged = _merge_modifiers(phonemes)
