@@ -219,3 +219,21 @@ def test_api_keys_own_their_avatars(root, tmp_path):
         assert c.get(entry["url"], headers=a).status_code == 200
     finally:
         close_app(app)
+
+
+def test_a_face_like_pattern_next_to_the_face_is_not_a_second_face(app, tmp_path):
+    """The detector may fire on a pattern (here: a box on the jacket, as a false detection
+    would be); the face mesh decides, so the upload is taken. Two real people are refused
+    (test_bad_uploads_get_clear_errors_and_leave_nothing)."""
+    from lipsync.avatars.library import AvatarLibrary
+    from lipsync.faces.box import FaceBox
+
+    service = app.extensions["lipsync"]
+    image = cv2.imread(str(fixture_path("avatar.jpg")))
+    real = service.faces.faces(image)
+    assert len(real) == 1
+    jacket = FaceBox(0, 900, 450, 1350)
+    library = AvatarLibrary(str(tmp_path / "lib"), service.engine, service.prepare_avatar, service.prepare_scaled,
+                            lambda img: [real[0], jacket])
+    record = library.add(image, "with a pattern", None)
+    assert record.face_box == service.prepare_avatar(image).box.as_list()

@@ -42,6 +42,7 @@ import numpy as np
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError, RefusedError
 from lipsync.faces.box import FaceBox
+from lipsync.faces.landmarks import face_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,10 @@ class AvatarLibrary:
             raise RefusedError(f"this key already has {self.max_per_owner} avatars; delete one first",
                                code="too_many_avatars", status=429)
         faces = self._find_faces(image_bgr)
+        if len(faces) > 1:
+            # The detector also fires on face-like patterns; a second face counts only when
+            # the face mesh sees one there too.
+            faces = [box for box in faces if face_landmarks(image_bgr, box) is not None] or faces[:1]
         if not faces:
             raise NoFaceError("no face found in the uploaded avatar (frame 0)", code="no_face")
         if len(faces) > 1:
