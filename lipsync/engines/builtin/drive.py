@@ -185,13 +185,13 @@ def _zscore(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return (x - mean) / max(std, 1.0)
 
 
-def audio_envelope(samples: np.ndarray, sr: int = 16000) -> tuple[np.ndarray, np.ndarray]:
-    """(times, activity in [0, 1]) at 100 Hz: 0 at/below the gate, 1 at the speech peak.
+def audio_envelope(feats: AudioFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """(times, activity in [0, 1]) at 100 Hz of ``audio_features``: 0 at/below the gate,
+    1 at the speech peak.
 
     The mapping is linear in dB above the gate, then squared so weak
     consonants open the mouth much less than vowels.
     """
-    feats = audio_features(samples, sr)
     cal = loudness(feats.level_db)
     span = max(cal.peak_db - cal.gate_db, 6.0)
     # Openness grows over the top 30 dB below the peak; the gate removes noise.
@@ -200,11 +200,10 @@ def audio_envelope(samples: np.ndarray, sr: int = 16000) -> tuple[np.ndarray, np
     return feats.times, (lin ** 1.5) * gate
 
 
-def _audio_openness(samples: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(times, openness in [0, 1], wide in [-1, 1]) at 100 Hz from the sound alone, or None
-    when nothing rises above the noise gate. Not yet smoothed in time."""
-    feats = audio_features(samples, sr)
-    times, energy = audio_envelope(samples, sr)
+def _audio_openness(feats: AudioFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(times, openness in [0, 1], wide in [-1, 1]) at 100 Hz from the sound alone (its
+    ``audio_features``), or None when nothing rises above the noise gate. Not yet smoothed in time."""
+    times, energy = audio_envelope(feats)
     if not np.any(energy > 0):
         return None
     weight = energy
@@ -232,7 +231,7 @@ def track_from_audio(samples: np.ndarray, fps: float, sr: int = 16000,
     """Mouth state from the sound alone (recordings, remote TTS)."""
     if n_frames is None:
         n_frames = frame_count(len(samples), fps)
-    found = _audio_openness(samples, sr)
+    found = _audio_openness(audio_features(samples, sr))
     if found is None:
         return _silent(n_frames, fps)
     times, openness, wide = found
@@ -471,7 +470,7 @@ def track_from_phonemes(phonemes: Sequence[PhonemeEvent], samples: np.ndarray, f
     # recording: a synthesiser's phoneme marks are often off by tens of ms, and a
     # loud frame with a shut mouth is what viewers see as "out of sync"); what shape
     # it takes comes from the phonemes: an "a" opens wider than an "i" at the same level.
-    found = _audio_openness(samples, sr)
+    found = _audio_openness(feats)
     if found is None:
         loud = np.zeros_like(t)
     else:
