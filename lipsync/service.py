@@ -218,10 +218,11 @@ class LipsyncService:
         return self.prepare_scaled(scaled, box)
 
     def prepare_scaled(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
-        """The engine's preparation of an avatar already at output size, plus its idle-motion rig."""
-        prepared = self.engine.prepare(image, box)
-        rig = prepare_idle(prepared.image, box, face_landmarks(prepared.image, box))
-        return replace(prepared, idle=rig)
+        """The engine's preparation of an avatar already at output size, plus its idle-motion rig
+        (the face mesh found once for both)."""
+        landmarks = face_landmarks(image, box)
+        prepared = self.engine.prepare(image, box, landmarks=landmarks)
+        return replace(prepared, idle=prepare_idle(prepared.image, box, landmarks))
 
     def describe(self) -> dict:
         """Health details: engine, checkpoint, device, TTS provider, face detector."""

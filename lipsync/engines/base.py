@@ -49,8 +49,10 @@ class Engine(Protocol):
 
     name: str
 
-    def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
-        """Precompute per-avatar data. ``image``: (H, W, 3) uint8 BGR."""
+    def prepare(self, image: np.ndarray, box: FaceBox, landmarks=None) -> PreparedAvatar:
+        """Precompute per-avatar data. ``image``: (H, W, 3) uint8 BGR; ``landmarks``: the face
+        mesh of ``box`` (``lipsync.faces.landmarks``) when the caller has it, else the engine
+        looks for it."""
         ...
 
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:

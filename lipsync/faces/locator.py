@@ -136,38 +136,41 @@ class FaceLocator:
                 self.stats["disk_hits"] += 1
                 self._cache.remember(key, box)
                 return box
-            self.stats["detections"] += 1
-            detections = self.detector.detect(image_bgr)
-            chosen = None
-            for cand, score in detections:
-                cand = cand.clip(w, h)
-                if cand.width > 0 and cand.height > 0:
-                    chosen = (cand, float(score))
-                    break
-            if chosen is None:
+            found = self._detect(image_bgr, key)
+            if not found:
                 raise NoFaceError(NO_FACE_MESSAGE)
-            box, score = chosen
-            self._cache.remember(key, box)
-            self._cache.to_disk(key, box, {"score": score, "detector": self.detector.name,
-                                           "detector_id": self.detector.cache_id, "image_size": [w, h]})
-            return box
+            return found[0]
 
     def faces(self, image_bgr: np.ndarray) -> list[FaceBox]:
         """Every face the detector sees in ``image_bgr`` (the override box alone when one is
         set), preferred first; detections less than ``SECOND_FACE_RATIO`` of the largest one's
         width are left out (a face in a poster behind the presenter, a false detection in a
-        pattern). Not cached: for checking an upload once, not for every request."""
+        pattern). Always detects (for checking an upload once); the preferred face is then
+        cached, so ``locate`` on the same image does not detect again."""
         _validate_image(image_bgr)
         h, w = image_bgr.shape[:2]
         if self.override is not None:
             return [self.override.clip(w, h)]
         with self._lock:
-            found = [box.clip(w, h) for box, _ in self.detector.detect(image_bgr)]
-        found = [box for box in found if box.width > 0 and box.height > 0]
+            found = self._detect(image_bgr, self.cache_key(image_bgr))
         if not found:
             return []
         widest = max(box.width for box in found)
         return [box for box in found if box.width >= SECOND_FACE_RATIO * widest]
+
+    def _detect(self, image_bgr: np.ndarray, key: str) -> list[FaceBox]:
+        """The detector's faces inside the image, preferred first; the preferred one is stored
+        in both caches under ``key``. Call with the lock held."""
+        h, w = image_bgr.shape[:2]
+        self.stats["detections"] += 1
+        found = [(box.clip(w, h), float(score)) for box, score in self.detector.detect(image_bgr)]
+        found = [(box, score) for box, score in found if box.width > 0 and box.height > 0]
+        if found:
+            box, score = found[0]
+            self._cache.remember(key, box)
+            self._cache.to_disk(key, box, {"score": score, "detector": self.detector.name,
+                                           "detector_id": self.detector.cache_id, "image_size": [w, h]})
+        return [box for box, _ in found]
 
     def cache_key(self, image_bgr: np.ndarray) -> str:
         """SHA-256 hex of the detector id, the image's shape, dtype and pixels."""

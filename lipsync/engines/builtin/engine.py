@@ -24,7 +24,7 @@ from lipsync.engines.builtin.drive import MouthTrack, mouth_track
 from lipsync.engines.builtin.mouth import MouthRenderer, locate_mouth
 from lipsync.errors import InvalidInputError
 from lipsync.faces.box import FaceBox
-from lipsync.faces.landmarks import face_landmarks
+from lipsync.faces.landmarks import Landmarks, face_landmarks
 from lipsync.media.audio import frame_count
 from lipsync.tts.base import Speech
 
@@ -40,7 +40,7 @@ class BuiltinEngine:
 
     name = "builtin"
 
-    def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
+    def prepare(self, image: np.ndarray, box: FaceBox, landmarks: Landmarks | None = None) -> PreparedAvatar:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise InvalidInputError("the avatar must be a colour (H, W, 3) image", code="invalid_image")
         image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -49,7 +49,9 @@ class BuiltinEngine:
         if clipped.width < 16 or clipped.height < 16:
             raise InvalidInputError("the face is too small to animate", code="invalid_image")
         # Without the face mesh (no face for it) the mouth is found from the pixels.
-        geometry = locate_mouth(image, clipped, face_landmarks(image, clipped))
+        if landmarks is None:
+            landmarks = face_landmarks(image, clipped)
+        geometry = locate_mouth(image, clipped, landmarks)
         renderer = MouthRenderer(image, clipped, geometry)
         return PreparedAvatar(image=image, box=box, region=renderer.region,
                               mask=renderer.mask[..., None].copy(), state=renderer)

@@ -48,7 +48,7 @@ from lipsync.engines.wav2lip import onnx_backend
 from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError
 from lipsync.faces.box import FaceBox
-from lipsync.faces.landmarks import face_landmarks
+from lipsync.faces.landmarks import Landmarks, face_landmarks
 from lipsync.media import audio
 from lipsync.settings import WAV2LIP_BACKENDS, WAV2LIP_PRECISIONS
 from lipsync.tts.base import Speech
@@ -96,7 +96,7 @@ def feather_mask(height: int, width: int) -> np.ndarray:
     return mask[:, :, None].astype(np.float32)
 
 
-def paste_mask(image: np.ndarray, box: FaceBox, region: Region) -> np.ndarray:
+def paste_mask(image: np.ndarray, box: FaceBox, region: Region, landmarks: Landmarks | None = None) -> np.ndarray:
     """(region.height, region.width, 1) float32: where the model's face replaces the avatar.
 
     ``feather_mask`` (the lower part of the crop, zero on every border and above
@@ -104,9 +104,11 @@ def paste_mask(image: np.ndarray, box: FaceBox, region: Region) -> np.ndarray:
     face mesh outlines (below the nose, inside the jaw line, grown and feathered by a
     few per cent of the box): the cheeks' edges, the neck and the background stay the
     avatar's own pixels. Without landmarks (the mesh sees no face) the rectangle alone.
+    ``landmarks``: the face mesh of ``box`` if the caller has it (else it is looked for).
     """
     mask = feather_mask(region.height, region.width)
-    landmarks = face_landmarks(image, box)
+    if landmarks is None:
+        landmarks = face_landmarks(image, box)
     if landmarks is None:
         return mask
     size = float(box.height)
@@ -292,7 +294,7 @@ class Wav2LipEngine:
             info["int8_error"] = round(self._ort.error, 3)
         return info
 
-    def prepare(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
+    def prepare(self, image: np.ndarray, box: FaceBox, landmarks: Landmarks | None = None) -> PreparedAvatar:
         """Crop, model input and face features for ``image`` (H, W, 3) uint8 BGR.
 
         The region is ``box`` padded by the spec's (top 0, bottom 10, left 0,
@@ -337,7 +339,8 @@ class Wav2LipEngine:
                     top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
                     top = top.to(self.device)
         state = _Wav2LipState(faces=faces, features=features, crop=face, constants=constants, top=top)
-        return PreparedAvatar(image=image, box=box, region=region, mask=paste_mask(image, box, region), state=state)
+        return PreparedAvatar(image=image, box=box, region=region, mask=paste_mask(image, box, region, landmarks),
+                              state=state)
 
     def _build_ort(self, constants) -> None:
         """Export (and for int8 quantise and check) the decoder for ONNX Runtime; called under the lock.
