@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from lipsync.faces.landmarks import face_landmarks  # noqa: E402
 from lipsync.faces.locator import FaceLocator  # noqa: E402
+from lipsync.media.audio import frame_loudness  # noqa: E402
 from lipsync.service import LipsyncService, default_avatar  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
 from tests.media import decoded_audio, decoded_frames, mouth_figures  # noqa: E402
@@ -63,9 +64,7 @@ def judge(python: Path, video: Path) -> tuple[float, float] | None:
 def contact_sheet(video: Path, avatar: np.ndarray, path: Path, title: str) -> None:
     frames = list(decoded_frames(video))
     pcm = decoded_audio(video)
-    hop = 16000 / 25
-    rms = np.array([np.sqrt(np.mean(pcm[int(i * hop):int((i + 1) * hop)] ** 2)) if int(i * hop) < pcm.size else 0
-                    for i in range(len(frames))])
+    loud = frame_loudness(pcm, len(frames), 25)
     h, w = frames[0].shape[:2]
     ref = cv2.resize(avatar, (w, h), interpolation=cv2.INTER_AREA)
     lm = face_landmarks(ref, FaceLocator(detector="haar").locate(ref))
@@ -74,12 +73,12 @@ def contact_sheet(video: Path, avatar: np.ndarray, path: Path, title: str) -> No
     cx, cy = 0.5 * (left + right)
     x1, x2 = int(max(0, cx - 1.0 * width)), int(min(w, cx + 1.0 * width))
     y1, y2 = int(max(0, cy - 0.7 * width)), int(min(h, cy + 0.9 * width))
-    start = int(np.argmax(rms > 0.1 * rms.max()))
+    start = int(np.argmax(loud > 0.1))
     tiles = []
     for i in range(start, min(len(frames), start + 32)):
         tile = cv2.resize(frames[i][y1:y2, x1:x2], (200, int(200 * (y2 - y1) / (x2 - x1))),
                           interpolation=cv2.INTER_AREA)
-        label = f"{i} {i / 25:.2f}s loud {rms[i] / rms.max():.2f}"
+        label = f"{i} {i / 25:.2f}s loud {loud[i]:.2f}"
         cv2.putText(tile, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 3)
         cv2.putText(tile, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (80, 255, 80), 1)
         tiles.append(tile)

@@ -80,12 +80,11 @@ def mouth_figures(video, avatar_bgr: np.ndarray) -> tuple[float, float]:
     """
     from lipsync.faces.landmarks import face_landmarks
     from lipsync.faces.locator import FaceLocator
+    from lipsync.media.audio import frame_loudness
 
     frames = list(decoded_frames(video))
     pcm = decoded_audio(video)
-    hop = 16000 / float(probe_rate(video))
-    rms = np.array([np.sqrt(np.mean(pcm[int(i * hop):int((i + 1) * hop)] ** 2)) if int(i * hop) < pcm.size else 0.0
-                    for i in range(len(frames))])
+    rms = frame_loudness(pcm, len(frames), float(probe_rate(video)))
     h, w = frames[0].shape[:2]
     ref = cv2.resize(avatar_bgr, (w, h), interpolation=cv2.INTER_AREA)
     box = FaceLocator(detector="haar").locate(ref)

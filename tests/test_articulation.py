@@ -24,7 +24,7 @@ from lipsync.engines.builtin.engine import BuiltinEngine
 from lipsync.engines.builtin.mouth import locate_mouth
 from lipsync.faces.landmarks import face_landmarks
 from lipsync.faces.locator import FaceLocator
-from lipsync.media.audio import load_audio
+from lipsync.media.audio import frame_loudness, load_audio
 from lipsync.service import LipsyncService, default_avatar
 from lipsync.settings import Settings
 from tests.conftest import fixture_path, skip_or_fail
@@ -77,10 +77,9 @@ def speeches(tts):
     return {lang: tts.synthesize(text + " " + MORE[lang], lang) for lang, text in TEXTS.items()}
 
 
-def frame_rms(samples: np.ndarray, n: int, fps=FPS, sr=16000) -> np.ndarray:
-    hop = sr / fps
-    return np.array([np.sqrt(np.mean(samples[int(i * hop):int((i + 1) * hop)] ** 2))
-                     if int(i * hop) < samples.size else 0.0 for i in range(n)])
+def frame_rms(samples: np.ndarray, n: int) -> np.ndarray:
+    """Each video frame's loudness, relative to the loudest (``lipsync.media.audio.frame_loudness``)."""
+    return frame_loudness(samples, n, FPS)
 
 
 # ---------------------------------------------------------------- the face mesh
