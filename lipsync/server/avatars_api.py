@@ -26,6 +26,11 @@ def request_owner() -> str | None:
     return request.environ.get(ENV_KEY_ID)
 
 
+@avatars_api.before_request
+def _loaded() -> None:
+    check_service_loaded(context.service())  # the library exists once the service has loaded
+
+
 def _entry(record: AvatarRecord) -> dict:
     return {**record.public(), "url": f"/api/avatars/{record.id}",
             "thumbnail_url": f"/api/avatars/{record.id}/thumbnail", "image_url": f"/api/avatars/{record.id}/image"}
@@ -34,7 +39,6 @@ def _entry(record: AvatarRecord) -> dict:
 @avatars_api.post("")
 def add():
     service = context.service()
-    check_service_loaded(service)
     if request.mimetype != "multipart/form-data":
         raise InvalidInputError("send the avatar as multipart/form-data: an 'avatar' image file and an "
                                 "optional 'name'", code="missing_input")
@@ -52,32 +56,27 @@ def add():
 
 @avatars_api.get("")
 def index():
-    check_service_loaded(context.service())
     return jsonify({"avatars": [_entry(r) for r in context.service().avatars.list(request_owner())]})
 
 
 @avatars_api.get("/<avatar_id>")
 def show(avatar_id: str):
-    check_service_loaded(context.service())
     return jsonify(_entry(context.service().avatars.get(avatar_id, request_owner())))
 
 
 @avatars_api.get("/<avatar_id>/thumbnail")
 def thumbnail(avatar_id: str):
-    check_service_loaded(context.service())
     image = context.service().avatars.thumbnail(avatar_id, request_owner())
     return Response(image, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @avatars_api.get("/<avatar_id>/image")
 def image(avatar_id: str):
-    check_service_loaded(context.service())
     data = context.service().avatars.image(avatar_id, request_owner())
     return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @avatars_api.delete("/<avatar_id>")
 def delete(avatar_id: str):
-    check_service_loaded(context.service())
     context.service().avatars.delete(avatar_id, request_owner())
     return "", 204

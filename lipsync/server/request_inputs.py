@@ -114,10 +114,7 @@ def _language(language, allow_mismatch) -> dict:
     """``language`` and ``allow_mismatch`` for the service. An omitted language is today's
     default, spoken whatever the text's script (as clients that never send one always got);
     an explicit one (or ``auto``) is checked against the text unless ``allow_mismatch``."""
-    if isinstance(allow_mismatch, str):  # a form field: exactly the words the API document lists
-        allow_mismatch = _FORM_BOOLEANS.get(allow_mismatch, allow_mismatch)
-    if allow_mismatch is not _OMITTED and not isinstance(allow_mismatch, bool):
-        raise InvalidInputError("'allow_mismatch' must be true or false", code="invalid_input")
+    allow_mismatch = _boolean("allow_mismatch", allow_mismatch)
     if language is _OMITTED:
         return {"language": DEFAULT_LANGUAGE, "allow_mismatch": allow_mismatch is _OMITTED or allow_mismatch}
     return {"language": language, "allow_mismatch": allow_mismatch is not _OMITTED and allow_mismatch}
@@ -133,15 +130,21 @@ def read_request_file(file, kind: tuple[str, str]) -> bytes:
     return read_upload(file.stream, context.settings().max_upload_bytes, kind)
 
 
-def _idle_motion(value) -> dict:
-    """``idle_motion`` (true/false; a form's words as for ``allow_mismatch``), or nothing: the server's default."""
-    if value is _OMITTED or value is None:
-        return {}
+def _boolean(name: str, value):
+    """A JSON boolean or a form's word for one (exactly the words the API document lists) as a
+    bool; ``_OMITTED`` stays as it is; anything else is a 400."""
     if isinstance(value, str):
         value = _FORM_BOOLEANS.get(value, value)
-    if not isinstance(value, bool):
-        raise InvalidInputError("'idle_motion' must be true or false", code="invalid_input")
-    return {"idle_motion": value}
+    if value is not _OMITTED and not isinstance(value, bool):
+        raise InvalidInputError(f"'{name}' must be true or false", code="invalid_input")
+    return value
+
+
+def _idle_motion(value) -> dict:
+    """``idle_motion`` as a bool, or nothing (omitted or null): the server's default."""
+    if value is _OMITTED or value is None:
+        return {}
+    return {"idle_motion": _boolean("idle_motion", value)}
 
 
 def _avatar_id(value) -> dict:

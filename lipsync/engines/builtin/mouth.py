@@ -570,8 +570,6 @@ class MouthRenderer:
         # Softness of the painted lip edges: as blurred as the photo itself.
         self.aa = float(np.clip(2.0 * g.blur, 1.0, max(1.0, 0.015 * bh)))
         self.teeth_h = 0.03 * bh
-        # A smile with teeth keeps its own teeth.
-        self.own_teeth = g.teeth
         # Shared by concurrent requests: nothing may write to these.
         for value in vars(self).values():
             if isinstance(value, np.ndarray):
@@ -669,7 +667,7 @@ class MouthRenderer:
             col = col * (1 - tg[..., None]) + (self.tongue[None, None, :] * shade) * tg[..., None]
         # Upper teeth: a band right under the upper lip, receding at the sides.
         teeth_amt = smoothstep(0.1, 0.5, o) * (1.0 - 0.3 * max(0.0, -w))  # rounded lips hide some
-        if self.own_teeth:
+        if self.geometry.teeth:
             teeth_amt = 0.0  # the photo's own teeth move with the lips; painted ones would double them
         if teeth_amt > 0:
             tb = np.minimum(self.teeth_h * (0.4 + 0.6 * teeth_amt), 0.4 * g) \
