@@ -485,33 +485,31 @@ def test_webhook_logs_never_show_credentials_or_query_strings(receiver, caplog):
 
 
 # ------------------------------------------------- payload links (#10)
-def test_the_webhook_payload_carries_the_job_links(tmp_path, receiver):
-    links = job_links  # what the server passes (lipsync.server.links)
+def _delivered_with_links(tmp_path, receiver, links, path: str) -> tuple[dict, dict]:
+    """Run one job whose queue builds its links with ``links`` and wait for its webhook:
+    (the job's final state, the signed payload the receiver got at ``path``)."""
     q = LocalJobQueue(SlowService(), make_settings(tmp_path), webhook_backoff=0.05, job_links=links)
     q.start()
     try:
-        job = q.submit(JobRequest(text="links", language="en", callback_url=receiver.url("/links")))
+        job = q.submit(JobRequest(text="links", language="en", callback_url=receiver.url(path)))
         assert q.wait(job.id, timeout=5)["status"] == "done"
         wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
-        [request] = receiver.at("/links")
-        payload = assert_signed(request)
-        assert payload == {**q.get(job.id), **links(job.id)}
-        assert payload["status_url"] == f"/api/jobs/{job.id}" and payload["stream_url"].endswith("/stream")
+        [request] = receiver.at(path)
+        return q.get(job.id), assert_signed(request)
     finally:
         q.stop(timeout=5)
+
+
+def test_the_webhook_payload_carries_the_job_links(tmp_path, receiver):
+    links = job_links  # what the server passes (lipsync.server.links)
+    state, payload = _delivered_with_links(tmp_path, receiver, links, "/links")
+    assert payload == {**state, **links(state["id"])}
+    assert payload["status_url"] == f"/api/jobs/{state['id']}" and payload["stream_url"].endswith("/stream")
 
 
 def test_a_failing_job_links_function_does_not_lose_the_webhook(tmp_path, receiver):
     def broken(job_id):
         raise RuntimeError("no routes")
 
-    q = LocalJobQueue(SlowService(), make_settings(tmp_path), webhook_backoff=0.05, job_links=broken)
-    q.start()
-    try:
-        job = q.submit(JobRequest(text="no links", language="en", callback_url=receiver.url("/nolinks")))
-        assert q.wait(job.id, timeout=5)["status"] == "done"
-        wait_for(lambda: q.store.webhook_state(job.id) == "delivered")
-        [request] = receiver.at("/nolinks")
-        assert assert_signed(request) == q.get(job.id)
-    finally:
-        q.stop(timeout=5)
+    state, payload = _delivered_with_links(tmp_path, receiver, broken, "/nolinks")
+    assert payload == state
