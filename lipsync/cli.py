@@ -2,7 +2,7 @@
 
     python -m lipsync generate --text "Привет" --language ru --out hello.mp4
     python -m lipsync generate --audio speech.wav --avatar me.jpg --out me.mp4
-    python -m lipsync avatars add me.jpg --name "Me"      (then: generate --avatar-id av_...)
+    python -m lipsync avatars add me.jpg --name "Me"      (then: generate --avatar-id av_...; or me.mp4)
     python -m lipsync avatars list | delete ID
     python -m lipsync health
 """
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     avatars = sub.add_parser("avatars", help="the avatar library (AVATARS_DIR), as the API without a key sees it")
     act = avatars.add_subparsers(dest="action", required=True)
-    add = act.add_parser("add", help="add an image: its face is found and it is prepared once")
-    add.add_argument("image")
+    add = act.add_parser("add", help="add an image or a video clip: its face is found and it is prepared once")
+    add.add_argument("image", help="a PNG/JPEG photo or a video (MP4, MOV, WebM, MKV, AVI)")
     add.add_argument("--name")
     act.add_parser("list", help="print the entries as JSON lines")
     delete = act.add_parser("delete", help="delete an entry and its files")

@@ -8,6 +8,7 @@ TTS voice); ``generate()`` then turns text or a recording into an MP4:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import logging
@@ -19,17 +20,20 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import cv2
 import numpy as np
 
 from lipsync.avatars.library import AvatarLibrary, AvatarRecord
+from lipsync.avatars.video import RegisteredVideo, looks_like_video, register_video
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
-from lipsync.faces.box import FaceBox
+from lipsync.faces.box import FaceBox, Rect
 from lipsync.faces.landmarks import face_landmarks
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
-from lipsync.media import audio, ffmpeg, video
+from lipsync.media import audio, ffmpeg, frames, video
+from lipsync.media.frames import LoopedFrames
 from lipsync.memory import release_memory
 from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
 from lipsync.settings import Settings
@@ -41,6 +45,10 @@ log = logging.getLogger("lipsync")
 # Avatar images decoded at once per process (uploads of /api/generate and of job submissions,
 # AVATAR_PATH): a 40-megapixel image takes a few hundred MB while it is decoded.
 AVATAR_DECODES = 2
+# Video avatars: frames whose speech is this quiet (of the piece's loudest frame), with no louder
+# frame within QUIET_MARGIN frames, show the footage untouched.
+QUIET_LEVEL = 0.05
+QUIET_MARGIN = 2
 
 # progress(stage, fraction): stage is "tts", "lipsync" or "encode", fraction in [0, 1]. (There is no
 # stage between TTS and lip-sync: each piece's mel features are computed inside the engine's render,
@@ -140,7 +148,8 @@ class LipsyncService:
             _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
             self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.engine, self.prepare_avatar,
-                                         self.prepare_scaled, self.faces.faces, max_per_owner=s.max_avatars)
+                                         self.prepare_scaled, self.faces.faces, register_video=self._register_video,
+                                         max_per_owner=s.max_avatars)
             self.avatars.set_default(self.avatar, os.path.basename(s.avatar_path) if s.avatar_path
                                      else "built-in portrait")
             self.status = "ready"
@@ -203,10 +212,18 @@ class LipsyncService:
                 release_memory()
 
     def add_avatar(self, data: bytes, name: str | None = None, owner: str | None = None) -> AvatarRecord:
-        """Decode an uploaded avatar image, check it shows exactly one face, prepare and store it
-        in the library (``lipsync.avatars``); returns its entry."""
+        """Decode an uploaded avatar image or video clip, check it shows exactly one face, prepare
+        and store it in the library (``lipsync.avatars``); returns its entry."""
         with self._decoding():
+            if looks_like_video(data):
+                return self.avatars.add_video(data, name, owner)
             return self.avatars.add(self.decode_avatar(data), name, owner)
+
+    def _register_video(self, data: bytes, folder: str) -> RegisteredVideo:
+        s = self.settings
+        return register_video(data, folder, work_dir=self.temp_root(), max_height=s.max_output_height,
+                              max_seconds=s.max_avatar_seconds, max_pixels=s.max_image_pixels, default_fps=s.fps,
+                              find_faces=self.faces.faces, timeout=s.ffmpeg_timeout)
 
     def prepare_avatar(self, image: np.ndarray) -> PreparedAvatar:
         """Scale an avatar to output size, find its face (cached) and let the engine prepare it."""
@@ -335,22 +352,33 @@ class LipsyncService:
                 idle_seed: int | None = None) -> tuple[int, tuple]:
         """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments).
         With ``idle_seed`` (and a rig on the avatar) every frame gets the idle motion."""
-        rig = avatar.idle if idle_seed is not None else None
+        footage = avatar.video
+        rig = avatar.idle if idle_seed is not None and footage is None else None
         moved = np.empty_like(avatar.image) if rig is not None else None
-        fps, rate = self.settings.fps, audio.SAMPLE_RATE
+        # A video avatar plays at its own frame rate (e.g. 30000/1001), a photo at FPS.
+        fps, rate = (footage.fps if footage is not None else self.settings.fps), audio.SAMPLE_RATE
         segments: list[tuple[float, float]] = []
         height, width = avatar.image.shape[:2]
         engine_s = composite_s = 0.0
         with video.Mp4Writer(out_path, width, height, fps, sample_rate=rate, preset=self.settings.x264_preset,
                              crf=self.settings.x264_crf, threads=self.settings.x264_threads,
-                             timeout=self.settings.ffmpeg_timeout, live_path=live_path) as writer:
+                             timeout=self.settings.ffmpeg_timeout, live_path=live_path) as writer, \
+                (LoopedFrames(footage.path, width, height, timeout=self.settings.ffmpeg_timeout)
+                 if footage is not None else contextlib.nullcontext()) as base_frames:
             for index, speech in enumerate(pieces):
                 # Pad each piece with silence to a whole number of frames, so
                 # sound and picture stay in step across pieces and at the end.
                 samples = pad_to_frames(speech.samples, fps, rate)
                 segments.append((writer.audio_samples / rate, (writer.audio_samples + len(samples)) / rate))
                 writer.write_audio(samples)
-                wanted = len(samples) * fps // rate
+                wanted = int(len(samples) * fps // rate)
+                if footage is not None:
+                    seconds = self._render_video_piece(
+                        avatar, base_frames, writer, Speech(samples, rate, speech.phonemes), wanted,
+                        lambda part, i=index: report("lipsync", min(1.0, (i + part) / pieces.count)))
+                    engine_s += seconds[0]
+                    composite_s += seconds[1]
+                    continue
                 done = 0
                 motion = None
                 if rig is not None:
@@ -380,6 +408,66 @@ class LipsyncService:
         timings["encode"] = writer.encode_seconds * 1000.0
         return writer.frames, tuple(segments)
 
+    def _render_video_piece(self, avatar: PreparedAvatar, base_frames: LoopedFrames, writer: video.Mp4Writer,
+                            speech: Speech, wanted: int, progress: Callable[[float], None]) -> tuple[float, float]:
+        """One piece of speech on a video avatar: ``wanted`` frames of its looping footage, from
+        where the previous piece stopped, with the engine's mouth pasted where the face is in
+        each; frames with silence around them, or whose face is lost, are written untouched.
+        Returns the seconds spent (lip-sync, compositing)."""
+        footage = avatar.video
+        region, first = avatar.region, writer.frames
+        # The engine's region inside a window with even corners: pasted into I420 planes as it is.
+        window = frames.even_window(region, footage.width, footage.height)
+        oy, ox = region.y1 - window.y1, region.x1 - window.x1
+        rows, cols = slice(oy, oy + region.height), slice(ox, ox + region.width)
+        mask = np.zeros((window.height, window.width), np.float32)
+        mask[rows, cols] = avatar.mask[..., 0]
+        chroma = frames.chroma_weights(mask)
+        loud = audio.frame_loudness(speech.samples, wanted, float(footage.fps)) > QUIET_LEVEL
+        near_sound = np.convolve(loud, np.ones(2 * QUIET_MARGIN + 1), mode="same") > 0
+        still = avatar.image[region.y1:region.y2, region.x1:region.x2]
+        pending: collections.deque = collections.deque()
+
+        def crops():
+            crop = still
+            for i in range(wanted):
+                frame = base_frames.read()
+                j = footage.source_frame(first + i)
+                dx, dy = (int(v) for v in footage.offsets[j])
+                moved = Rect(window.x1 + dx, window.y1 + dy, window.x2 + dx, window.y2 + dy)
+                inside = moved.x1 >= 0 and moved.y1 >= 0 and moved.x2 <= footage.width and moved.y2 <= footage.height
+                if footage.valid[j] and inside and near_sound[i]:
+                    bgr = frames.i420_to_bgr(frame, moved)
+                    crop = bgr[rows, cols]
+                    pending.append((frame, moved, bgr, crop))
+                else:
+                    pending.append((frame, None, None, None))
+                yield crop
+            while True:  # an engine may draw a frame or two past the piece's end: never shown
+                yield crop
+
+        engine_s = composite_s = 0.0
+        patches = self.engine.render(avatar, speech, float(footage.fps), crops=crops())
+        try:
+            done = 0
+            while done < wanted:
+                t = time.perf_counter()
+                batch = next(patches)[: wanted - done]
+                engine_s += time.perf_counter() - t
+                t, encode_before = time.perf_counter(), writer.encode_seconds
+                for patch in batch:
+                    frame, moved, bgr, crop = pending.popleft()
+                    if moved is not None and not np.array_equal(patch, crop):
+                        bgr[rows, cols] = patch
+                        frames.blend_i420(frame, moved, bgr, mask, chroma)
+                    writer.write_i420(frame)
+                composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
+                done += len(batch)
+                progress(done / wanted)
+        finally:
+            patches.close()
+        return engine_s, composite_s
+
     def temp_root(self) -> str:
         """Folder for per-request working files (removed after each request)."""
         root = os.path.join(self.settings.output_dir, "tmp")
@@ -391,13 +479,16 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def pad_to_frames(samples: np.ndarray, fps: int, rate: int = audio.SAMPLE_RATE) -> np.ndarray:
+def pad_to_frames(samples: np.ndarray, fps: int | Fraction, rate: int = audio.SAMPLE_RATE) -> np.ndarray:
     """``samples`` followed by silence up to the next whole number of video frames.
 
-    With a rate/fps that is not whole (16000/30) the unit is the smallest
-    whole number of samples that is also a whole number of frames.
+    With a rate/fps that is not whole (16000/30, or 16000/(30000/1001)) the unit is the
+    smallest whole number of samples that is also a whole number of frames (8008 samples
+    = 15 frames at 29.97 fps).
     """
-    unit = rate // math.gcd(rate, fps)
+    fps = Fraction(fps)
+    per_frame = rate * fps.denominator  # samples per frame = per_frame / fps.numerator
+    unit = per_frame // math.gcd(per_frame, fps.numerator)
     missing = -len(samples) % unit
     return np.concatenate([samples, np.zeros(missing, np.float32)]) if missing else samples
 

@@ -114,6 +114,7 @@ class Settings(EnvSettings):
     cache_dir: str = ".cache"
     avatars_dir: str = ""                   # the avatar library; "" = <output_dir>/avatars
     max_avatars: int = 100                  # library entries per API key (or in all, without keys)
+    max_avatar_seconds: float = 60.0        # longest video avatar (413 video_too_long)
     idle_motion: bool = True                # blinks, head sway, breathing on image avatars (per request too)
     # --- lip-sync engine
     engine: str = "auto"                    # wav2lip when a checkpoint exists, else builtin
@@ -177,7 +178,8 @@ class Settings(EnvSettings):
         self.check_positive("batch_size", "fps", "max_output_height", "max_text_chars", "max_upload_bytes")
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
-        self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars")
+        self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars",
+                            "max_avatar_seconds")
         self.check_non_negative("tts_breaker_reset_seconds")
 
     @property

@@ -46,6 +46,7 @@
   const maxChars = Number(text.dataset.maxChars) || 5000;
   const maxUploadBytes = Number(audio.dataset.maxUploadBytes) || 0;
   const maxUploadMb = audioHint.dataset.mb || String(Math.floor(maxUploadBytes / 1048576));
+  const maxVideoSeconds = $("avatar-hint").dataset.videoSeconds || "60";
 
   let uiLang = "en";
   let lastHealth = null;   // {state: loading|ready|error|unreachable, data}
@@ -110,7 +111,8 @@
   function t(key, vars) {
     const own = (I18N[uiLang] || {})[key];
     const value = own !== undefined ? own : (I18N.en || {})[key];
-    return fill(value !== undefined ? value : key, Object.assign({ max: maxChars, mb: maxUploadMb }, vars));
+    return fill(value !== undefined ? value : key,
+                Object.assign({ max: maxChars, mb: maxUploadMb, video_s: maxVideoSeconds }, vars));
   }
   function num(value, digits) {
     return new Intl.NumberFormat(uiLang, { maximumFractionDigits: digits, minimumFractionDigits: digits }).format(value);
@@ -495,7 +497,17 @@
       const caption = document.createElement("span");
       caption.className = "avatar-name";
       caption.textContent = name;
-      tile.append(img, caption);
+      if (entry.kind === "video") {  // a looping clip: say so over its thumbnail, with its length
+        const frame = document.createElement("span");
+        frame.className = "avatar-thumb-frame";
+        const badge = document.createElement("span");
+        badge.className = "avatar-badge";
+        badge.textContent = t("avatar_video_badge", { seconds: Number(entry.duration || 0).toFixed(1) });
+        frame.append(img, badge);
+        tile.append(frame, caption);
+      } else {
+        tile.append(img, caption);
+      }
       item.append(radio, tile);
       if (entry.id !== DEFAULT_AVATAR) {
         const del = document.createElement("button");
@@ -710,7 +722,9 @@
     const url = withKey(entry.thumbnail_url);
     if (avatarResultImage.getAttribute("src") !== url) avatarResultImage.src = url;
     avatarResultImage.dataset.avatarId = entry.id;
-    avatarResultText.textContent = t("avatar_added", { name: avatarName(entry) });
+    avatarResultText.textContent = t(entry.kind === "video" ? "avatar_added_video" : "avatar_added",
+                                     { name: avatarName(entry), seconds: Number(entry.duration || 0).toFixed(1),
+                                       fps: Number(entry.fps || 0).toFixed(2).replace(/\.?0+$/, "") });
     renderDeleteButton(avatarResultDelete, entry);
     const [x1, y1, x2, y2] = Array.isArray(entry.face_box) ? entry.face_box.map(Number) : [0, 0, 0, 0];
     const w = Number(entry.width) || 1, h = Number(entry.height) || 1;

@@ -788,6 +788,45 @@ def test_an_uploaded_avatar_shows_its_face_box_and_is_used_for_both_kinds_of_job
         api(server, entry["url"], "DELETE")
 
 
+def test_a_video_avatar_is_uploaded_marked_and_used(open_page, server, tmp_path):
+    from fractions import Fraction
+
+    from tests.media import probe
+
+    page = open_page("ru-RU")
+    expect(page.locator("#avatar-list")).to_have_attribute("data-state", "ready")
+    assert "video/mp4" in page.get_attribute("#avatar-file", "accept")
+    response = upload_avatar(page, fixture_path("kennedy_low.mp4"), "Кеннеди")
+    assert response.status == 201, response.json()
+    entry = response.json()
+    try:
+        assert entry["kind"] == "video" and entry["frames"] == 206
+        result = page.locator("#avatar-result")
+        expect(result).to_be_visible(timeout=30_000)
+        expect(result).to_contain_text(messages(page, "ru")["avatar_added_video"]
+                                       .replace("{name}", "Кеннеди").replace("{seconds}", "6.9")
+                                       .replace("{fps}", "29.97"))
+        assert page.evaluate(FACE_BOX)["shown"]
+        item = page.locator(f'#avatar-list [data-avatar-id="{entry["id"]}"]')
+        expect(item.locator(".avatar-badge")).to_have_text("▶ 6.9 с")  # a clip, and how long it is
+        expect(item.locator("input[type=radio]")).to_be_checked()
+        shot(page, "video-avatar-uploaded")
+        page.click("#avatar-result-ok")
+        page.fill("#text", "Добрый вечер.")
+        page.select_option("#language", "ru")
+        with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as sent:
+            page.click("#generate")
+        assert json.loads(sent.value.request.post_data)["avatar_id"] == entry["id"]
+        job = sent.value.json()
+        expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=60_000)
+        path = tmp_path / "video-avatar.mp4"
+        path.write_bytes(api(server, job["video_url"])[2])
+        info = probe(path)
+        assert (info["width"], info["height"], info["fps"]) == (640, 480, Fraction(30000, 1001))
+    finally:
+        api(server, entry["url"], "DELETE")
+
+
 def test_a_photo_without_a_face_is_refused_in_the_interface_language(open_page, server, tmp_path):
     import cv2
 

@@ -8,6 +8,10 @@ Layout (``Settings.avatars_dir``, a folder every node of a cluster can share)::
     <avatars_dir>/<id>/prepared.pkl     the engine's per-avatar preparation (face box,
                                         mouth geometry, fields, masks) and the idle-motion
                                         rig, keyed by the engine (pickle, zlib-compressed)
+    <avatars_dir>/<id>/base.mp4         a video avatar's footage, its ping-pong cycle at
+    <avatars_dir>/<id>/track.json       output size, and where its face is in every frame
+                                        (``lipsync.avatars.video``); image.png is then the
+                                        reference frame the engine prepared
 
 Everything expensive (decoding, face detection, landmarks, the engine's preparation)
 happens in ``add``; a folder appears under its final name only when complete (written
@@ -34,11 +38,12 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
 
+from lipsync.avatars.video import VideoBase
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError, RefusedError
 from lipsync.faces.box import FaceBox
@@ -60,14 +65,16 @@ class AvatarRecord:
 
     id: str
     name: str
-    kind: str                  # "image"
+    kind: str                  # "image" or "video"
     width: int                 # the avatar at output size, pixels
     height: int
-    fps: float | None          # None for an image
+    fps: float | None          # None for an image; a video's output frame rate
     frames: int                # 1 for an image
-    face_box: list[int]        # [x1, y1, x2, y2] on the avatar at output size
+    face_box: list[int]        # [x1, y1, x2, y2] on the avatar at output size (a video: its reference frame)
     created_at: float          # unix seconds
     owner: str | None = None   # the uploading key's id (never shown)
+    duration: float | None = None                 # a video's seconds (one pass, forward)
+    face_boxes: list[list[int] | None] | None = None  # a video's box per frame, smoothed; None: face lost
 
     def public(self) -> dict:
         """What the API shows (no owner)."""
@@ -87,12 +94,13 @@ class AvatarLibrary:
     """
 
     def __init__(self, root: str, engine: Engine, prepare_image, prepare_scaled, find_faces, *,
-                 max_per_owner: int = 100):
+                 register_video=None, max_per_owner: int = 100):
         self.root = root
         self.engine = engine
         self._prepare_image = prepare_image
         self._prepare_scaled = prepare_scaled
         self._find_faces = find_faces
+        self._register_video = register_video  # (data, folder) -> lipsync.avatars.video.RegisteredVideo
         self.max_per_owner = max_per_owner
         self._default: tuple[AvatarRecord, PreparedAvatar, bytes] | None = None
         self._cache: OrderedDict[str, PreparedAvatar] = OrderedDict()
@@ -163,7 +171,15 @@ class AvatarLibrary:
             if image is None:
                 raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
             prepared = self._prepare_scaled(image, FaceBox(*record.face_box))
+            if record.kind == "video":
+                prepared = replace(prepared, idle=None)  # footage moves by itself
             self._store_prepared(folder, prepared)
+        if record.kind == "video":
+            try:
+                prepared = replace(prepared, video=VideoBase.load(folder))
+            except (OSError, ValueError, KeyError, TypeError):
+                raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged",
+                                   status=500) from None
         with self._lock:
             self._cache[avatar_id] = prepared
             while len(self._cache) > PREPARED_IN_MEMORY:
@@ -177,9 +193,7 @@ class AvatarLibrary:
         Raises 422 ``no_face`` / ``several_faces`` (exactly one face is needed),
         400 ``invalid_name``, 429 ``too_many_avatars`` past ``max_per_owner``."""
         name = _clean_name(name)
-        if sum(1 for r in self.list(owner) if r.id != DEFAULT_ID) >= self.max_per_owner:
-            raise RefusedError(f"this key already has {self.max_per_owner} avatars; delete one first",
-                               code="too_many_avatars", status=429)
+        self._check_room(owner)
         faces = self._find_faces(image_bgr)
         if len(faces) > 1:
             # The detector also fires on face-like patterns; a second face counts only when
@@ -193,12 +207,44 @@ class AvatarLibrary:
                               "an avatar needs exactly one", code="several_faces")
         prepared = self._prepare_image(image_bgr)
         h, w = prepared.image.shape[:2]
-        record = AvatarRecord(id="av_" + secrets.token_hex(8), name=name or "avatar", kind="image", width=w,
+        record = AvatarRecord(id=_new_id(), name=name or "avatar", kind="image", width=w,
                               height=h, fps=None, frames=1, face_box=prepared.box.as_list(),
                               created_at=time.time(), owner=owner)
-        staging = os.path.join(self.root, f".new-{record.id}")
+        return self._store(record, prepared, self._staging(record.id))
+
+    def add_video(self, data: bytes, name: str | None, owner: str | None) -> AvatarRecord:
+        """Register an uploaded clip (``lipsync.avatars.video``: decoded, tracked and stored once);
+        returns its new entry. Errors as ``add`` and ``register_video``."""
+        name = _clean_name(name)
+        self._check_room(owner)
+        avatar_id = _new_id()
+        staging = self._staging(avatar_id)
         try:
             os.makedirs(staging)
+            found = self._register_video(data, staging)
+            prepared = replace(self._prepare_scaled(found.image, found.box), idle=None)
+            found.base.save_track(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        base = found.base
+        record = AvatarRecord(id=avatar_id, name=name or "video avatar", kind="video", width=base.width,
+                              height=base.height, fps=round(float(base.fps), 3), frames=base.frames,
+                              face_box=found.box.as_list(), created_at=time.time(), owner=owner,
+                              duration=round(base.frames / float(base.fps), 3), face_boxes=base.boxes(found.box))
+        self._store(record, prepared, staging)
+        log.info("video avatar %s added (%dx%d, %d frames at %s fps, face %s)", avatar_id, base.width,
+                 base.height, base.frames, base.fps, record.face_box)
+        return record
+
+    def _staging(self, avatar_id: str) -> str:
+        return os.path.join(self.root, f".new-{avatar_id}")
+
+    def _store(self, record: AvatarRecord, prepared: PreparedAvatar, staging: str) -> AvatarRecord:
+        """Write the entry's files into ``staging`` (made here if missing), then rename it to its id."""
+        final = os.path.join(self.root, record.id)
+        try:
+            os.makedirs(staging, exist_ok=True)
             if not cv2.imwrite(os.path.join(staging, IMAGE), prepared.image):
                 raise LipsyncError("could not store the avatar image", code="storage_failed", status=500)
             with open(os.path.join(staging, THUMBNAIL), "wb") as f:
@@ -206,16 +252,24 @@ class AvatarLibrary:
             self._store_prepared(staging, prepared)
             with open(os.path.join(staging, META), "w", encoding="utf-8") as f:
                 json.dump(asdict(record), f)
-            os.rename(staging, os.path.join(self.root, record.id))
+            os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if record.kind == "video":
+            prepared = replace(prepared, video=VideoBase.load(final))
         with self._lock:
             self._cache[record.id] = prepared
             while len(self._cache) > PREPARED_IN_MEMORY:
                 self._cache.popitem(last=False)
-        log.info("avatar %s added (%dx%d, face %s)", record.id, w, h, record.face_box)
+        if record.kind == "image":
+            log.info("avatar %s added (%dx%d, face %s)", record.id, record.width, record.height, record.face_box)
         return record
+
+    def _check_room(self, owner: str | None) -> None:
+        if sum(1 for r in self.list(owner) if r.id != DEFAULT_ID) >= self.max_per_owner:
+            raise RefusedError(f"this key already has {self.max_per_owner} avatars; delete one first",
+                               code="too_many_avatars", status=429)
 
     def delete(self, avatar_id: str, owner: str | None) -> None:
         """Remove ``owner``'s entry and its files (the default entry cannot be deleted: 409)."""
@@ -246,6 +300,7 @@ class AvatarLibrary:
         return {k: v for k, v in self.engine.describe().items() if k in ("engine", "checkpoint", "version", "device")}
 
     def _store_prepared(self, folder: str, prepared: PreparedAvatar) -> None:
+        prepared = replace(prepared, video=None)  # a video's footage is stored beside it, found again at load
         try:
             data = zlib.compress(pickle.dumps({"engine": self._engine_key(), "prepared": prepared},
                                               protocol=pickle.HIGHEST_PROTOCOL), 1)
@@ -268,6 +323,10 @@ class AvatarLibrary:
             return None
         prepared = stored.get("prepared")
         return prepared if isinstance(prepared, PreparedAvatar) else None
+
+
+def _new_id() -> str:
+    return "av_" + secrets.token_hex(8)
 
 
 def _clean_name(name) -> str | None:

@@ -34,6 +34,8 @@ class PreparedAvatar:
     state:  engine-private data (reference crop, mouth geometry, ...).
     idle:   the avatar's idle-motion rig (``lipsync.motion.idle.IdleRig``), added by the
             service; None: the face stays still apart from the mouth.
+    video:  a video avatar's footage (``lipsync.avatars.video.VideoBase``); ``image`` is
+            then its reference frame, the one the engine prepared. None for a photo.
     """
 
     image: np.ndarray
@@ -42,6 +44,7 @@ class PreparedAvatar:
     mask: np.ndarray
     state: Any = None
     idle: Any = None
+    video: Any = None
 
 
 class Engine(Protocol):
@@ -55,12 +58,16 @@ class Engine(Protocol):
         looks for it."""
         ...
 
-    def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
+    def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
+               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
         """Yield the redrawn region for each video frame, in batches.
 
         Each item is (n, region.height, region.width, 3) uint8 BGR; together
         they hold exactly ``lipsync.media.audio.frame_count(len(speech.samples), fps)``
-        frames.
+        frames. ``crops`` (video avatars): the region of each frame's own picture,
+        (region.height, region.width, 3) uint8 BGR with the face where it is on the
+        prepared frame, one per frame in order; the engine draws on those instead of
+        on ``avatar.image``, and reads one only when it renders that frame.
         """
         ...
 

@@ -100,6 +100,14 @@ class FaceMesh:
         return self._run(image_bgr, float(centre[0]), float(centre[1]),
                          ROI_SCALE * float(max(hi - lo)), first.roll) or first
 
+    def follow(self, image_bgr: np.ndarray, previous: Landmarks) -> Landmarks | None:
+        """The face of ``previous`` (found on an earlier frame of a video) on this frame: one
+        pass of the model where it was, at its size and roll; None when it is gone."""
+        lo, hi = previous.points.min(axis=0), previous.points.max(axis=0)
+        centre = 0.5 * (lo + hi)
+        return self._run(image_bgr, float(centre[0]), float(centre[1]), ROI_SCALE * float(max(hi - lo)),
+                         previous.roll)
+
     def _run(self, image_bgr: np.ndarray, cx: float, cy: float, side: float, angle: float) -> Landmarks | None:
         scale = INPUT_SIZE / max(side, 1.0)
         c, s = np.cos(angle) * scale, np.sin(angle) * scale
@@ -144,5 +152,15 @@ def face_landmarks(image_bgr: np.ndarray, box: FaceBox) -> Landmarks | None:
     try:
         return shared_mesh().locate(image_bgr, box)
     except cv2.error as exc:  # a broken OpenCV build must not take an engine down
+        log.warning("the face mesh failed (%s); going on without landmarks", exc)
+        return None
+
+
+def follow_landmarks(image_bgr: np.ndarray, previous: Landmarks) -> Landmarks | None:
+    """``FaceMesh.follow`` on the shared mesh: the face of ``previous`` on the next frame of a
+    video, or None (gone, or OpenCV cannot run the model)."""
+    try:
+        return shared_mesh().follow(image_bgr, previous)
+    except cv2.error as exc:
         log.warning("the face mesh failed (%s); going on without landmarks", exc)
         return None

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -145,14 +146,15 @@ class Mp4Writer:
     (playable before it is complete, for streaming). On an exception ffmpeg
     is killed and no file is left behind.
 
-    ``encode_seconds`` accumulates the time spent converting frames, waiting
+    ``fps``: frames per second, whole or a ``Fraction`` (NTSC's 30000/1001 for a video
+    avatar filmed at 29.97 fps). ``encode_seconds`` accumulates the time spent converting frames, waiting
     on the encoder, and finishing the file. ``threads``: x264 threads (0:
     ffmpeg's choice, about 1.5 per core); ``tune``: an x264 tune (e.g.
     ``zerolatency``) or None; ``queue_bytes``: frames that may wait for the
     encoder.
     """
 
-    def __init__(self, path: str, width: int, height: int, fps: int, *, sample_rate: int = 16000,
+    def __init__(self, path: str, width: int, height: int, fps: int | Fraction, *, sample_rate: int = 16000,
                  preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None,
                  queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None):
         self.path = path
@@ -181,7 +183,7 @@ class Mp4Writer:
                "-map", "0:v:0", "-map", "1:a:0",
                "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
                "-threads", str(threads), *(["-tune", tune] if tune else []),
-               "-g", str(2 * fps),  # a keyframe (a live fragment) every 2 s: streaming starts early
+               "-g", str(max(1, round(2 * fps))),  # a keyframe (a live fragment) every 2 s: streaming starts early
                # Keyframes at the quality of the frames between them: otherwise the
                # still avatar visibly "pulses" at every keyframe.
                "-x264-params", "ipratio=1.0",
@@ -216,9 +218,22 @@ class Mp4Writer:
         if frame.shape[1::-1] != self.size:
             raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
         start = time.perf_counter()
+        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
+        self.encode_seconds += time.perf_counter() - start
+        self._put(data)
+
+    def write_i420(self, frame: np.ndarray) -> None:
+        """Append one frame already in I420, (H * 3 // 2, W) uint8 (``lipsync.media.frames``);
+        the writer keeps it: the caller must not change it afterwards."""
+        if not self._yuv or frame.shape != (self.size[1] * 3 // 2, self.size[0]):
+            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
+                             f"{self.size[0]} bytes, got {frame.shape}")
+        self._put(frame)
+
+    def _put(self, data: np.ndarray) -> None:
+        start = time.perf_counter()
         if self._video_error is not None:
             self._fail("ffmpeg stopped while encoding")
-        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
         while True:
             try:
                 self._frames.put(data, timeout=0.2)

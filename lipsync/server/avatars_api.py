@@ -12,6 +12,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from lipsync.avatars.library import AvatarRecord
+from lipsync.avatars.video import looks_like_video
 from lipsync.errors import InvalidInputError
 from lipsync.inputs import AVATAR, check_image, check_service_loaded
 from lipsync.server import context
@@ -44,8 +45,16 @@ def add():
                                 "optional 'name'", code="missing_input")
     upload = request.files.get("avatar")
     if upload is None:
-        raise InvalidInputError("the 'avatar' image file is missing", code="missing_input")
-    data = check_image(read_request_file(upload, AVATAR), context.settings().max_image_pixels)
+        raise InvalidInputError("the 'avatar' file (an image or a video) is missing", code="missing_input")
+    data = read_request_file(upload, AVATAR)
+    if not looks_like_video(data):
+        try:
+            check_image(data, context.settings().max_image_pixels)
+        except InvalidInputError as exc:
+            if exc.code != "invalid_image":
+                raise
+            raise InvalidInputError("the avatar must be a PNG or JPEG image, or a video (MP4, MOV, WebM, MKV "
+                                    "or AVI)", code="invalid_image") from None
     # Detection, landmarks and the engine's preparation: a render's worth of CPU, so it
     # takes a render slot (and waits for one like a render does).
     with current_app.extensions["render_slots"].slot():

@@ -238,9 +238,12 @@ class _Document:
                                                    f"{s.max_upload_bytes} bytes and {s.max_image_pixels} pixels.",
                   "content": {"multipart/form-data": {
                       "schema": {"type": "object", "required": ["avatar"], "properties": {
-                          "avatar": {"type": "string", "format": "binary"},
+                          "avatar": {"type": "string", "format": "binary", "description":
+                                     "A PNG/JPEG photo, or a video clip (MP4, MOV, WebM, MKV, AVI; at most "
+                                     "`MAX_AVATAR_SECONDS`): played forwards then backwards under any speech, "
+                                     "at its own frame rate when that is 24-60 fps."},
                           "name": {"type": "string", "maxLength": 80, "description": "A label for pickers."}}},
-                      "encoding": {"avatar": {"contentType": "image/png, image/jpeg"}}}}}
+                      "encoding": {"avatar": {"contentType": "image/png, image/jpeg, video/*"}}}}}
         return {
             "/api/avatars": {
                 "get": avatar_op("The avatars this API key may use: `default` (the preloaded one), then its own.", {
@@ -253,10 +256,13 @@ class _Document:
                                   "`id` as `avatar_id`.", {
                                       "201": _ok("Added.", {"application/json": {"schema": _ref("Avatar")}},
                                                  {"Location": _header("Location")}),
-                                      "400": _error("Not an image, or a bad field (codes `invalid_image`, "
-                                                    "`missing_input`, `invalid_name`)."),
-                                      "413": _error("Too large (code `payload_too_large`)."),
-                                      "422": _error("No face (`no_face`) or more than one (`several_faces`)."),
+                                      "400": _error("Not an image or video, or a bad field (codes `invalid_image`, "
+                                                    "`invalid_video`, `image_too_large`, `missing_input`, "
+                                                    "`invalid_name`)."),
+                                      "413": _error("Too large (codes `payload_too_large`, `upload_too_large`, "
+                                                    "`video_too_long`)."),
+                                      "422": _error("No face (`no_face`) or more than one (`several_faces`); "
+                                                    "the message names the frame."),
                                       "503": _error("Not loaded yet (code `not_ready`)."),
                                   }, bucket="write", get=False, requestBody=upload),
             },
@@ -374,7 +380,12 @@ def _schemas() -> dict:
         "width": {"type": "integer"}, "height": {"type": "integer"},
         "fps": {"type": "number", "nullable": True}, "frames": {"type": "integer"},
         "face_box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
-                     "description": "x1, y1, x2, y2 in pixels of the avatar at output size."},
+                     "description": "x1, y1, x2, y2 in pixels of the avatar at output size (a video: on "
+                                    "its reference frame, the thumbnail)."},
+        "duration": {"type": "number", "nullable": True, "description": "A video's seconds (one pass)."},
+        "face_boxes": {"type": "array", "nullable": True, "description": "A video's face box in every frame "
+                       "(smoothed); null where the face is lost (those frames are left untouched).",
+                       "items": {"type": "array", "nullable": True, "items": {"type": "integer"}}},
         "created_at": {"type": "number", "description": "Unix seconds."},
         "url": {"type": "string"}, "thumbnail_url": {"type": "string"}, "image_url": {"type": "string"}}}
     return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar}

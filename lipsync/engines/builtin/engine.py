@@ -21,7 +21,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.engines.builtin.drive import MouthTrack, mouth_track
-from lipsync.engines.builtin.mouth import MouthRenderer, locate_mouth
+from lipsync.engines.builtin.mouth import MouthRenderer, MouthShape, locate_mouth
 from lipsync.errors import InvalidInputError
 from lipsync.faces.box import FaceBox
 from lipsync.faces.landmarks import Landmarks, face_landmarks
@@ -60,7 +60,8 @@ class BuiltinEngine:
         """The per-frame mouth state ``render`` draws (exposed for tests and tools)."""
         return mouth_track(speech, fps, frame_count(len(speech.samples), fps))
 
-    def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
+    def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
+               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
         renderer: MouthRenderer = avatar.state
         if not isinstance(renderer, MouthRenderer):
             raise TypeError("avatar was not prepared by the builtin engine")
@@ -72,6 +73,9 @@ class BuiltinEngine:
         qo = np.rint(np.clip(track.open, 0, 1) * OPEN_LEVELS).astype(np.int64)
         qw = np.rint(np.clip(track.wide, -1, 1) * (WIDE_LEVELS / 2)).astype(np.int64)
         qw[qo == 0] = 0  # a shut mouth is the untouched avatar
+        if crops is not None:
+            yield from self._render_frames(renderer, qo, qw, crops)
+            return
         for start in range(0, n, BATCH):
             stop = min(n, start + BATCH)
             batch = np.empty((stop - start, rh, rw, 3), np.uint8)
@@ -86,6 +90,31 @@ class BuiltinEngine:
                 else:
                     cache.move_to_end(key)
                 batch[i - start] = patch
+            yield batch
+
+    @staticmethod
+    def _render_frames(renderer: MouthRenderer, qo: np.ndarray, qw: np.ndarray,
+                       crops: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """A video avatar: each frame drawn on its own picture. What a mouth state does (warp
+        maps, painted opening) is worked out once per request and state; only the warp of the
+        picture and the paint are per frame."""
+        shapes: OrderedDict[tuple[int, int], MouthShape | None] = OrderedDict()
+        rh, rw = renderer.region.height, renderer.region.width
+        max_items = max(8, CACHE_BYTES // max(1, rh * rw * 8))  # two float32 maps per state
+        n = len(qo)
+        for start in range(0, n, BATCH):
+            stop = min(n, start + BATCH)
+            batch = np.empty((stop - start, rh, rw, 3), np.uint8)
+            for i in range(start, stop):
+                key = (int(qo[i]), int(qw[i]))
+                if key in shapes:
+                    shapes.move_to_end(key)
+                    shape = shapes[key]
+                else:
+                    shape = shapes[key] = renderer.shape(key[0] / OPEN_LEVELS, key[1] / (WIDE_LEVELS / 2))
+                    if len(shapes) > max_items:
+                        shapes.popitem(last=False)
+                batch[i - start] = renderer.draw(shape, next(crops))
             yield batch
 
     def describe(self) -> dict:

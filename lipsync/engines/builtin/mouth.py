@@ -472,6 +472,16 @@ def _lens(t: np.ndarray, inner: float = 0.9) -> np.ndarray:
     return np.clip(1.0 - u * u, 0.0, 1.0) ** 0.8
 
 
+@dataclass(frozen=True)
+class MouthShape:
+    """One mouth state ready to draw on any picture of the face (``MouthRenderer.draw``):
+    the warp (``cv2.remap`` maps, region pixels) and the painted opening (or None)."""
+
+    map_x: np.ndarray
+    map_y: np.ndarray
+    opening: tuple | None
+
+
 class MouthRenderer:
     """Per-avatar precomputation and the per-frame mouth drawing (see module doc)."""
 
@@ -577,12 +587,19 @@ class MouthRenderer:
 
     # ------------------------------------------------------------------
 
-    def render(self, open_: float, wide: float) -> np.ndarray:
-        """The region with the mouth ``open_`` in [0, 1] and ``wide`` in [-1, 1]."""
+    def render(self, open_: float, wide: float, source: np.ndarray | None = None) -> np.ndarray:
+        """The region with the mouth ``open_`` in [0, 1] and ``wide`` in [-1, 1], drawn on
+        ``source`` ((region.height, region.width, 3) BGR: another frame of a video avatar,
+        its face where it is on the prepared one) or on the prepared avatar itself."""
+        return self.draw(self.shape(open_, wide), self.source if source is None else source)
+
+    def shape(self, open_: float, wide: float) -> MouthShape | None:
+        """Everything about one mouth state that does not depend on the picture (the warp and
+        the painted opening), for ``draw``; None for the mouth at rest."""
         o = float(np.clip(open_, 0.0, 1.0))
         w = float(np.clip(wide, -1.0, 1.0))
         if o <= 0.0 and w == 0.0:
-            return self.source.copy()
+            return None
         drop = o * self.max_drop
         lift = o * self.max_lift
         k = -w * (MAX_SPREAD if w > 0 else MAX_ROUND)  # > 0 squeezes (rounded), < 0 spreads
@@ -602,11 +619,18 @@ class MouthRenderer:
         ys = 0.5 * (yu + yl)
         # One remap: above the middle of the opening the upper-lip field, below it the jaw.
         below = self.base_y >= self._split(ys)
-        map_y = np.where(below, self.base_y - drop * low, self.base_y + lift * up)
-        out = cv2.remap(self.source, map_x, map_y.astype(np.float32), cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-        if o > 0.0:
-            self._paint_opening(out, yu, yl, lens, o, w)
+        map_y = np.where(below, self.base_y - drop * low, self.base_y + lift * up).astype(np.float32)
+        return MouthShape(map_x=map_x, map_y=map_y, opening=self._opening(yu, yl, lens, o, w) if o > 0.0 else None)
+
+    def draw(self, shape: MouthShape | None, source: np.ndarray) -> np.ndarray:
+        """``shape`` drawn on ``source`` ((region.height, region.width, 3) uint8 BGR); a new array."""
+        if shape is None:
+            return source.copy()
+        out = cv2.remap(source, shape.map_x, shape.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if shape.opening is not None:
+            r1, r2, alpha, colour = shape.opening
+            sub = out[r1:r2, self.mx1:self.mx2].astype(np.float32)
+            out[r1:r2, self.mx1:self.mx2] = np.clip(sub * (1 - alpha) + colour + 0.5, 0, 255).astype(np.uint8)
         return out
 
     def _fields_moved_sideways(self, map_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -629,14 +653,16 @@ class MouthRenderer:
         split[self.mx1:self.mx2] = ys
         return split[None, :]
 
-    def _paint_opening(self, out: np.ndarray, yu, yl, lens, o: float, w: float = 0.0) -> None:
+    def _opening(self, yu, yl, lens, o: float, w: float = 0.0):
+        """The painted inside of the mouth: (r1, r2, alpha (r2-r1, cols, 1), alpha * colour), rows
+        r1..r2 of the mouth's columns; None when the lips barely part."""
         gap = yl - yu
         if float(gap.max()) <= 0.05:
-            return
+            return None
         r1 = int(max(0, np.floor(yu.min() - 2)))
-        r2 = int(min(out.shape[0], np.ceil(yl.max() + 3)))
+        r2 = int(min(self.base_y.shape[0], np.ceil(yl.max() + 3)))
         if r2 <= r1:
-            return
+            return None
         Y = np.arange(r1, r2, dtype=np.float32)[:, None]
         aa = self.aa
         du = Y - yu[None, :]  # px below the upper lip edge
@@ -679,6 +705,5 @@ class MouthRenderer:
             light = light * (0.75 + 0.25 * smoothstep(0.0, 1.5 * aa, du))  # lip shadow
             col = col * (1 - ta[..., None]) + (self.teeth[None, None, :] * light[..., None]) * ta[..., None]
         col = col * (1.0 - 0.45 * np.clip(at, 0, 1) ** 2)[..., None]  # darker towards the corners
-        sub = out[r1:r2, self.mx1:self.mx2].astype(np.float32)
-        a = alpha[..., None]
-        out[r1:r2, self.mx1:self.mx2] = np.clip(sub * (1 - a) + col * a + 0.5, 0, 255).astype(np.uint8)
+        a = alpha[..., None].astype(np.float32)
+        return r1, r2, a, (col * a).astype(np.float32)

@@ -117,6 +117,25 @@ def paste_mask(image: np.ndarray, box: FaceBox, region: Region, landmarks: Landm
     return mask * face[:, :, None]
 
 
+def _face96(crop: np.ndarray) -> np.ndarray:
+    """A face crop (h, w, 3) uint8 BGR at the model's 96x96."""
+    if crop.shape[:2] == (FACE_SIZE, FACE_SIZE):
+        return crop
+    # INTER_AREA when shrinking: a large face then looks like the
+    # low-resolution faces the model was trained on instead of aliasing.
+    shrink = crop.shape[0] > FACE_SIZE and crop.shape[1] > FACE_SIZE
+    return cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _face_input(crop: np.ndarray) -> np.ndarray:
+    """The model's face input for a crop: (96, 96, 6) float32 in [0, 1], the crop with its
+    lower half blacked out, then the crop itself as the reference (the spec's order)."""
+    face = _face96(crop)
+    masked = face.copy()
+    masked[FACE_SIZE // 2:] = 0
+    return np.concatenate([masked, face], axis=2).astype(np.float32) / 255.0
+
+
 @dataclass(frozen=True)
 class _Wav2LipState:
     """Per-avatar data: the model input, the face encoder's features and the decoder's constants."""
@@ -310,15 +329,8 @@ class Wav2LipEngine:
         region = Region(box.x1 - PAD_LEFT, box.y1 - PAD_TOP, box.x2 + PAD_RIGHT, box.y2 + PAD_BOTTOM).clip(w, h)
         if region.width < 2 or region.height < 2:
             raise NoFaceError(f"the face box {box.as_list()} lies outside the {w}x{h} avatar")
-        crop = image[region.y1:region.y2, region.x1:region.x2]
-        # INTER_AREA when shrinking: a large face then looks like the
-        # low-resolution faces the model was trained on instead of aliasing.
-        shrink = crop.shape[0] > FACE_SIZE and crop.shape[1] > FACE_SIZE
-        face = cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        masked = face.copy()
-        masked[FACE_SIZE // 2:] = 0
-        six = np.concatenate([masked, face], axis=2).astype(np.float32) / 255.0  # (96, 96, 6)
-        faces = torch.from_numpy(six.transpose(2, 0, 1)[None].copy())
+        face = _face96(image[region.y1:region.y2, region.x1:region.x2])
+        faces = torch.from_numpy(_face_input(face).transpose(2, 0, 1)[None].copy())
         faces = faces.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
         features = None
         constants: tuple = ()
@@ -366,11 +378,14 @@ class Wav2LipEngine:
             self._ort.error = error
             self.precision = "fp32"
 
-    def render(self, avatar: PreparedAvatar, speech: Speech, fps: int) -> Iterator[np.ndarray]:
+    def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
+               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
         """Yield (n, region.height, region.width, 3) uint8 BGR batches, one frame per mel window.
 
         Exactly ``audio.frame_count(len(speech.samples), fps)`` frames in all.
-        ``speech`` must be 16 kHz; raises ``InvalidInputError`` otherwise.
+        ``speech`` must be 16 kHz; raises ``InvalidInputError`` otherwise. With ``crops``
+        (a video avatar) every frame's own face is the model's input, as in Wav2Lip's
+        inference on a video: the whole model runs per frame (the face encoder too).
         """
         state = avatar.state
         if not isinstance(state, _Wav2LipState):
@@ -387,6 +402,9 @@ class Wav2LipEngine:
         height, width = avatar.region.height, avatar.region.width
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
+            if crops is not None:
+                yield self._render_frames(chunk, [next(crops) for _ in chunk], height, width)
+                continue
             if self.device.type == "cuda" and self._eager:
                 yield self._render_cuda(chunk, state, height, width)
                 continue
@@ -419,6 +437,17 @@ class Wav2LipEngine:
         full[:, :self.rows_from] = state.crop[:self.rows_from]
         full[:, self.rows_from:] = pred
         return full
+
+    def _render_frames(self, windows: np.ndarray, crops: list[np.ndarray], height: int, width: int) -> np.ndarray:
+        """The whole model on each frame's own face: (b, 80, 16) mel windows and b region crops
+        -> (b, height, width, 3) uint8 BGR."""
+        faces = np.stack([_face_input(crop) for crop in crops])  # (b, 96, 96, 6)
+        faces_t = torch.from_numpy(faces.transpose(0, 3, 1, 2).copy())
+        mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
+        with self._lock, torch.inference_mode():
+            faces_t = faces_t.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
+            pred = self._model(mel.to(self.device, self._dtype), faces_t).float() * 255.0
+            return resize_faces_torch(pred, height, width).cpu().numpy()
 
     def _render_cuda(self, windows: np.ndarray, state: _Wav2LipState, height: int, width: int) -> np.ndarray:
         """CUDA: decode, resize, round and convert on the GPU; one copy of uint8 patches back."""
