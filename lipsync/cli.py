@@ -5,6 +5,7 @@
     python -m lipsync avatars add me.jpg --name "Me"      (then: generate --avatar-id av_...; or me.mp4)
     python -m lipsync avatars list | delete ID
     python -m lipsync health
+    python -m lipsync models                              (then: generate --model NAME)
 """
 
 from __future__ import annotations
@@ -38,18 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--avatar-id", help="an avatar of the library (python -m lipsync avatars list)")
     gen.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: CHECKPOINT_PATH)")
     gen.add_argument("--engine", choices=("auto", "wav2lip", "builtin"), help="lip-sync engine (default: ENGINE)")
+    gen.add_argument("--model", help="a model by name: a checkpoint's file stem or builtin (python -m lipsync "
+                                     "models; default: the avatar's, else DEFAULT_MODEL)")
     gen.add_argument("--no-idle-motion", action="store_true",
                      help="no blinks, head sway or breathing (default: IDLE_MOTION)")
     gen.add_argument("--out", required=True, help="output .mp4 path")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("health", help="load everything and print what the service would report")
+    sub.add_parser("models", help="load every model and print each as a JSON line (as GET /api/models)")
 
     avatars = sub.add_parser("avatars", help="the avatar library (AVATARS_DIR), as the API without a key sees it")
     act = avatars.add_subparsers(dest="action", required=True)
     add = act.add_parser("add", help="add an image or a video clip: its face is found and it is prepared once")
     add.add_argument("image", help="a PNG/JPEG photo or a video (MP4, MOV, WebM, MKV, AVI)")
     add.add_argument("--name")
+    add.add_argument("--model", help="the avatar's preferred model (requests on it that name none get it)")
     act.add_parser("list", help="print the entries as JSON lines")
     delete = act.add_parser("delete", help="delete an entry and its files")
     delete.add_argument("avatar_id")
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "health":
         return _health(settings)
+    if args.command == "models":
+        return _models(settings)
     if args.command == "avatars":
         return _avatars(args, settings)
     return _generate(args, settings)
@@ -84,6 +91,15 @@ def _health(settings: Settings) -> int:
     service = _load(settings)
     print(json.dumps(service.describe(), indent=2, ensure_ascii=False))
     return 0 if service.status == "ready" else 1
+
+
+def _models(settings: Settings) -> int:
+    service = _load(settings)
+    if service.status != "ready":
+        return 1
+    for model in service.models.public():
+        print(json.dumps(model, ensure_ascii=False))
+    return 0
 
 
 def _read_file(path: str) -> bytes | None:
@@ -105,7 +121,7 @@ def _avatars(args, settings: Settings) -> int:
             data = _read_file(args.image)
             if data is None:
                 return 2
-            print(json.dumps(service.add_avatar(data, args.name).public(), ensure_ascii=False))
+            print(json.dumps(service.add_avatar(data, args.name, model=args.model).public(), ensure_ascii=False))
         elif args.action == "list":
             for record in service.avatars.list(None):
                 print(json.dumps(record.public(), ensure_ascii=False))
@@ -153,7 +169,8 @@ def _generate(args, settings: Settings) -> int:
     try:
         result = service.generate(out, text=args.text, language=args.language, recording=recording,
                                   allow_mismatch=args.allow_mismatch, progress=progress,
-                                  avatar_id=args.avatar_id, idle_motion=False if args.no_idle_motion else None)
+                                  avatar_id=args.avatar_id, idle_motion=False if args.no_idle_motion else None,
+                                  model=args.model)
     except LipsyncError as exc:
         if bar is not None:
             bar.close()
@@ -162,5 +179,5 @@ def _generate(args, settings: Settings) -> int:
     if bar is not None:
         bar.close()
     stages = ", ".join(f"{k} {v / 1000:.2f} s" for k, v in result.timings.items())
-    print(f"{out}: {result.duration:.2f} s, {result.frames} frames, engine {result.engine} ({stages})")
+    print(f"{out}: {result.duration:.2f} s, {result.frames} frames, model {result.engine} ({stages})")
     return 0

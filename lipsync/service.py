@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import logging
 import math
 import os
@@ -25,10 +24,12 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
+from lipsync.avatars.library import DEFAULT_ID as DEFAULT_AVATAR
 from lipsync.avatars.library import AvatarLibrary, AvatarRecord
 from lipsync.avatars.video import RegisteredVideo, looks_like_video, register_video
 from lipsync.engines.base import Engine, PreparedAvatar
-from lipsync.errors import CheckpointError, InvalidInputError, LipsyncError, PayloadTooLargeError
+from lipsync.engines.models import ModelSet, load_models
+from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
 from lipsync.faces.box import FaceBox, Rect
 from lipsync.faces.landmarks import face_landmarks
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
@@ -77,36 +78,13 @@ def default_avatar() -> np.ndarray:
     return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
 
 
-def find_checkpoint(settings: Settings) -> str | None:
-    """The Wav2Lip checkpoint to use: ``CHECKPOINT_PATH``, else any .pt/.pth in the checkpoint folder.
+def create_wav2lip(settings: Settings, checkpoint: str) -> Engine:
+    """One Wav2Lip engine for ``checkpoint``, with the settings' device, batch size and speed paths."""
+    from lipsync.engines.wav2lip.engine import Wav2LipEngine  # imports torch: only when needed
 
-    S3FD face-detector weights living in the same folder are not candidates.
-    """
-    if os.path.isfile(settings.checkpoint_path):
-        return settings.checkpoint_path
-    found = sorted(glob.glob(os.path.join(settings.checkpoint_dir, "*.pt")) +
-                   glob.glob(os.path.join(settings.checkpoint_dir, "*.pth")))
-    found = [p for p in found if "s3fd" not in os.path.basename(p).lower()
-             and os.path.abspath(p) != os.path.abspath(settings.s3fd_path)]
-    return found[0] if found else None
-
-
-def create_engine(settings: Settings) -> Engine:
-    """Wav2Lip when a checkpoint exists (or is demanded), otherwise the built-in engine."""
-    if settings.engine != "builtin":
-        checkpoint = find_checkpoint(settings)
-        if checkpoint is not None:
-            from lipsync.engines.wav2lip.engine import Wav2LipEngine  # imports torch: only when needed
-
-            return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size,
-                                 precision=settings.wav2lip_precision, backend=settings.wav2lip_backend,
-                                 mouth_only=settings.wav2lip_mouth_only)
-        if settings.engine == "wav2lip":
-            raise CheckpointError(f"ENGINE=wav2lip but no checkpoint at {settings.checkpoint_path} "
-                                  f"and no .pt/.pth file in {settings.checkpoint_dir}/")
-    from lipsync.engines.builtin.engine import BuiltinEngine
-
-    return BuiltinEngine()
+    return Wav2LipEngine(checkpoint, device=settings.device, batch_size=settings.batch_size,
+                         precision=settings.wav2lip_precision, backend=settings.wav2lip_backend,
+                         mouth_only=settings.wav2lip_mouth_only)
 
 
 class LipsyncService:
@@ -118,7 +96,8 @@ class LipsyncService:
             ffmpeg.use_binary(settings.ffmpeg_binary)
         self.status = "loading"          # loading | ready | error
         self.error: str | None = None
-        self.engine: Engine | None = None
+        self.models: ModelSet | None = None
+        self.engine: Engine | None = None  # the default model's
         self.tts = None
         self.faces = None
         self.avatar: PreparedAvatar | None = None
@@ -140,14 +119,16 @@ class LipsyncService:
             self.tts = create_provider(s)
             self.faces = FaceLocator(detector=s.face_detector, s3fd_path=s.s3fd_path, device=s.device,
                                      cache_dir=s.cache_dir, box_override=s.face_box)
-            self.engine = create_engine(s)
+            # Looked up through the module at call time, so a benchmark can build engines its own way.
+            self.models = load_models(s, lambda settings, path: create_wav2lip(settings, path))
+            self.engine = self.models.engine()
             if s.avatar_path:
                 self.avatar = self.avatar_from_bytes(self._read_avatar_file(s.avatar_path))
             else:
                 self.avatar = self.prepare_avatar(default_avatar())
             _, jpeg = cv2.imencode(".jpg", self.avatar.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
             self._avatar_jpeg = jpeg.tobytes()
-            self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.engine, self.prepare_avatar,
+            self.avatars = AvatarLibrary(s.resolved_avatars_dir, self.models, self.prepare_avatar,
                                          self.prepare_scaled, self.faces.faces, register_video=self._register_video,
                                          max_per_owner=s.max_avatars)
             self.avatars.set_default(self.avatar, os.path.basename(s.avatar_path) if s.avatar_path
@@ -191,10 +172,10 @@ class LipsyncService:
         with self._decoding():
             video.decode_image(data, self.settings.max_image_pixels, shrink_to=1)
 
-    def avatar_from_bytes(self, data: bytes) -> PreparedAvatar:
-        """``prepare_avatar(decode_avatar(data))``, the full-size image living only in between."""
+    def avatar_from_bytes(self, data: bytes, model: str | None = None) -> PreparedAvatar:
+        """``prepare_avatar(decode_avatar(data), model)``, the full-size image living only in between."""
         with self._decoding():
-            return self.prepare_avatar(self.decode_avatar(data))
+            return self.prepare_avatar(self.decode_avatar(data), model)
 
     @contextlib.contextmanager
     def _decoding(self):
@@ -211,13 +192,17 @@ class LipsyncService:
                 self._decode_held.held = False
                 release_memory()
 
-    def add_avatar(self, data: bytes, name: str | None = None, owner: str | None = None) -> AvatarRecord:
+    def add_avatar(self, data: bytes, name: str | None = None, owner: str | None = None,
+                   model: str | None = None) -> AvatarRecord:
         """Decode an uploaded avatar image or video clip, check it shows exactly one face, prepare
-        and store it in the library (``lipsync.avatars``); returns its entry."""
+        and store it in the library (``lipsync.avatars``); returns its entry. ``model``: the
+        avatar's preferred model (requests on it without a ``model`` get that one)."""
+        if model is not None:
+            self.models.resolve(model)  # 400 unknown_model before any work
         with self._decoding():
             if looks_like_video(data):
-                return self.avatars.add_video(data, name, owner)
-            return self.avatars.add(self.decode_avatar(data), name, owner)
+                return self.avatars.add_video(data, name, owner, model)
+            return self.avatars.add(self.decode_avatar(data), name, owner, model)
 
     def _register_video(self, data: bytes, folder: str) -> RegisteredVideo:
         s = self.settings
@@ -225,21 +210,23 @@ class LipsyncService:
                               max_seconds=s.max_avatar_seconds, max_pixels=s.max_image_pixels, default_fps=s.fps,
                               find_faces=self.faces.faces, timeout=s.ffmpeg_timeout)
 
-    def prepare_avatar(self, image: np.ndarray) -> PreparedAvatar:
-        """Scale an avatar to output size, find its face (cached) and let the engine prepare it."""
+    def prepare_avatar(self, image: np.ndarray, model: str | None = None) -> PreparedAvatar:
+        """Scale an avatar to output size, find its face (cached) and let ``model`` (default: the
+        default model) prepare it."""
         # Detect (and cache, and apply FACE_BOX) on the image as the user gave
         # it, then scale the box with the image to output size.
         box = self.faces.locate(image)
         scaled = video.fit_to_height(image, self.settings.max_output_height)
         box = box.scaled(scaled.shape[0] / image.shape[0]).clip(scaled.shape[1], scaled.shape[0])
-        return self.prepare_scaled(scaled, box)
+        return self.prepare_scaled(scaled, box, model)
 
-    def prepare_scaled(self, image: np.ndarray, box: FaceBox) -> PreparedAvatar:
-        """The engine's preparation of an avatar already at output size, plus its idle-motion rig
-        (the face mesh found once for both)."""
+    def prepare_scaled(self, image: np.ndarray, box: FaceBox, model: str | None = None, *,
+                       idle: bool = True) -> PreparedAvatar:
+        """``model``'s preparation of an avatar already at output size, plus its idle-motion rig
+        (``idle``; the face mesh found once for both)."""
         landmarks = face_landmarks(image, box)
-        prepared = self.engine.prepare(image, box, landmarks=landmarks)
-        return replace(prepared, idle=prepare_idle(prepared.image, box, landmarks))
+        prepared = self.models.engine(model).prepare(image, box, landmarks=landmarks)
+        return replace(prepared, idle=prepare_idle(prepared.image, box, landmarks) if idle else None)
 
     def describe(self) -> dict:
         """Health details: engine, checkpoint, device, TTS provider, face detector."""
@@ -247,6 +234,8 @@ class LipsyncService:
                 "avatar_loaded": self.avatar is not None}
         if self.engine is not None:
             info.update(self.engine.describe())
+            info["model"] = self.models.default
+            info["models"] = self.models.names
         else:
             info.update({"engine": None, "checkpoint": None, "version": None, "device": None})
         info["tts_provider"] = getattr(self.tts, "name", None)
@@ -291,7 +280,8 @@ class LipsyncService:
                  recording: bytes | None = None, avatar_image: bytes | None = None,
                  progress: ProgressCallback | None = None, live_path: str | None = None,
                  allow_mismatch: bool = False, avatar_id: str | None = None,
-                 owner: str | None = None, idle_motion: bool | None = None) -> GenerationResult:
+                 owner: str | None = None, idle_motion: bool | None = None,
+                 model: str | None = None) -> GenerationResult:
         """Make the MP4 at ``out_path`` from ``text`` (+ ``language``) or a ``recording``.
 
         Long texts are spoken sentence by sentence: the next sentence is
@@ -300,7 +290,9 @@ class LipsyncService:
         avatar for this request only; ``avatar_id`` picks one of the library's
         entries that ``owner`` (an API key id, or None) may use. ``idle_motion``
         (default ``IDLE_MOTION``) adds blinks, head sway and breathing, the same
-        for the same input. ``live_path``, when given, receives a
+        for the same input. ``model`` names the lip-sync model (default: the
+        avatar's preferred one, else the default model; 400 ``unknown_model``
+        for a name that is not loaded). ``live_path``, when given, receives a
         fragmented MP4 that grows while rendering (for streaming playback).
         Raises ``LipsyncError`` subclasses for bad input; an exception raised
         by ``progress`` aborts the render. On any failure nothing is left at
@@ -317,13 +309,17 @@ class LipsyncService:
         if avatar_image is not None and avatar_id is not None:
             raise InvalidInputError("give either an 'avatar' image or an 'avatar_id', not both",
                                     code="conflicting_inputs")
-        avatar = self.avatar
         if avatar_image is not None:
-            avatar = self.avatar_from_bytes(avatar_image)
+            model = self.models.resolve(model)
+            avatar = self.avatar_from_bytes(avatar_image, model)
             timings["avatar"] = _ms_since(started)
-        elif avatar_id is not None:
-            avatar = self.avatars.prepared(avatar_id, owner)
-            timings["avatar"] = _ms_since(started)
+        else:
+            record = self.avatars.get(avatar_id or DEFAULT_AVATAR, owner)
+            model = self.models.resolve(model, record.model)
+            avatar = self.avatars.prepared(record.id, owner, model)
+            if avatar_id is not None:
+                timings["avatar"] = _ms_since(started)
+        engine = self.models.engine(model)
 
         report("tts", 0.0)
         if recording is not None:
@@ -336,7 +332,7 @@ class LipsyncService:
         idle = self.settings.idle_motion if idle_motion is None else bool(idle_motion)
         seed = zlib.crc32(recording if recording is not None else f"{language}:{text}".encode())
         try:
-            frames, segments = self._render(pieces, avatar, out_path, live_path, timings, report,
+            frames, segments = self._render(pieces, engine, avatar, out_path, live_path, timings, report,
                                             idle_seed=seed if idle else None)
         finally:
             pieces.close()
@@ -344,10 +340,11 @@ class LipsyncService:
             timings["tts"] = pieces.tts_seconds * 1000.0
         timings["total"] = _ms_since(started)
         return GenerationResult(path=out_path, duration=segments[-1][1], frames=frames, segments=segments,
-                                engine=self.engine.name, timings=timings,
+                                engine=model, timings=timings,
                                 language=None if recording is not None else language)
 
-    def _render(self, pieces: SpeechPieces, avatar: PreparedAvatar, out_path: str, live_path: str | None,
+    def _render(self, pieces: SpeechPieces, engine: Engine, avatar: PreparedAvatar, out_path: str,
+                live_path: str | None,
                 timings: dict[str, float], report: ProgressCallback,
                 idle_seed: int | None = None) -> tuple[int, tuple]:
         """Lip-sync and encode every piece of speech into one MP4; returns (frames, segments).
@@ -374,7 +371,7 @@ class LipsyncService:
                 wanted = int(len(samples) * fps // rate)
                 if footage is not None:
                     seconds = self._render_video_piece(
-                        avatar, base_frames, writer, Speech(samples, rate, speech.phonemes), wanted,
+                        engine, avatar, base_frames, writer, Speech(samples, rate, speech.phonemes), wanted,
                         lambda part, i=index: report("lipsync", min(1.0, (i + part) / pieces.count)))
                     engine_s += seconds[0]
                     composite_s += seconds[1]
@@ -385,7 +382,7 @@ class LipsyncService:
                     motion = idle_track(wanted, fps, idle_seed, rig.face_height,
                                         mouth_open=audio.frame_loudness(samples, wanted, fps, rate),
                                         first=writer.frames)
-                patches = self.engine.render(avatar, Speech(samples, rate, speech.phonemes), fps)
+                patches = engine.render(avatar, Speech(samples, rate, speech.phonemes), fps)
                 try:
                     while done < wanted:
                         t = time.perf_counter()
@@ -408,7 +405,8 @@ class LipsyncService:
         timings["encode"] = writer.encode_seconds * 1000.0
         return writer.frames, tuple(segments)
 
-    def _render_video_piece(self, avatar: PreparedAvatar, base_frames: LoopedFrames, writer: video.Mp4Writer,
+    def _render_video_piece(self, engine: Engine, avatar: PreparedAvatar, base_frames: LoopedFrames,
+                            writer: video.Mp4Writer,
                             speech: Speech, wanted: int, progress: Callable[[float], None]) -> tuple[float, float]:
         """One piece of speech on a video avatar: ``wanted`` frames of its looping footage, from
         where the previous piece stopped, with the engine's mouth pasted where the face is in
@@ -447,7 +445,7 @@ class LipsyncService:
                 yield crop
 
         engine_s = composite_s = 0.0
-        patches = self.engine.render(avatar, speech, float(footage.fps), crops=crops())
+        patches = engine.render(avatar, speech, float(footage.fps), crops=crops())
         try:
             done = 0
             while done < wanted:

@@ -119,7 +119,8 @@ class Settings(EnvSettings):
     # --- lip-sync engine
     engine: str = "auto"                    # wav2lip when a checkpoint exists, else builtin
     checkpoint_path: str = "checkpoints/Wav2Lip-SD-GAN.pt"
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: str = "checkpoints"     # CHECKPOINTS_DIR (or CHECKPOINT_DIR): every checkpoint is a model
+    default_model: str = ""                 # a model's name (file stem or "builtin"); "": see engines/models.py
     device: str = "auto"
     batch_size: int = 64
     wav2lip_precision: str = "auto"         # fp16 on CUDA, fp32 on CPU; int8: opt-in CPU quantisation
@@ -156,8 +157,13 @@ class Settings(EnvSettings):
     webhook_timeout: float = 10.0
 
     # Fields whose environment name is not simply the upper-cased field name.
-    ENV_NAMES: ClassVar[dict[str, str]] = {"batch_size": "WAV2LIP_BATCH_SIZE"}
+    ENV_NAMES: ClassVar[dict[str, str]] = {"batch_size": "WAV2LIP_BATCH_SIZE", "checkpoint_dir": "CHECKPOINTS_DIR"}
     FIELD_HINTS: ClassVar[dict[str, str]] = {"face_box": "x1,y1,x2,y2 with x1 < x2 and y1 < y2"}
+
+    @classmethod
+    def _fallbacks(cls, env: Mapping[str, str], values: dict) -> dict:
+        legacy = (env.get("CHECKPOINT_DIR") or "").strip()  # the name before several models existed
+        return {"checkpoint_dir": legacy} if legacy and "checkpoint_dir" not in values else {}
 
     @classmethod
     def _parse_special(cls, name: str, raw: str):

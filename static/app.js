@@ -11,7 +11,7 @@
   const STAGES = ["tts", "lipsync", "encode"];
   const KEYS = { uiLang: "talking-avatar.ui-lang", speechLang: "talking-avatar.speech-lang",
                  history: "talking-avatar.history", apiKey: "talking-avatar.api-key",
-                 avatar: "talking-avatar.avatar" };
+                 avatar: "talking-avatar.avatar", model: "talking-avatar.model" };
   const DEFAULT_AVATAR = "default";  // the preloaded avatar: GET /api/avatars lists it first
   const HISTORY_MAX = 5;
   // Speech language "auto" (issue #17): the same letter rules as the server's lipsync/tts/language.py.
@@ -29,6 +29,7 @@
   const generate = $("generate"), progress = $("progress"), progressFill = $("progress-fill");
   const progressLabel = $("progress-label"), cancel = $("cancel"), stages = $("stages");
   const errorBox = $("error"), notice = $("notice"), health = $("health");
+  const modelField = $("model-field"), modelSelect = $("model"), modelHint = $("model-hint");
   const avatar = $("avatar"), avatarMissing = $("avatar-missing"), player = $("player");
   const download = $("download"), stats = $("stats");
   const historyList = $("history"), historyEmpty = $("history-empty"), historyClear = $("history-clear");
@@ -53,6 +54,7 @@
   let lastError = null;    // the error shown: {code, error, status, retryAfter}
   let lastNotice = null;   // the i18n key of the notice shown
   let shownStats = null;   // {duration, frames, engine, total}
+  let models = null;       // GET /api/models once loaded
   let avatarOk = null;     // null: loading, true/false: the preview image loaded or failed
   let job = null;          // the job this page follows (see submit())
   let avatars = null;      // GET /api/avatars' list (null until it has loaded)
@@ -153,7 +155,7 @@
       button.setAttribute("aria-pressed", String(button.dataset.uiLang === uiLang));
     }
     renderCounter(); renderAudioChoice(); renderHealth(); renderProgress(); renderMessages(); renderStats(); renderHistory();
-    renderAvatars(); renderAvatarUpload(); renderAvatarResult();
+    renderAvatars(); renderAvatarUpload(); renderAvatarResult(); renderModels();
   }
 
   for (const button of document.querySelectorAll("[data-ui-lang]")) {
@@ -290,6 +292,7 @@
         delay = 30000;
         if (avatarOk === false) showPreview(true);
         if (!avatars && avatarList.dataset.state === "error") loadAvatars();  // refused while loading
+        if (!models) loadModels();
       }
     } catch (e) {
       lastHealth = { state: "unreachable", data: null };
@@ -743,6 +746,44 @@
     if (radio) radio.focus();
   });
 
+  // ------------------------------------------------------------------ models
+  // The lip-sync models the server loaded (GET /api/models). With only the built-in one there is
+  // nothing to choose: the picker stays hidden. "Automatic" sends no model: the chosen avatar's
+  // preferred model, else the server's default.
+  async function loadModels() {
+    try {
+      const response = await fetch("/api/models", { cache: "no-store" });
+      const list = response.ok ? await response.json() : null;
+      models = Array.isArray(list) ? list : null;
+    } catch (e) {
+      models = null;  // loading, or unreachable: health polling tries again
+    }
+    const saved = load(KEYS.model, "");
+    if (models && models.some((m) => m.name === saved)) modelSelect.value = saved;
+    renderModels();
+  }
+
+  function renderModels() {
+    const choosable = !!models && models.some((m) => m.engine !== "builtin");
+    modelField.hidden = !choosable;
+    if (!choosable) return;
+    const chosen = modelSelect.value || load(KEYS.model, "");
+    const fallback = models.find((m) => m.default) || models[0];
+    const options = [["", t("model_auto", { name: fallback.name })],
+                     ...models.map((m) => [m.name, m.default ? t("model_default", { name: m.name }) : m.name])];
+    modelSelect.replaceChildren(...options.map(([value, label]) => {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = label;
+      return option;
+    }));
+    modelSelect.value = options.some(([value]) => value === chosen) ? chosen : "";
+    const picked = models.find((m) => m.name === modelSelect.value);
+    modelHint.textContent = picked ? (picked.description || t("model_no_description"))
+      : t("model_auto_hint", { name: fallback.name });
+  }
+  modelSelect.addEventListener("change", () => { save(KEYS.model, modelSelect.value); renderModels(); });
+
   // -------------------------------------------------------------------- jobs
   // Cancel is switched off with aria-disabled, not `disabled`: a disabled button loses focus.
   function setCancelUsable(usable) { cancel.setAttribute("aria-disabled", String(!usable)); }
@@ -821,9 +862,11 @@
       body = new FormData();
       body.append("audio", file, file.name);
       if (avatarId) body.append("avatar_id", avatarId);
+      if (modelSelect.value) body.append("model", modelSelect.value);
     } else {
       const fields = { text: text.value, language: language.value };  // "auto" until a language is picked
       if (avatarId) fields.avatar_id = avatarId;
+      if (modelSelect.value) fields.model = modelSelect.value;
       body = JSON.stringify(fields);
       headers["Content-Type"] = "application/json";
     }
@@ -1072,4 +1115,5 @@
   pollHealth();
   pruneHistory();
   loadAvatars();
+  loadModels();
 })();

@@ -133,6 +133,31 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """A second server offering two Wav2Lip models (random weights: gan.pth with a description,
+    nogan.pt) beside the built-in one."""
+    import json as json_
+
+    from lipsync.engines.wav2lip.model import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("page_models")
+    (root / "checkpoints").mkdir()
+    save_random_checkpoint(root / "checkpoints" / "gan.pth", seed=1)
+    save_random_checkpoint(root / "checkpoints" / "nogan.pt", seed=2)
+    (root / "checkpoints" / "gan.json").write_text(json_.dumps({"description": "Sharper; shows teeth."}))
+    settings = Settings(output_dir=str(root / "outputs"), cache_dir=str(root / "cache"),
+                        checkpoint_dir=str(root / "checkpoints"), checkpoint_path=str(root / "none.pt"),
+                        batch_size=16)
+    app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="page-models-http", daemon=True)
+    thread.start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}", app=app, settings=settings)
+    httpd.shutdown()
+    close_app(app)
+
+
+@pytest.fixture(scope="module")
 def browser():
     if not os.access(CHROMIUM, os.X_OK):  # a failure on CI (CI=true): tests/install_browser.sh installs it
         skip_or_fail(f"{CHROMIUM} not found: run tests/install_browser.sh (Debian's chromium)")
@@ -825,6 +850,40 @@ def test_a_video_avatar_is_uploaded_marked_and_used(open_page, server, tmp_path)
         assert (info["width"], info["height"], info["fps"]) == (640, 480, Fraction(30000, 1001))
     finally:
         api(server, entry["url"], "DELETE")
+
+
+def test_the_model_picker_is_hidden_with_only_the_builtin_model(open_page):
+    page = open_page("en-US")
+    wait_until(page, "document.getElementById('model').options.length === 0")  # nothing to choose from
+    expect(page.locator("#model-field")).to_be_hidden()
+
+
+def test_the_model_picker_chooses_the_model_of_a_job(open_page, model_server):
+    page = open_page("en-US", goto=False)
+    page.goto(model_server.url + "/")
+    expect(page.locator("#health")).to_have_attribute("data-state", "ready", timeout=60_000)
+    field = page.locator("#model-field")
+    expect(field).to_be_visible()
+    labels = page.locator("#model option").all_text_contents()
+    assert labels == ["Automatic (gan)", "gan (default)", "nogan", "builtin"], labels
+    expect(page.locator("#model-hint")).to_have_text(messages(page, "en")["model_auto_hint"].replace("{name}", "gan"))
+    page.select_option("#model", "gan")
+    expect(page.locator("#model-hint")).to_have_text("Sharper; shows teeth.")  # from checkpoints/gan.json
+    page.select_option("#model", "nogan")
+    expect(page.locator("#model-hint")).to_have_text(messages(page, "en")["model_no_description"])
+    shot(page, "model-picker")
+    page.fill("#text", "Hello.")
+    page.select_option("#language", "en")
+    with page.expect_response(lambda r: r.url.endswith("/api/jobs") and r.request.method == "POST") as sent:
+        page.click("#generate")
+    assert json.loads(sent.value.request.post_data)["model"] == "nogan"
+    job = sent.value.json()
+    expect(page.locator("#player")).to_have_attribute("data-source", "final", timeout=60_000)
+    assert job_state(model_server, job["id"])["engine"] == "nogan"  # the server used the chosen model
+    page.reload()  # the choice is remembered, and the picker speaks the interface's language
+    expect(page.locator("#model")).to_have_value("nogan")
+    page.click('[data-ui-lang="kk"]')
+    expect(page.locator('label[for="model"]')).to_have_text(messages(page, "kk")["model_label"])
 
 
 def test_a_photo_without_a_face_is_refused_in_the_interface_language(open_page, server, tmp_path):

@@ -5,19 +5,22 @@ Layout (``Settings.avatars_dir``, a folder every node of a cluster can share)::
     <avatars_dir>/<id>/avatar.json      what the API shows, plus the owner's key id
     <avatars_dir>/<id>/image.png        the avatar at output size, upright (EXIF applied)
     <avatars_dir>/<id>/thumbnail.jpg    256 px on its long side, for pickers
-    <avatars_dir>/<id>/prepared.pkl     the engine's per-avatar preparation (face box,
+    <avatars_dir>/<id>/prepared-<key>.pkl  each model's per-avatar preparation (face box,
                                         mouth geometry, fields, masks) and the idle-motion
-                                        rig, keyed by the engine (pickle, zlib-compressed)
+                                        rig, one file per model, named and checked by the
+                                        model's engine, checkpoint and version (pickle,
+                                        zlib-compressed)
     <avatars_dir>/<id>/base.mp4         a video avatar's footage, its ping-pong cycle at
     <avatars_dir>/<id>/track.json       output size, and where its face is in every frame
                                         (``lipsync.avatars.video``); image.png is then the
                                         reference frame the engine prepared
 
 Everything expensive (decoding, face detection, landmarks, the engine's preparation)
-happens in ``add``; a folder appears under its final name only when complete (written
-under a temporary name, then renamed), so a crash never leaves half an avatar. After a
-restart ``prepared`` reads ``prepared.pkl``; when the engine changed (another engine,
-checkpoint or version) it prepares again from ``image.png`` and rewrites it.
+happens in ``add`` (for the avatar's model: its preferred one, else the default); a folder
+appears under its final name only when complete (written under a temporary name, then
+renamed), so a crash never leaves half an avatar. Another model's preparation is made from
+``image.png`` the first time a request asks for it, then stored too; after a restart
+``prepared`` reads the stored one (made again when the model's checkpoint or version changed).
 
 Ownership: an avatar belongs to the API key that uploaded it (its key id, a short hash;
 None without keys). Another key's avatar is "not found" (404), not "forbidden", so ids
@@ -27,6 +30,7 @@ entry ``default``, visible to everyone and never deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,7 +48,8 @@ import cv2
 import numpy as np
 
 from lipsync.avatars.video import VideoBase
-from lipsync.engines.base import Engine, PreparedAvatar
+from lipsync.engines.base import PreparedAvatar
+from lipsync.engines.models import ModelSet
 from lipsync.errors import InvalidInputError, LipsyncError, NoFaceError, RefusedError
 from lipsync.faces.box import FaceBox
 from lipsync.faces.landmarks import face_landmarks
@@ -56,7 +61,7 @@ ID_PATTERN = re.compile(r"^av_[0-9a-f]{16}$")
 MAX_NAME_CHARS = 80
 THUMBNAIL_PX = 256
 PREPARED_IN_MEMORY = 8     # prepared avatars kept in memory (a builtin one is ~10-40 MB)
-META, IMAGE, THUMBNAIL, PREPARED = "avatar.json", "image.png", "thumbnail.jpg", "prepared.pkl"
+META, IMAGE, THUMBNAIL, PREPARED = "avatar.json", "image.png", "thumbnail.jpg", "prepared"
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class AvatarRecord:
     owner: str | None = None   # the uploading key's id (never shown)
     duration: float | None = None                 # a video's seconds (one pass, forward)
     face_boxes: list[list[int] | None] | None = None  # a video's box per frame, smoothed; None: face lost
+    model: str | None = None   # the preferred model of requests on this avatar (None: the default)
 
     def public(self) -> dict:
         """What the API shows (no owner)."""
@@ -84,36 +90,39 @@ class AvatarRecord:
 
 
 class AvatarLibrary:
-    """Avatars on disk plus a small in-memory cache of their engine preparation.
+    """Avatars on disk plus a small in-memory cache of their models' preparations.
 
-    ``prepare_image(image_bgr) -> PreparedAvatar`` is the service's (face box found on the
-    image as uploaded, then everything scaled to output size and prepared by the engine);
-    ``prepare_scaled(image_bgr, box)`` prepares a stored picture again (already at output
-    size, its box known); ``find_faces(image_bgr) -> [FaceBox]`` counts the faces of an
-    upload. Thread-safe.
+    ``models``: the loaded ``ModelSet``. ``prepare_image(image_bgr, model) -> PreparedAvatar``
+    is the service's (face box found on the image as uploaded, then everything scaled to
+    output size and prepared by ``model``; None: the default); ``prepare_scaled(image_bgr,
+    box, model, idle=True)`` prepares a stored picture (already at output size, its box
+    known), with the idle-motion rig or without; ``find_faces(image_bgr) -> [FaceBox]``
+    counts the faces of an upload; ``register_video(data, folder)`` decodes, tracks and
+    stores a clip (``lipsync.avatars.video``). Thread-safe.
     """
 
-    def __init__(self, root: str, engine: Engine, prepare_image, prepare_scaled, find_faces, *,
+    def __init__(self, root: str, models: ModelSet, prepare_image, prepare_scaled, find_faces, *,
                  register_video=None, max_per_owner: int = 100):
         self.root = root
-        self.engine = engine
+        self.models = models
         self._prepare_image = prepare_image
         self._prepare_scaled = prepare_scaled
         self._find_faces = find_faces
         self._register_video = register_video  # (data, folder) -> lipsync.avatars.video.RegisteredVideo
         self.max_per_owner = max_per_owner
-        self._default: tuple[AvatarRecord, PreparedAvatar, bytes] | None = None
-        self._cache: OrderedDict[str, PreparedAvatar] = OrderedDict()
+        self._default: tuple[AvatarRecord, dict[str, PreparedAvatar], bytes] | None = None
+        self._cache: OrderedDict[tuple[str, str], PreparedAvatar] = OrderedDict()  # (id, model)
         self._lock = threading.Lock()
         os.makedirs(root, exist_ok=True)
 
     # ---------------------------------------------------------------- the default entry
     def set_default(self, prepared: PreparedAvatar, name: str) -> None:
-        """Make the preloaded avatar the ``default`` entry (kept in memory only)."""
+        """Make the preloaded avatar (``prepared`` by the default model) the ``default`` entry
+        (kept in memory only; other models prepare it when first asked)."""
         h, w = prepared.image.shape[:2]
         record = AvatarRecord(id=DEFAULT_ID, name=name, kind="image", width=w, height=h, fps=None, frames=1,
                               face_box=prepared.box.as_list(), created_at=time.time())
-        self._default = (record, prepared, _thumbnail(prepared.image))
+        self._default = (record, {self.models.default: prepared}, _thumbnail(prepared.image))
 
     # ---------------------------------------------------------------- queries
     def get(self, avatar_id: str, owner: str | None) -> AvatarRecord:
@@ -146,48 +155,64 @@ class AvatarLibrary:
     def image(self, avatar_id: str, owner: str | None) -> bytes:
         """The entry's picture at output size (JPEG bytes), as the video shows it."""
         self.get(avatar_id, owner)
-        image = self._default[1].image if avatar_id == DEFAULT_ID else \
+        image = self._default[1][self.models.default].image if avatar_id == DEFAULT_ID else \
             cv2.imread(os.path.join(self.root, avatar_id, IMAGE), cv2.IMREAD_COLOR)
         if image is None:
             raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         return jpeg.tobytes()
 
-    def prepared(self, avatar_id: str, owner: str | None) -> PreparedAvatar:
-        """The engine's preparation of the entry: from memory, else from disk, else made
-        again from the stored image (after an engine change) and stored."""
+    def prepared(self, avatar_id: str, owner: str | None, model: str | None = None) -> PreparedAvatar:
+        """``model``'s (default: the default model's) preparation of the entry: from memory, else
+        from disk, else made from the stored picture and stored."""
         record = self.get(avatar_id, owner)
+        model = model or self.models.default
         if avatar_id == DEFAULT_ID:
-            return self._default[1]
+            return self._default_prepared(model)
+        key = (avatar_id, model)
         with self._lock:
-            found = self._cache.get(avatar_id)
+            found = self._cache.get(key)
             if found is not None:
-                self._cache.move_to_end(avatar_id)
+                self._cache.move_to_end(key)
                 return found
         folder = os.path.join(self.root, avatar_id)
-        prepared = self._load_prepared(folder)
+        prepared = self._load_prepared(folder, model)
         if prepared is None:
             image = cv2.imread(os.path.join(folder, IMAGE), cv2.IMREAD_COLOR)
             if image is None:
                 raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged", status=500)
-            prepared = self._prepare_scaled(image, FaceBox(*record.face_box))
-            if record.kind == "video":
-                prepared = replace(prepared, idle=None)  # footage moves by itself
-            self._store_prepared(folder, prepared)
+            # (a video's footage moves by itself: no idle rig)
+            prepared = self._prepare_scaled(image, FaceBox(*record.face_box), model, idle=record.kind == "image")
+            self._store_prepared(folder, prepared, model)
         if record.kind == "video":
             try:
                 prepared = replace(prepared, video=VideoBase.load(folder))
             except (OSError, ValueError, KeyError, TypeError):
                 raise LipsyncError(f"avatar {avatar_id} is damaged on disk", code="avatar_damaged",
                                    status=500) from None
-        with self._lock:
-            self._cache[avatar_id] = prepared
-            while len(self._cache) > PREPARED_IN_MEMORY:
-                self._cache.popitem(last=False)
+        self._remember(key, prepared)
         return prepared
 
+    def _default_prepared(self, model: str) -> PreparedAvatar:
+        prepared = self._default[1]
+        found = prepared.get(model)
+        if found is None:  # another model's first request on the preloaded avatar
+            first = prepared[self.models.default]
+            found = self._prepare_scaled(first.image, first.box, model)
+            with self._lock:
+                found = prepared.setdefault(model, found)
+        return found
+
+    def _remember(self, key: tuple[str, str], prepared: PreparedAvatar) -> None:
+        with self._lock:
+            self._cache[key] = prepared
+            self._cache.move_to_end(key)
+            while len(self._cache) > PREPARED_IN_MEMORY:
+                self._cache.popitem(last=False)
+
     # ---------------------------------------------------------------- changes
-    def add(self, image_bgr: np.ndarray, name: str | None, owner: str | None) -> AvatarRecord:
+    def add(self, image_bgr: np.ndarray, name: str | None, owner: str | None,
+            model: str | None = None) -> AvatarRecord:
         """Check, prepare and store an uploaded image; returns its new entry.
 
         Raises 422 ``no_face`` / ``several_faces`` (exactly one face is needed),
@@ -205,14 +230,14 @@ class AvatarLibrary:
             boxes = ", ".join(str(b.as_list()) for b in faces[:4])
             raise NoFaceError(f"the uploaded avatar shows {len(faces)} faces (frame 0: {boxes}); "
                               "an avatar needs exactly one", code="several_faces")
-        prepared = self._prepare_image(image_bgr)
+        prepared = self._prepare_image(image_bgr, model)
         h, w = prepared.image.shape[:2]
         record = AvatarRecord(id=_new_id(), name=name or "avatar", kind="image", width=w,
                               height=h, fps=None, frames=1, face_box=prepared.box.as_list(),
-                              created_at=time.time(), owner=owner)
+                              created_at=time.time(), owner=owner, model=model)
         return self._store(record, prepared, self._staging(record.id))
 
-    def add_video(self, data: bytes, name: str | None, owner: str | None) -> AvatarRecord:
+    def add_video(self, data: bytes, name: str | None, owner: str | None, model: str | None = None) -> AvatarRecord:
         """Register an uploaded clip (``lipsync.avatars.video``: decoded, tracked and stored once);
         returns its new entry. Errors as ``add`` and ``register_video``."""
         name = _clean_name(name)
@@ -222,7 +247,7 @@ class AvatarLibrary:
         try:
             os.makedirs(staging)
             found = self._register_video(data, staging)
-            prepared = replace(self._prepare_scaled(found.image, found.box), idle=None)
+            prepared = self._prepare_scaled(found.image, found.box, model, idle=False)
             found.base.save_track(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -231,7 +256,8 @@ class AvatarLibrary:
         record = AvatarRecord(id=avatar_id, name=name or "video avatar", kind="video", width=base.width,
                               height=base.height, fps=round(float(base.fps), 3), frames=base.frames,
                               face_box=found.box.as_list(), created_at=time.time(), owner=owner,
-                              duration=round(base.frames / float(base.fps), 3), face_boxes=base.boxes(found.box))
+                              duration=round(base.frames / float(base.fps), 3), face_boxes=base.boxes(found.box),
+                              model=model)
         self._store(record, prepared, staging)
         log.info("video avatar %s added (%dx%d, %d frames at %s fps, face %s)", avatar_id, base.width,
                  base.height, base.frames, base.fps, record.face_box)
@@ -249,7 +275,7 @@ class AvatarLibrary:
                 raise LipsyncError("could not store the avatar image", code="storage_failed", status=500)
             with open(os.path.join(staging, THUMBNAIL), "wb") as f:
                 f.write(_thumbnail(prepared.image))
-            self._store_prepared(staging, prepared)
+            self._store_prepared(staging, prepared, record.model or self.models.default)
             with open(os.path.join(staging, META), "w", encoding="utf-8") as f:
                 json.dump(asdict(record), f)
             os.rename(staging, final)
@@ -258,10 +284,7 @@ class AvatarLibrary:
             raise
         if record.kind == "video":
             prepared = replace(prepared, video=VideoBase.load(final))
-        with self._lock:
-            self._cache[record.id] = prepared
-            while len(self._cache) > PREPARED_IN_MEMORY:
-                self._cache.popitem(last=False)
+        self._remember((record.id, record.model or self.models.default), prepared)
         if record.kind == "image":
             log.info("avatar %s added (%dx%d, face %s)", record.id, record.width, record.height, record.face_box)
         return record
@@ -284,7 +307,8 @@ class AvatarLibrary:
         os.rename(folder, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
         with self._lock:
-            self._cache.pop(avatar_id, None)
+            for key in [k for k in self._cache if k[0] == avatar_id]:
+                del self._cache[key]
 
     # ---------------------------------------------------------------- storage
     def _read(self, avatar_id: str) -> AvatarRecord | None:
@@ -296,30 +320,34 @@ class AvatarLibrary:
         except (OSError, ValueError, TypeError):
             return None
 
-    def _engine_key(self) -> dict:
-        return {k: v for k, v in self.engine.describe().items() if k in ("engine", "checkpoint", "version", "device")}
+    def _engine_key(self, model: str) -> dict:
+        info = self.models.engine(model).describe()
+        return {"model": model, **{k: v for k, v in info.items() if k in ("engine", "checkpoint", "version", "device")}}
 
-    def _store_prepared(self, folder: str, prepared: PreparedAvatar) -> None:
+    def _prepared_file(self, folder: str, model: str) -> str:
+        key = hashlib.sha256(json.dumps(self._engine_key(model), sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(folder, f"{PREPARED}-{key}.pkl")
+
+    def _store_prepared(self, folder: str, prepared: PreparedAvatar, model: str) -> None:
         prepared = replace(prepared, video=None)  # a video's footage is stored beside it, found again at load
         try:
-            data = zlib.compress(pickle.dumps({"engine": self._engine_key(), "prepared": prepared},
+            data = zlib.compress(pickle.dumps({"engine": self._engine_key(model), "prepared": prepared},
                                               protocol=pickle.HIGHEST_PROTOCOL), 1)
         except Exception as exc:  # noqa: BLE001 - an engine state that cannot be pickled is prepared per load
-            log.warning("the %s engine's preparation cannot be stored (%s); it is made again after restarts",
-                        self.engine.name, exc)
+            log.warning("model %s's preparation cannot be stored (%s); it is made again after restarts", model, exc)
             return
-        tmp = os.path.join(folder, PREPARED + ".tmp")
-        with open(tmp, "wb") as f:
+        path = self._prepared_file(folder, model)
+        with open(path + ".tmp", "wb") as f:
             f.write(data)
-        os.replace(tmp, os.path.join(folder, PREPARED))
+        os.replace(path + ".tmp", path)
 
-    def _load_prepared(self, folder: str) -> PreparedAvatar | None:
+    def _load_prepared(self, folder: str, model: str) -> PreparedAvatar | None:
         try:
-            with open(os.path.join(folder, PREPARED), "rb") as f:
+            with open(self._prepared_file(folder, model), "rb") as f:
                 stored = pickle.loads(zlib.decompress(f.read()))  # written by this service into its own storage
         except (OSError, zlib.error, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
             return None
-        if not isinstance(stored, dict) or stored.get("engine") != self._engine_key():
+        if not isinstance(stored, dict) or stored.get("engine") != self._engine_key(model):
             return None
         prepared = stored.get("prepared")
         return prepared if isinstance(prepared, PreparedAvatar) else None

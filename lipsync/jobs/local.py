@@ -196,7 +196,7 @@ class LocalJobQueue(JobQueue):
             # the language as resolved ("auto" chosen, a mismatch allowed): the worker speaks it as is
             stored = {"text": text, "language": language, "allow_mismatch": request.allow_mismatch,
                       "recording": None, "avatar_image": None, "avatar_id": request.avatar_id,
-                      "owner": request.owner, "idle_motion": request.idle_motion}
+                      "owner": request.owner, "idle_motion": request.idle_motion, "model": request.model}
             if request.recording is not None:
                 stored["recording"] = self._write_input(job_dir, RECORDING_NAME, request.recording)
             if request.avatar_image is not None:
@@ -593,6 +593,8 @@ class _Render:
             kwargs.update(avatar_id=request["avatar_id"], owner=request.get("owner"))
         if request.get("idle_motion") is not None:
             kwargs["idle_motion"] = bool(request["idle_motion"])
+        if request.get("model"):
+            kwargs["model"] = request["model"]
         self.check_abort()
         current = self.jobs.store.row(self.job_id)
         if current is None or current["status"] != RUNNING:

@@ -56,6 +56,7 @@ class JobRequest:
     avatar_id: str | None = None
     owner: str | None = None
     idle_motion: bool | None = None
+    model: str | None = None  # a lip-sync model by name (None: the avatar's, else the default)
     callback_url: str | None = None
 
 

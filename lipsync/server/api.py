@@ -1,5 +1,5 @@
 """The synchronous API: ``POST /api/generate`` (the MP4 in the response), ``GET /api/health``,
-``GET /api/avatar`` and ``GET /api/openapi.json``."""
+``GET /api/models``, ``GET /api/avatar`` and ``GET /api/openapi.json``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.wsgi import wrap_file
 
 from lipsync.errors import LipsyncError
+from lipsync.inputs import check_service_loaded
 from lipsync.server import context
 from lipsync.server.request_inputs import generate_inputs
 from lipsync.tempdirs import process_temp_dir
@@ -22,6 +23,16 @@ def health():
     if context.lifecycle().stopping.is_set():
         info["status"] = "shutting_down"  # load balancers: send new work elsewhere
     return jsonify(info), 200 if info["status"] == "ready" else 503
+
+
+@api.get("/models")
+def models():
+    """Every loaded lip-sync model (``lipsync.engines.models``), the default marked."""
+    service = context.service()
+    check_service_loaded(service)
+    if service.models is None:
+        raise LipsyncError("the models are still loading", code="not_ready", status=503)
+    return jsonify(service.models.public())
 
 
 @api.get("/openapi.json")

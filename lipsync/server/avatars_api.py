@@ -17,7 +17,7 @@ from lipsync.errors import InvalidInputError
 from lipsync.inputs import AVATAR, check_image, check_service_loaded
 from lipsync.server import context
 from lipsync.server.observability import ENV_KEY_ID
-from lipsync.server.request_inputs import read_request_file
+from lipsync.server.request_inputs import model_input, read_request_file
 
 avatars_api = Blueprint("avatars", __name__, url_prefix="/api/avatars")
 
@@ -58,7 +58,8 @@ def add():
     # Detection, landmarks and the engine's preparation: a render's worth of CPU, so it
     # takes a render slot (and waits for one like a render does).
     with current_app.extensions["render_slots"].slot():
-        record = service.add_avatar(data, request.form.get("name"), request_owner())
+        record = service.add_avatar(data, request.form.get("name"), request_owner(),
+                                    model_input(request.form.get("model")).get("model"))
     entry = _entry(record)
     return jsonify(entry), 201, {"Location": entry["url"]}
 

@@ -20,7 +20,7 @@ from lipsync.server.security import Security, presented_key
 log = logging.getLogger("lipsync.web")
 
 # Never behind an API key: the page and what it loads before the user can do anything.
-PUBLIC_ENDPOINTS = frozenset({"pages.index", "static", "api.health", "api.avatar", "api.openapi"})
+PUBLIC_ENDPOINTS = frozenset({"pages.index", "static", "api.health", "api.avatar", "api.openapi", "api.models"})
 # Endpoints that start work: the strict rate limit, refused while shutting down.
 WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit", "avatars.add"})
 # The looser limit: reads and cancels of jobs.

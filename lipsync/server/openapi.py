@@ -119,12 +119,12 @@ class _Document:
                        f"{s.max_image_pixels} pixels.")
         text, language = self.text_schema(), _language_schema()
         json_props = {"text": text, "language": language, "allow_mismatch": _ALLOW_MISMATCH_SCHEMA,
-                      "avatar_id": _AVATAR_ID_SCHEMA, "idle_motion": _IDLE_MOTION_SCHEMA}
+                      "avatar_id": _AVATAR_ID_SCHEMA, "idle_motion": _IDLE_MOTION_SCHEMA, "model": _MODEL_SCHEMA}
         form_props = {"audio": {"type": "string", "format": "binary",
                                 "description": "A recording to lip-sync instead of speaking `text`."},
                       "avatar": {"type": "string", "format": "binary",
                                  "description": "An image that replaces the preloaded avatar for this request."},
-                      "avatar_id": _AVATAR_ID_SCHEMA, "text": text, "language": language,
+                      "avatar_id": _AVATAR_ID_SCHEMA, "text": text, "language": language, "model": _MODEL_SCHEMA,
                       "idle_motion": {**_IDLE_MOTION_SCHEMA, "type": "string",
                                       "enum": ["true", "false", "1", "0", "yes", "no"]},
                       "allow_mismatch": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}}
@@ -242,7 +242,9 @@ class _Document:
                                      "A PNG/JPEG photo, or a video clip (MP4, MOV, WebM, MKV, AVI; at most "
                                      "`MAX_AVATAR_SECONDS`): played forwards then backwards under any speech, "
                                      "at its own frame rate when that is 24-60 fps."},
-                          "name": {"type": "string", "maxLength": 80, "description": "A label for pickers."}}},
+                          "name": {"type": "string", "maxLength": 80, "description": "A label for pickers."},
+                          "model": {**_MODEL_SCHEMA, "description": "The avatar's preferred model: requests on it "
+                                    "that name none get it."}}},
                       "encoding": {"avatar": {"contentType": "image/png, image/jpeg, video/*"}}}}}
         return {
             "/api/avatars": {
@@ -258,7 +260,7 @@ class _Document:
                                                  {"Location": _header("Location")}),
                                       "400": _error("Not an image or video, or a bad field (codes `invalid_image`, "
                                                     "`invalid_video`, `image_too_large`, `missing_input`, "
-                                                    "`invalid_name`)."),
+                                                    "`invalid_name`, `unknown_model`)."),
                                       "413": _error("Too large (codes `payload_too_large`, `upload_too_large`, "
                                                     "`video_too_long`)."),
                                       "422": _error("No face (`no_face`) or more than one (`several_faces`); "
@@ -297,6 +299,12 @@ class _Document:
                 "503": _ok("Loading, failed to load, or shutting down (see `status`, `error`).",
                            {"application/json": {"schema": _ref("Health")}}),
             }, tags=["operations"], public=True)},
+            "/api/models": {"get": self.op("Every loaded lip-sync model (each checkpoint in CHECKPOINTS_DIR, and "
+                                           "`builtin`); `model` on requests picks one.", {
+                "200": _ok("The models, the default marked.", {"application/json": {"schema": {
+                    "type": "array", "items": _ref("Model")}}}),
+                "503": _error("Not loaded yet (code `not_ready`)."),
+            }, tags=["operations"], public=True)},
             "/api/openapi.json": {"get": self.op("This document.", {
                 "200": _ok("OpenAPI 3 document.", {"application/json": {"schema": {"type": "object"}}})},
                 tags=["operations"], public=True)},
@@ -330,6 +338,10 @@ _AVATAR_ID_PARAM = {"name": "avatar_id", "in": "path", "required": True,
                     "schema": {"type": "string", "pattern": "^(default|av_[0-9a-f]{16})$"}, "example": "default",
                     "description": "`default` or an id `POST /api/avatars` returned."}
 
+_MODEL_SCHEMA = {"type": "string", "maxLength": 200, "nullable": True, "example": "builtin",
+                 "description": "A lip-sync model by name (`GET /api/models`: a checkpoint's file stem, or "
+                                "`builtin`); 400 `unknown_model` otherwise. Omitted: the avatar's preferred "
+                                "model, else the default."}
 _IDLE_MOTION_SCHEMA = {"type": "boolean", "nullable": True,
                        "description": "Blinks, a slow head sway and breathing (default: the server's IDLE_MOTION, "
                                       "on unless set off); the same input gives the same motion."}
@@ -370,6 +382,8 @@ def _schemas() -> dict:
         "models_loaded": {"type": "boolean"}, "avatar_loaded": {"type": "boolean"},
         "engine": nullable_str, "device": nullable_str, "checkpoint": nullable_str, "version": nullable_str,
         "tts_provider": nullable_str, "face_detector": nullable_str, "error": {"type": "string"},
+        "model": {"type": "string", "description": "The default model's name."},
+        "models": {"type": "array", "items": {"type": "string"}, "description": "Every loaded model's name."},
         "avatar": {"type": "object", "properties": {
             "width": {"type": "integer"}, "height": {"type": "integer"},
             "face_box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4}}}}}
@@ -383,19 +397,27 @@ def _schemas() -> dict:
                      "description": "x1, y1, x2, y2 in pixels of the avatar at output size (a video: on "
                                     "its reference frame, the thumbnail)."},
         "duration": {"type": "number", "nullable": True, "description": "A video's seconds (one pass)."},
+        "model": {"type": "string", "nullable": True, "description": "The preferred model (null: the default)."},
         "face_boxes": {"type": "array", "nullable": True, "description": "A video's face box in every frame "
                        "(smoothed); null where the face is lost (those frames are left untouched).",
                        "items": {"type": "array", "nullable": True, "items": {"type": "integer"}}},
         "created_at": {"type": "number", "description": "Unix seconds."},
         "url": {"type": "string"}, "thumbnail_url": {"type": "string"}, "image_url": {"type": "string"}}}
-    return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar}
+    model = {"type": "object", "required": ["name", "engine", "default"], "properties": {
+        "name": {"type": "string"}, "engine": {"type": "string", "enum": ["wav2lip", "builtin"]},
+        "checkpoint": nullable_str, "layout": nullable_str,
+        "params": {"type": "integer", "description": "Learnable parameters (0 for builtin)."},
+        "device": nullable_str, "precision": nullable_str, "default": {"type": "boolean"},
+        "description": {**nullable_str, "description": "From `checkpoints/<name>.json`, if any."},
+        "memory_mb": {"type": "number", "description": "What loading it cost (process memory, plus GPU memory)."}}}
+    return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar, "Model": model}
 
 
 _UNAUTHORIZED = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)
 _WRITE_ERRORS = {
     "400": _error("Bad input: `invalid_json`, `missing_input`, `invalid_text`, `empty_text`, "
                   "`unsupported_language`, `language_mismatch`, `invalid_input`, `invalid_audio`, `invalid_image`, "
-                  "`image_too_large`, `invalid_callback_url`."),
+                  "`image_too_large`, `invalid_callback_url`, `unknown_avatar`, `unknown_model`."),
     "413": _error("Over a limit: `text_too_long`, `upload_too_large`, `payload_too_large`, `audio_too_long`, "
                   "`speech_too_long`."),
     "503": _error("Not now: `not_ready` (models loading or failed), `busy` (all render slots taken), "

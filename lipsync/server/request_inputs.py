@@ -31,7 +31,7 @@ JOB_ENDPOINT = "jobs.submit"
 def generate_inputs() -> dict:
     """The generate request as keyword arguments of ``LipsyncService.generate``, checked before any work.
 
-    JSON: ``{"text", "language", "avatar_id"}``. multipart/form-data: an ``audio`` file
+    JSON: ``{"text", "language", "avatar_id", "idle_motion", "model"}``. multipart/form-data: an ``audio`` file
     (lip-sync a recording, no TTS) or ``text``/``language`` fields, plus an
     optional ``avatar`` image replacing the preloaded one for this request, or
     an ``avatar_id`` from the library (``GET /api/avatars``).
@@ -61,7 +61,6 @@ def _form_inputs() -> dict:
     audio_file = request.files.get("audio")
     avatar_file = request.files.get("avatar")
     inputs.update(_avatar_id(request.form.get("avatar_id", _OMITTED)))
-    inputs.update(_idle_motion(request.form.get("idle_motion", _OMITTED)))
     if avatar_file is not None and inputs:
         raise InvalidInputError("give either an 'avatar' image or an 'avatar_id', not both", code="conflicting_inputs")
     if avatar_file is not None:
@@ -78,6 +77,8 @@ def _form_inputs() -> dict:
                       **_language(request.form.get("language", _OMITTED), request.form.get("allow_mismatch", _OMITTED)))
     else:
         raise InvalidInputError("send an 'audio' file or a 'text' field", code="missing_input")
+    inputs.update(_idle_motion(request.form.get("idle_motion", _OMITTED)))
+    inputs.update(model_input(request.form.get("model", _OMITTED)))
     return inputs
 
 
@@ -103,7 +104,8 @@ def _json_inputs() -> dict:
     _log_text(body["text"])  # clean_text refuses a non-string (null too: the same answer from both APIs)
     return {"text": clean_text(body["text"]), **_language(body.get("language", _OMITTED),
                                                                 body.get("allow_mismatch", _OMITTED)),
-            **_avatar_id(body.get("avatar_id", _OMITTED)), **_idle_motion(body.get("idle_motion", _OMITTED))}
+            **_avatar_id(body.get("avatar_id", _OMITTED)), **_idle_motion(body.get("idle_motion", _OMITTED)),
+            **model_input(body.get("model", _OMITTED))}
 
 
 _OMITTED = object()  # no "language" key at all (null is a value, and refused like any non-language)
@@ -145,6 +147,19 @@ def _idle_motion(value) -> dict:
     if value is _OMITTED or value is None:
         return {}
     return {"idle_motion": _boolean("idle_motion", value)}
+
+
+def model_input(value=_OMITTED) -> dict:
+    """``model`` (a form field or JSON key) checked now: 400 ``unknown_model`` listing the loaded
+    ones; nothing when omitted (the avatar's preferred model, else the default)."""
+    if value is _OMITTED or value is None or value == "":
+        return {}
+    models = context.service().models
+    if models is None:  # still loading (a job may wait for it): checked when it runs
+        if not isinstance(value, str):
+            raise InvalidInputError("'model' must be a string", code="unknown_model")
+        return {"model": value}
+    return {"model": models.resolve(value)}
 
 
 def _avatar_id(value) -> dict:
