@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 WHEELS := $(wildcard /opt/wheels)
 PIP    := $(PY) -m pip install --disable-pip-version-check -q $(if $(WHEELS),--find-links $(WHEELS))
 
-.PHONY: install install-dev run serve test test-fast lint bench clean
+.PHONY: install install-dev run serve cluster cluster-stop test test-fast lint bench clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -34,6 +34,19 @@ serve: install
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; } || \
 	  { echo "make serve needs nginx: sudo apt-get install nginx" >&2; exit 1; }
 	$(PY) -m lipsync.server.stack
+
+# A local cluster in the background (README "Cluster"): redis-server and nginx (Debian's packages;
+# installed here when missing and root), two web processes and two workers on PORT (3000).
+cluster: install
+	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="redis-server"; \
+	  command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	  test -z "$$missing" || { test "$$(id -u)" = 0 && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } || \
+	  { echo "make cluster needs:$$missing (sudo apt-get install$$missing)" >&2; exit 1; }
+	$(PY) -m lipsync.server.cluster start
+
+cluster-stop:
+	$(PY) -m lipsync.server.cluster stop
 
 # What CI runs (.ci/run): the linter, then every test.
 test: install-dev lint

@@ -6,6 +6,7 @@
     python -m lipsync avatars list | delete ID
     python -m lipsync health
     python -m lipsync models                              (then: generate --model NAME)
+    python -m lipsync worker          (cluster mode, QUEUE_URL=redis://...: render queued jobs)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("health", help="load everything and print what the service would report")
     sub.add_parser("models", help="load every model and print each as a JSON line (as GET /api/models)")
+    sub.add_parser("worker", help="cluster mode: render the jobs queued in QUEUE_URL (run one per GPU)")
 
     avatars = sub.add_parser("avatars", help="the avatar library (AVATARS_DIR), as the API without a key sees it")
     act = avatars.add_subparsers(dest="action", required=True)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _models(settings)
     if args.command == "avatars":
         return _avatars(args, settings)
+    if args.command == "worker":
+        return _worker(settings)
     return _generate(args, settings)
 
 
@@ -181,3 +185,39 @@ def _generate(args, settings: Settings) -> int:
     stages = ", ".join(f"{k} {v / 1000:.2f} s" for k, v in result.timings.items())
     print(f"{out}: {result.duration:.2f} s, {result.frames} frames, model {result.engine} ({stages})")
     return 0
+
+
+def _worker(settings: Settings) -> int:
+    """``python -m lipsync worker``: load the pipeline once, render cluster jobs until SIGTERM."""
+    if not settings.queue_url:
+        print("error: the worker needs QUEUE_URL (redis://host:port/db), the cluster's Redis", file=sys.stderr)
+        return 2
+    # The worker logs like the web processes (JSON lines, the "job" line per job) and links
+    # webhooks to the same URLs; those helpers live with the web layer.
+    from lipsync.jobs.worker import serve
+    from lipsync.memory import release_memory, tune_malloc
+    from lipsync.server.links import job_links
+    from lipsync.server.observability import Metrics, configure_logging, record_finished_job
+    from lipsync.server.settings import ServerSettings
+    from lipsync.service import LipsyncService
+    from lipsync.tempdirs import sweep_stale_temp
+
+    try:
+        server = ServerSettings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # main()'s plain stderr handler: the worker logs JSON lines instead
+        root.removeHandler(handler)
+    configure_logging(server.log_level, server.log_format)
+    tune_malloc()
+    service = LipsyncService(settings)
+    sweep_stale_temp(service.temp_root())
+    metrics = Metrics()
+
+    def job_ended(state: dict) -> None:
+        release_memory()
+        record_finished_job(metrics, state)
+
+    return serve(service, settings, on_job_end=job_ended, job_links=job_links)

@@ -155,6 +155,11 @@ class Settings(EnvSettings):
     webhook_secret: str | None = field(default=None, repr=False)  # HMAC-SHA256 key for callback signatures
     webhook_retries: int = 5
     webhook_timeout: float = 10.0
+    # --- cluster (README "Cluster"): jobs in Redis, rendered by `python -m lipsync worker` processes
+    queue_url: str | None = field(default=None, repr=False)  # redis://host:port/db; unset: the embedded queue
+    job_max_attempts: int = 3               # runs of a job whose worker died (SIGKILL, lost machine), then worker_lost
+    worker_heartbeat_seconds: float = 5.0   # a busy worker's heartbeat; 3 missed: its job goes to another worker
+    job_timeout_seconds: float = 3600.0     # a cluster job running longer is stopped (failed, job_timeout)
 
     # Fields whose environment name is not simply the upper-cased field name.
     ENV_NAMES: ClassVar[dict[str, str]] = {"batch_size": "WAV2LIP_BATCH_SIZE", "checkpoint_dir": "CHECKPOINTS_DIR"}
@@ -187,6 +192,9 @@ class Settings(EnvSettings):
         self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars",
                             "max_avatar_seconds")
         self.check_non_negative("tts_breaker_reset_seconds")
+        self.check_positive("job_max_attempts", "worker_heartbeat_seconds", "job_timeout_seconds")
+        if self.queue_url and self.queue_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise SettingsError("QUEUE_URL must be a redis://, rediss:// or unix:// URL (or unset: the embedded queue)")
 
     @property
     def resolved_avatars_dir(self) -> str:

@@ -1,16 +1,20 @@
 """This process's per-request temporary folders, and the sweep of those left by dead processes.
 
-A folder is named ``<kind>-<pid>.<start ticks>-<random>`` under the service's temporary
+A folder is named ``<kind>-<pid>.<start ticks>.<host>-<random>`` under the service's temporary
 root (``LipsyncService.temp_root()``), so a restarted process, or another gunicorn worker
-sharing the root, can tell whether the process that made it still runs.
+sharing the root, can tell whether the process that made it still runs. ``<host>`` (a digest
+of the host name) keeps machines sharing one OUTPUT_DIR (the cluster) from judging each
+other's process ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 
 log = logging.getLogger(__name__)
@@ -28,14 +32,17 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _process_tag() -> str:
-    """``<pid>.<start time>``: names this process's temporary folders, unique even across container
-    restarts where the pid repeats."""
-    return f"{os.getpid()}.{_start_ticks(os.getpid()) or 0}"
+    """``<pid>.<start time>.<host>``: names this process's temporary folders, unique even across
+    container restarts where the pid repeats, and across machines sharing the folder."""
+    return f"{os.getpid()}.{_start_ticks(os.getpid()) or 0}.{HOST_TAG}"
 
 
 PROCESS_TAG = _process_tag()
-_TEMP_NAME = re.compile(rf"(?:{'|'.join(KINDS)})-(\d+)\.(\d+)-")
+_TEMP_NAME = re.compile(rf"(?:{'|'.join(KINDS)})-(\d+)\.(\d+)(?:\.([0-9a-f]{{8}}))?-")
 
 
 def process_temp_dir(kind: str, root: str) -> tempfile.TemporaryDirectory:
@@ -61,8 +68,10 @@ def sweep_stale_temp(root: str) -> int:
         match = _TEMP_NAME.match(name)
         if match is None:
             continue
-        pid, ticks = int(match.group(1)), int(match.group(2))
-        if pid == os.getpid() and f"{pid}.{ticks}" == PROCESS_TAG:
+        pid, ticks, host = int(match.group(1)), int(match.group(2)), match.group(3)
+        if host is not None and host != HOST_TAG:
+            continue  # another machine's (a cluster node sharing OUTPUT_DIR): its pids mean nothing here
+        if pid == os.getpid() and f"{pid}.{ticks}.{HOST_TAG}" == PROCESS_TAG:
             continue
         alive = _start_ticks(pid)
         if alive is not None and (ticks == 0 or alive == ticks):

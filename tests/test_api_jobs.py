@@ -132,3 +132,26 @@ def test_bad_job_requests_fail_at_submit(client):
     assert client.post("/api/jobs", json={"text": " ", "language": "en"}).get_json()["code"] == "empty_text"
     r = client.post("/api/jobs", json={"text": "Hi", "language": "en", "callback_url": "file:///etc/passwd"})
     assert r.status_code == 400 and r.get_json()["code"] == "invalid_callback_url"
+
+
+def test_an_idempotency_key_gives_a_retry_the_same_job_and_refuses_another_body(client):
+    body = {"text": "Same job.", "language": "en"}
+    first = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "order-42"})
+    retry = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "order-42"})
+    assert first.status_code == retry.status_code == 202
+    assert retry.get_json()["id"] == first.get_json()["id"]
+    other = client.post("/api/jobs", json={"text": "Another job.", "language": "en"},
+                        headers={"Idempotency-Key": "order-42"})
+    assert other.status_code == 422 and other.get_json()["code"] == "idempotency_key_reused"
+    for bad in ("x" * 256, "naïve"):
+        r = client.post("/api/jobs", json=body, headers={"Idempotency-Key": bad})
+        assert r.status_code == 400 and r.get_json()["code"] == "invalid_idempotency_key"
+    fresh = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "order-43"})
+    assert fresh.status_code == 202 and fresh.get_json()["id"] != first.get_json()["id"]
+    # deleting the job frees its key
+    assert _wait(client, first.get_json()["id"])["status"] == "done"
+    assert client.delete(first.get_json()["status_url"]).status_code == 204
+    again = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "order-42"})
+    assert again.status_code == 202 and again.get_json()["id"] != first.get_json()["id"]
+    for job in (fresh, again):
+        assert _wait(client, job.get_json()["id"])["status"] == "done"

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -43,9 +42,29 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from lipsync.errors import InvalidInputError, LipsyncError, QueueFullError
-from lipsync.inputs import AVATAR, check_recording, check_service_loaded, check_upload
-from lipsync.jobs.queue import INTERRUPTED_ERROR, RUNNING_PROGRESS_MAX, STAGE_SPANS, Job, JobQueue, JobRequest
+from lipsync.jobs.common import (
+    AVATAR_NAME,
+    LIVE_NAME,
+    RECORDING_NAME,
+    RESULT_NAME,
+    Abort,
+    Progress,
+    check_request,
+    check_result,
+    dir_size,
+    done_timings,
+    failure_details,
+    follow_states,
+    generate_kwargs,
+    idempotency_key_hash,
+    idempotency_mismatch,
+    idempotency_scope,
+    queue_full_error,
+    unlink,
+    webhook_payload,
+    write_inputs,
+)
+from lipsync.jobs.queue import INTERRUPTED_ERROR, Job, JobQueue, JobRequest
 from lipsync.jobs.store import (
     CANCELLED,
     DONE,
@@ -59,7 +78,7 @@ from lipsync.jobs.store import (
     new_job_id,
     valid_job_id,
 )
-from lipsync.jobs.webhooks import WebhookSender, validate_callback_url
+from lipsync.jobs.webhooks import WebhookSender
 
 try:  # POSIX; elsewhere other owners are simply assumed dead (one process per output folder)
     import fcntl
@@ -68,21 +87,7 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("lipsync.jobs")
 
-INTERNAL_ERROR = {"error": "internal error; the server log has the details", "code": "internal_error"}
 CANCEL_CHECK_INTERVAL = 0.5  # s: how often an unchanged render re-reads its status from the store
-
-RESULT_NAME = "video.mp4"
-LIVE_NAME = "live.mp4"  # fragmented copy growing while the job renders (streaming)
-RECORDING_NAME = "recording.bin"
-AVATAR_NAME = "avatar.bin"
-
-
-class _Abort(Exception):  # noqa: N818 - control flow inside the worker, never an error users see
-    """Raised from the progress callback to stop a render."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason  # "cancel" | "shutdown" | "gone"
 
 
 class LocalJobQueue(JobQueue):
@@ -173,56 +178,51 @@ class LocalJobQueue(JobQueue):
 
     # --------------------------------------------------------------- submit
     def submit(self, request: JobRequest) -> Job:
-        check_service_loaded(self.service)
-        callback_url = None if request.callback_url is None else validate_callback_url(request.callback_url)
-        limit = self.settings.max_upload_bytes
-        text = language = None
-        if request.recording is not None:
-            check_recording(request.recording, self.settings)
-        else:
-            if request.text is None:
-                raise InvalidInputError("send 'text' or a recording", code="missing_input")
-            text, language = self.service.validate_text(request.text, request.language,
-                                                        allow_mismatch=request.allow_mismatch)
-        if request.avatar_image is not None:
-            check_upload(request.avatar_image, limit, AVATAR)
+        """See ``JobQueue.submit``. With ``request.idempotency_key``: the job that key made
+        before (same owner, same request), 422 ``idempotency_key_reused`` for another request."""
+        checked = check_request(self.service, self.settings, request)
+        idempotency = None
+        if checked.fingerprint is not None:
+            idempotency = (idempotency_scope(request), idempotency_key_hash(request), checked.fingerprint)
+            earlier = self._idempotent_job(idempotency)
+            if earlier is not None:
+                return earlier
         if self.store.queued_count() >= self.settings.job_queue_size:
             raise self._queue_full()
 
         job_id = new_job_id()
         job_dir = self._job_dir(job_id)
-        os.makedirs(job_dir)
         try:
-            # the language as resolved ("auto" chosen, a mismatch allowed): the worker speaks it as is
-            stored = {"text": text, "language": language, "allow_mismatch": request.allow_mismatch,
-                      "recording": None, "avatar_image": None, "avatar_id": request.avatar_id,
-                      "owner": request.owner, "idle_motion": request.idle_motion, "model": request.model}
-            if request.recording is not None:
-                stored["recording"] = self._write_input(job_dir, RECORDING_NAME, request.recording)
-            if request.avatar_image is not None:
-                stored["avatar_image"] = self._write_input(job_dir, AVATAR_NAME, request.avatar_image)
-            inserted = self.store.insert(job_id, created_at=time.time(), request=stored,
-                                         callback_url=callback_url, max_queued=self.settings.job_queue_size)
+            write_inputs(job_dir, checked)
+            inserted = self.store.insert(job_id, created_at=time.time(), request=checked.stored,
+                                         callback_url=checked.callback_url, max_queued=self.settings.job_queue_size,
+                                         idempotency=idempotency)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        if not inserted:
+        if inserted is not True:
             shutil.rmtree(job_dir, ignore_errors=True)
-            raise self._queue_full()
+            earlier = self._idempotent_job(idempotency) if isinstance(inserted, str) else None
+            if earlier is None:  # full (or the earlier job went in between: rare, and full is honest)
+                raise self._queue_full()
+            return earlier
         self._notify()
         return Job.from_dict(self.store.get(job_id))
 
-    @staticmethod
-    def _write_input(job_dir: str, name: str, data) -> str:
-        with open(os.path.join(job_dir, name), "wb") as f:
-            f.write(data)
-        return name
+    def _idempotent_job(self, idempotency: tuple[str, str, str]) -> Job | None:
+        """The job an idempotency key made before, None when it made none (or that job is gone)."""
+        scope, key, fingerprint = idempotency
+        found = self.store.idempotent_job(scope, key)
+        if found is None:
+            return None
+        job_id, earlier_fingerprint = found
+        if earlier_fingerprint != fingerprint:
+            raise idempotency_mismatch()
+        state = self.store.get(job_id)
+        return None if state is None else Job.from_dict(state)
 
-    def _queue_full(self) -> QueueFullError:
-        average = self.store.average_run_seconds()
-        retry_after = max(1, min(3600, math.ceil(average if average is not None else 10.0)))
-        return QueueFullError(f"{self.settings.job_queue_size} jobs are already waiting; try again later",
-                              retry_after=retry_after)
+    def _queue_full(self):
+        return queue_full_error(self.settings.job_queue_size, self.store.average_run_seconds())
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> dict | None:
@@ -258,38 +258,15 @@ class LocalJobQueue(JobQueue):
         """
         if not valid_job_id(job_id):
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            version = self._version
-        state = self.store.get(job_id)
-        if state is None:
-            return
-        yield state
-        last_key = _event_key(state)
-        last_yield = time.monotonic()
-        while state["status"] not in FINAL_STATUSES:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return
-            wait = self.poll_interval
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            if heartbeat is not None:
-                wait = min(wait, max(0.0, last_yield + heartbeat - now))
+            seen = [self._version]
+
+        def wait(pause: float) -> None:
             with self._cond:
-                self._cond.wait_for(lambda seen=version: self._version != seen, wait)
-                version = self._version
-            state = self.store.get(job_id)
-            if state is None:
-                return
-            key = _event_key(state)
-            if key != last_key:
-                last_key = key
-                last_yield = time.monotonic()
-                yield state
-            elif heartbeat is not None and time.monotonic() - last_yield >= heartbeat:
-                last_yield = time.monotonic()
-                yield None
+                self._cond.wait_for(lambda: self._version != seen[0], min(pause, self.poll_interval))
+                seen[0] = self._version
+
+        yield from follow_states(lambda: self.store.get(job_id), wait, timeout, heartbeat)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
         """Block until the job has ended; its final state (None if unknown or on timeout)."""
@@ -446,7 +423,7 @@ class LocalJobQueue(JobQueue):
             self._remove_files(job_id)
             self._send_webhook(job_id)
         for owner in dead:
-            _unlink(os.path.join(self._owners_dir, owner + ".lock"))
+            unlink(os.path.join(self._owners_dir, owner + ".lock"))
         if ids:
             log.warning("marked %d unfinished job(s) as interrupted: %s", len(ids), ", ".join(ids))
             self._notify()
@@ -479,7 +456,7 @@ class LocalJobQueue(JobQueue):
 
     def _release_owner_lock(self) -> None:
         if self._owner_fd is not None:
-            _unlink(os.path.join(self._owners_dir, self.owner + ".lock"))
+            unlink(os.path.join(self._owners_dir, self.owner + ".lock"))
             os.close(self._owner_fd)
             self._owner_fd = None
 
@@ -511,7 +488,7 @@ class LocalJobQueue(JobQueue):
             if owner and owner != self.owner and valid_job_id(owner):
                 if self._owner_alive(owner):
                     return True
-                _unlink(os.path.join(self._owners_dir, name))
+                unlink(os.path.join(self._owners_dir, name))
         return False
 
     # -------------------------------------------------------------- helpers
@@ -532,13 +509,7 @@ class LocalJobQueue(JobQueue):
         state = self.store.get(job_id)
         if state is None or not state.get("callback_url"):
             return
-        payload = state
-        if self.job_links is not None:
-            try:
-                payload = {**state, **self.job_links(job_id)}
-            except Exception:  # noqa: BLE001 - a webhook without its links beats none
-                log.exception("job %s: job_links failed; its webhook goes without them", job_id)
-        self.webhooks.send(state["callback_url"], payload, key=job_id)
+        self.webhooks.send(state["callback_url"], webhook_payload(state, self.job_links), key=job_id)
 
     def _webhook_result(self, job_id: str | None, delivered: bool, attempts: int, error: str | None) -> None:
         if job_id:
@@ -546,9 +517,9 @@ class LocalJobQueue(JobQueue):
 
 
 class _Render:
-    """One job the worker renders: its progress as the service reports it (mapped by
-    ``STAGE_SPANS``, written to the store at most every ``progress_interval`` s), the checks
-    whether it must stop, and its end (done, failed or aborted)."""
+    """One job the worker renders: its progress as the service reports it (written to the store
+    at most every ``progress_interval`` s), the checks whether it must stop, and its end (done,
+    failed or aborted)."""
 
     def __init__(self, jobs: LocalJobQueue, row):
         self.jobs = jobs
@@ -556,10 +527,7 @@ class _Render:
         self.job_id = row["id"]
         self.job_dir = jobs._job_dir(self.job_id)
         self.out_path = os.path.join(self.job_dir, RESULT_NAME)
-        self.stage: str | None = None
-        self.progress = 0.0
-        self._written: tuple[str | None, float] = (None, 0.0)  # the (stage, progress) in the store
-        self._last_write = 0.0
+        self.progress = Progress(jobs.progress_interval)
         self._last_check = 0.0
 
     def run(self) -> None:
@@ -568,7 +536,7 @@ class _Render:
             result = self._generate()
         except Exception as exc:  # noqa: BLE001 - every failure ends up in the job record
             error = exc
-        reason = self.jobs._abort.get(self.job_id) or (error.reason if isinstance(error, _Abort) else None)
+        reason = self.jobs._abort.get(self.job_id) or (error.reason if isinstance(error, Abort) else None)
         if reason is not None:
             ended = self._end_aborted(reason)
         elif error is not None:
@@ -580,72 +548,43 @@ class _Render:
         self._discard(ended)
 
     def _generate(self):
-        request = json.loads(self.row["request"] or "{}")
-        kwargs = {}
-        if request.get("recording"):
-            kwargs["recording"] = _read(self.job_dir, RECORDING_NAME)
-        else:
-            kwargs.update(text=request.get("text"), language=request.get("language"),
-                          allow_mismatch=bool(request.get("allow_mismatch")))
-        if request.get("avatar_image"):
-            kwargs["avatar_image"] = _read(self.job_dir, AVATAR_NAME)
-        elif request.get("avatar_id"):
-            kwargs.update(avatar_id=request["avatar_id"], owner=request.get("owner"))
-        if request.get("idle_motion") is not None:
-            kwargs["idle_motion"] = bool(request["idle_motion"])
-        if request.get("model"):
-            kwargs["model"] = request["model"]
+        kwargs = generate_kwargs(json.loads(self.row["request"] or "{}"), self.job_dir)
         self.check_abort()
         current = self.jobs.store.row(self.job_id)
         if current is None or current["status"] != RUNNING:
-            raise _Abort("gone")
+            raise Abort("gone")
         result = self.jobs.service.generate(self.out_path, progress=self.report,
                                             live_path=os.path.join(self.job_dir, LIVE_NAME), **kwargs)
         self.check_abort()
-        if not os.path.isfile(self.out_path):
-            raise LipsyncError("the pipeline finished without writing the video", code="media_error")
+        check_result(self.out_path)
         return result
 
     # ------------------------------------------------------------ progress
     def check_abort(self) -> None:
-        """``_Abort`` when ``cancel()`` or ``stop()`` in this process asked the render to stop."""
+        """``Abort`` when ``cancel()`` or ``stop()`` in this process asked the render to stop."""
         reason = self.jobs._abort.get(self.job_id)
         if reason is not None:
-            raise _Abort(reason)
+            raise Abort(reason)
 
     def report(self, stage: str, fraction: float) -> None:
-        """The service's progress callback; raises ``_Abort`` to stop the render."""
+        """The service's progress callback; raises ``Abort`` to stop the render."""
         self.check_abort()
-        new_stage = self._advance(stage, fraction)
-        now = time.monotonic()
-        if (self.stage, self.progress) == self._written:
-            self._check_still_running(now)
-        elif new_stage or now - self._last_write >= self.jobs.progress_interval:
-            self._write(now)
+        if self.progress.advance(stage, fraction):
+            self.progress.mark_written()
+            if not self.jobs.store.update_progress(self.job_id, self.progress.stage, self.progress.progress):
+                raise Abort("gone")  # cancelled or interrupted elsewhere
+            self.jobs._notify()
+        else:
+            self._check_still_running()
 
-    def _advance(self, stage: str, fraction: float) -> bool:
-        """Move ``stage``/``progress`` (never back, below 1); True when the stage changed."""
-        lo, hi = STAGE_SPANS.get(stage, (self.progress, self.progress))
-        fraction = min(1.0, max(0.0, float(fraction)))
-        self.progress = round(min(RUNNING_PROGRESS_MAX, max(self.progress, lo + (hi - lo) * fraction)), 4)
-        new_stage = stage != self.stage
-        self.stage = stage
-        return new_stage
-
-    def _check_still_running(self, now: float) -> None:
+    def _check_still_running(self) -> None:
         """Nothing new to write: still notice (every ``CANCEL_CHECK_INTERVAL`` s) a cancel made
         elsewhere (another process)."""
-        if now - max(self._last_write, self._last_check) >= CANCEL_CHECK_INTERVAL:
+        now = time.monotonic()
+        if now - max(self.progress.last_write, self._last_check) >= CANCEL_CHECK_INTERVAL:
             self._last_check = now
             if self.jobs.store.status(self.job_id) != RUNNING:
-                raise _Abort("gone")
-
-    def _write(self, now: float) -> None:
-        self._last_write = now
-        self._written = (self.stage, self.progress)
-        if not self.jobs.store.update_progress(self.job_id, self.stage, self.progress):
-            raise _Abort("gone")  # cancelled or interrupted elsewhere
-        self.jobs._notify()
+                raise Abort("gone")
 
     # ----------------------------------------------------------------- end
     def _end_aborted(self, reason: str) -> bool:
@@ -654,31 +593,26 @@ class _Render:
         ended = False
         if reason == "shutdown":
             ended = self.jobs.store.finish(self.job_id, FAILED, now=time.time(), from_statuses=(RUNNING,),
-                                           stage=self.stage, progress=self.progress, error=INTERRUPTED_ERROR)
+                                           stage=self.progress.stage, progress=self.progress.progress,
+                                           error=INTERRUPTED_ERROR)
         log.info("job %s aborted (%s)", self.job_id, reason)
         return ended
 
     def _end_failed(self, error: Exception) -> bool:
-        if isinstance(error, LipsyncError):
-            details = error.to_dict()
-            log.info("job %s failed: %s (%s)", self.job_id, error.message, error.code)
-        else:
-            details = dict(INTERNAL_ERROR)
-            log.error("job %s failed", self.job_id, exc_info=error)
         return self.jobs.store.finish(self.job_id, FAILED, now=time.time(), from_statuses=(RUNNING,),
-                                      stage=self.stage, progress=self.progress, error=details)
+                                      stage=self.progress.stage, progress=self.progress.progress,
+                                      error=failure_details(self.job_id, error))
 
     def _end_done(self, result) -> bool:
         """Keep the video (the inputs go), mark the job done and send its webhook; False when
         the job was no longer ours to finish."""
         for name in (RECORDING_NAME, AVATAR_NAME, LIVE_NAME):
-            _unlink(os.path.join(self.job_dir, name))
-        timings = dict(result.timings)
-        timings["queue_wait"] = round(max(0.0, (self.row["started_at"] - self.row["created_at"]) * 1000.0), 1)
+            unlink(os.path.join(self.job_dir, name))
         ended = self.jobs.store.finish(self.job_id, DONE, now=time.time(), from_statuses=(RUNNING,), stage="encode",
-                                       progress=1.0, timings=timings, duration=result.duration,
-                                       frames=result.frames, engine=result.engine,
-                                       size_bytes=_dir_size(self.job_dir))
+                                       progress=1.0,
+                                       timings=done_timings(result, self.row["created_at"], self.row["started_at"]),
+                                       duration=result.duration, frames=result.frames, engine=result.engine,
+                                       size_bytes=dir_size(self.job_dir))
         if ended:
             self.jobs._notify()
             self.jobs._send_webhook(self.job_id)
@@ -692,33 +626,3 @@ class _Render:
         self.jobs._notify()
         if ended:
             self.jobs._send_webhook(self.job_id)
-
-
-def _event_key(state: dict) -> tuple:
-    return state["status"], state["stage"], state["progress"], state["queue_position"]
-
-
-def _read(job_dir: str, name: str) -> bytes:
-    try:
-        with open(os.path.join(job_dir, name), "rb") as f:
-            return f.read()
-    except OSError:
-        raise LipsyncError("the job's uploaded input is missing on disk", code="input_missing") from None
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total

@@ -46,7 +46,8 @@ class JobRequest:
     read a text in another script on purpose) or a ``recording`` (any format ffmpeg reads; it
     wins over text when both are given), optionally another ``avatar_image`` or a library
     ``avatar_id`` (looked up for ``owner``, an API key id), and an http(s) ``callback_url`` to
-    POST the final state to."""
+    POST the final state to. ``idempotency_key`` (the ``Idempotency-Key`` header): a retry of the
+    same request with the same key (and ``owner``) gets the same job, not a second one."""
 
     text: str | None = None
     language: str | None = None
@@ -58,6 +59,7 @@ class JobRequest:
     idle_motion: bool | None = None
     model: str | None = None  # a lip-sync model by name (None: the avatar's, else the default)
     callback_url: str | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+-- Idempotency-Key -> the job it made; a row lives as long as its job's record
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope        TEXT NOT NULL,                        -- the API key id ('-' without keys)
+    key_hash     TEXT NOT NULL,                        -- sha256 of scope and key
+    fingerprint  TEXT NOT NULL,                        -- sha256 of what the request asked for
+    job_id       TEXT NOT NULL,
+    PRIMARY KEY (scope, key_hash)
+);
+CREATE INDEX IF NOT EXISTS idempotency_job ON idempotency (job_id);
 """
 
 _PUBLIC_FIELDS = ("id", "status", "stage", "progress", "queue_position", "error", "timings", "created_at",
@@ -183,17 +192,28 @@ class JobStore:
 
     # ---------------------------------------------------------------- create
     def insert(self, job_id: str, *, created_at: float, request: dict, callback_url: str | None,
-               max_queued: int) -> bool:
-        """Add a queued job unless ``max_queued`` jobs already wait; False when full."""
+               max_queued: int, idempotency: tuple[str, str, str] | None = None) -> bool | str:
+        """Add a queued job unless ``max_queued`` jobs already wait; False when full.
+
+        ``idempotency`` (scope, key hash, fingerprint) is recorded with the job in the same
+        transaction; when that key is taken already nothing is inserted and the result is the
+        string ``"taken"`` (``idempotent_job`` tells by whom)."""
         with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if idempotency is not None and conn.execute(
+                        "SELECT 1 FROM idempotency WHERE scope = ? AND key_hash = ?", idempotency[:2]).fetchone():
+                    conn.execute("ROLLBACK")
+                    return "taken"
                 waiting = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
                 if waiting >= max_queued:
                     conn.execute("ROLLBACK")
                     return False
                 conn.execute("INSERT INTO jobs (id, status, created_at, request, callback_url) VALUES (?, ?, ?, ?, ?)",
                              (job_id, QUEUED, created_at, json.dumps(request), callback_url))
+                if idempotency is not None:
+                    conn.execute("INSERT INTO idempotency (scope, key_hash, fingerprint, job_id) VALUES (?, ?, ?, ?)",
+                                 (*idempotency, job_id))
                 conn.execute("COMMIT")
                 return True
             except BaseException:
@@ -340,11 +360,21 @@ class JobStore:
         return {r["owner"] for r in self._all("SELECT DISTINCT owner FROM jobs WHERE status = ?", (RUNNING,))}
 
     def delete(self, job_id: str, *, only_final: bool = True) -> bool:
-        """Remove a job's record (by default only once it has ended)."""
+        """Remove a job's record (by default only once it has ended) and its idempotency key."""
         if only_final:
-            return self._change("DELETE FROM jobs WHERE id = ? AND status IN (?, ?, ?)",
-                                (job_id, DONE, FAILED, CANCELLED)) == 1
-        return self._change("DELETE FROM jobs WHERE id = ?", (job_id,)) == 1
+            deleted = self._change("DELETE FROM jobs WHERE id = ? AND status IN (?, ?, ?)",
+                                   (job_id, DONE, FAILED, CANCELLED)) == 1
+        else:
+            deleted = self._change("DELETE FROM jobs WHERE id = ?", (job_id,)) == 1
+        if deleted:
+            self._change("DELETE FROM idempotency WHERE job_id = ?", (job_id,))
+        return deleted
+
+    def idempotent_job(self, scope: str, key_hash: str) -> tuple[str, str] | None:
+        """(job id, fingerprint) of the job made with this idempotency key, None when none."""
+        row = self._one("SELECT job_id, fingerprint FROM idempotency WHERE scope = ? AND key_hash = ?",
+                        (scope, key_hash))
+        return None if row is None else (row["job_id"], row["fingerprint"])
 
     # --------------------------------------------------------------- cleanup
     def finished_before(self, cutoff: float) -> list[str]:

@@ -43,7 +43,8 @@ def create_app(config: dict | None = None) -> Flask:
     ``config`` may hold ``SETTINGS`` (a ``Settings``) and ``SERVER`` (a ``ServerSettings``),
     both read from the environment when absent; ``LOAD_IN_BACKGROUND`` (default True: serve
     health while models load) and ``JOB_QUEUE`` (a started ``JobQueue``; default: a
-    ``LocalJobQueue`` over the service). The app starts the model loading and the job worker;
+    ``LocalJobQueue`` over the service, or with ``QUEUE_URL`` the cluster's ``RedisJobQueue``).
+    The app starts the model loading and the job worker (cluster: only the upkeep);
     ``close_app(app)`` stops them (tests, embedding).
 
     ``SERVER_ROLE=stream`` builds the same app for the stack's streaming process (README
@@ -77,7 +78,15 @@ def create_app(config: dict | None = None) -> Flask:
         else:
             service.load()
     jobs = app.config.get("JOB_QUEUE")
-    if jobs is None:
+    if jobs is None and settings.queue_url:
+        # cluster mode (README "Cluster"): jobs in Redis, rendered by `python -m lipsync worker`
+        # processes; this node only submits, reads, follows and cancels, and takes its turn at upkeep
+        from lipsync.jobs.redis_queue import RedisJobQueue
+
+        jobs = RedisJobQueue(service, settings, job_links=job_links)
+        jobs.start()
+        atexit.register(jobs.stop)
+    elif jobs is None:
         jobs = LocalJobQueue(service, settings, on_job_end=lambda state: _job_ended(metrics, state),
                              job_links=job_links)
         if not streaming_only:  # the stream role reads the store; the app process's worker renders

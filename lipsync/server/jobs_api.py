@@ -13,7 +13,7 @@ from lipsync.errors import LipsyncError
 from lipsync.jobs import JobRequest, follow_live, open_live
 from lipsync.server import context
 from lipsync.server.links import job_links
-from lipsync.server.observability import ENV_JOB_ID
+from lipsync.server.observability import ENV_JOB_ID, ENV_KEY_ID
 from lipsync.server.request_inputs import callback_url, generate_inputs
 
 jobs_api = Blueprint("jobs", __name__, url_prefix="/api/jobs")
@@ -26,7 +26,11 @@ HEARTBEAT_SECONDS = 15
 @jobs_api.post("")
 def submit():
     inputs = generate_inputs()  # validated: a JSON object or a multipart form
-    job = context.jobs().submit(JobRequest(**inputs, callback_url=callback_url()))
+    # The owner (API key id) scopes the avatar lookup and the Idempotency-Key: a retry with the
+    # same key and body gets the job the first request made (README "Jobs").
+    inputs["owner"] = request.environ.get(ENV_KEY_ID)
+    job = context.jobs().submit(JobRequest(**inputs, callback_url=callback_url(),
+                                           idempotency_key=request.headers.get("Idempotency-Key")))
     request.environ[ENV_JOB_ID] = job.id
     state = {**job.to_dict(), **_job_urls(job.id)}
     return jsonify(state), 202, {"Location": state["status_url"]}

@@ -35,6 +35,12 @@ def _error(description: str, *, retry_after: bool | None = None, www_authenticat
             "content": {"application/json": {"schema": _ref("Error")}}}
 
 
+_IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+                    "description": "Any unique string per intended job (a UUID): a retry with the same key "
+                                   "and body gets the same job, per API key, while that job's record lives."}
+
+
 def _header(name: str) -> dict:
     return {"$ref": f"#/components/headers/{name}"}
 
@@ -171,10 +177,14 @@ class _Document:
                 "502": _error("The remote TTS answered an error or no audio (code `tts_failed`)."),
             }, bucket="write", write=False), tags=["generate"], requestBody=self.generate_body(False))},
             "/api/jobs": {"post": self.op("Queue a video; follow it by id.", self.guarded({
-                "202": _ok("Queued.", {"application/json": {"schema": _ref("Job")}},
-                           {"Location": _header("Location")}),
+                "202": _ok("Queued (or, for a retry with the same `Idempotency-Key`, the job it made).",
+                           {"application/json": {"schema": _ref("Job")}}, {"Location": _header("Location")}),
                 **_WRITE_ERRORS,
-            }, bucket="write", write=True), tags=["jobs"], requestBody=self.generate_body(True))},
+                "409": _error("The first request with this `Idempotency-Key` is still being submitted "
+                              "(code `idempotency_key_in_flight`).", retry_after=True),
+                "422": _error("This `Idempotency-Key` was used for another request (code `idempotency_key_reused`)."),
+            }, bucket="write", write=True), tags=["jobs"], requestBody=self.generate_body(True),
+                parameters=[_IDEMPOTENCY_KEY])},
         }
 
     def job_paths(self) -> dict:

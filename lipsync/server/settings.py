@@ -53,6 +53,11 @@ class ServerSettings(EnvSettings):
     tls_cert: str | None = None             # PEM certificate (chain) for https on PORT; with TLS_KEY
     tls_key: str | None = field(default=None, repr=False)
     nginx_binary: str = "nginx"
+    # --- the local cluster (make cluster: redis + nginx + web nodes + workers; lipsync/server/cluster.py)
+    cluster_dir: str = ".cache/cluster"     # pid file, logs and Redis's data of `make cluster`
+    cluster_web_nodes: int = 2              # web processes behind nginx
+    cluster_workers: int = 2                # `python -m lipsync worker` processes
+    redis_binary: str = "redis-server"
 
     LIST_FIELDS: ClassVar[frozenset[str]] = frozenset({"api_keys", "cors_origins"})
 
@@ -71,7 +76,7 @@ class ServerSettings(EnvSettings):
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {self.log_level!r}")
         self.check_choices({"log_format": LOG_FORMATS, "server_role": SERVER_ROLES})
-        self.check_positive("max_connections", "stream_connections")
+        self.check_positive("max_connections", "stream_connections", "cluster_web_nodes", "cluster_workers")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SettingsError("TLS_CERT and TLS_KEY go together: set both for https, or neither")
         for name in ("rate_limit", "rate_limit_read"):

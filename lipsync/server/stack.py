@@ -98,8 +98,8 @@ http {{
     proxy_send_timeout 60s;
     proxy_read_timeout {read_timeout}s;
 
-    upstream lipsync_app {{ server unix:{app_socket}; keepalive 16; }}
-    upstream lipsync_stream {{ server unix:{stream_socket}; keepalive 64; }}
+    upstream lipsync_app {{ {app_servers} keepalive 16; }}
+    upstream lipsync_stream {{ {stream_servers} keepalive 64; }}
 
     server {{
         listen {listen};
@@ -126,10 +126,13 @@ class _Child:
     proc: subprocess.Popen
 
 
-def render_nginx_conf(server: ServerSettings, settings: Settings, run_dir: str, app_socket: str,
-                      stream_socket: str) -> str:
+def render_nginx_conf(server: ServerSettings, settings: Settings, run_dir: str, app_socket: str | list[str],
+                      stream_socket: str | list[str]) -> str:
     """nginx.conf for the stack: listening on ``server.port`` (https when TLS is set), proxying to
-    the two gunicorn sockets, temp files under ``run_dir``."""
+    the two gunicorn sockets, temp files under ``run_dir``.
+
+    Either upstream may also be a list of nginx ``server`` addresses (``127.0.0.1:8001``,
+    ``unix:/path``): the cluster (``lipsync.server.cluster``) balances over its web nodes."""
     listen = f"{server.host}:{server.port}" if server.host not in ("", "0.0.0.0") else str(server.port)
     tls = ""
     if server.tls_cert:
@@ -150,9 +153,16 @@ def render_nginx_conf(server: ServerSettings, settings: Settings, run_dir: str, 
                      f"        }}")
     user = "user nobody nogroup;" if os.geteuid() == 0 else ""
     return NGINX_CONF.format(worker_processes=1, run_dir=run_dir, user=user, max_body=max_body,
-                             read_timeout=server.gunicorn_timeout + 10, app_socket=app_socket,
-                             stream_socket=stream_socket, listen=listen, tls=tls,
+                             read_timeout=server.gunicorn_timeout + 10, app_servers=_upstream(app_socket),
+                             stream_servers=_upstream(stream_socket), listen=listen, tls=tls,
                              error_pages="\n".join(pages))
+
+
+def _upstream(servers: str | list[str]) -> str:
+    """nginx ``server`` lines: a socket path, or a list of addresses (a failed one is skipped for 5 s)."""
+    if isinstance(servers, str):
+        return f"server unix:{servers};"
+    return " ".join(f"server {address} max_fails=1 fail_timeout=5s;" for address in servers)
 
 
 class Stack:
