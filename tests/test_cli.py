@@ -33,7 +33,7 @@ def test_cli_generates_from_text(tmp_path):
     out = tmp_path / "hello.mp4"
     r = _cli(tmp_path, "generate", "--text", "Сәлеметсіз бе!", "--language", "kk", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "engine builtin" in r.stdout
+    assert "model builtin" in r.stdout
     info = probe(out)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
     assert abs(info["video_duration"] - info["audio_duration"]) <= 0.08
