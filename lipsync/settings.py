@@ -116,6 +116,10 @@ class Settings(EnvSettings):
     max_avatars: int = 100                  # library entries per API key (or in all, without keys)
     max_avatar_seconds: float = 60.0        # longest video avatar (413 video_too_long)
     idle_motion: bool = True                # blinks, head sway, breathing on image avatars (per request too)
+    # --- live sessions (README "Live conversation")
+    max_sessions: int = 2                   # open at once per process (each also holds a render slot)
+    session_idle_seconds: float = 120.0     # without a client message, while nothing is said: the session ends
+    session_max_seconds: float = 3600.0     # the longest session
     # --- lip-sync engine
     engine: str = "auto"                    # wav2lip when a checkpoint exists, else builtin
     checkpoint_path: str = "checkpoints/Wav2Lip-SD-GAN.pt"
@@ -190,7 +194,7 @@ class Settings(EnvSettings):
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
         self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars",
-                            "max_avatar_seconds")
+                            "max_avatar_seconds", "max_sessions", "session_idle_seconds", "session_max_seconds")
         self.check_non_negative("tts_breaker_reset_seconds")
         self.check_positive("job_max_attempts", "worker_heartbeat_seconds", "job_timeout_seconds")
         if self.queue_url and self.queue_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):

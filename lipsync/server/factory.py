@@ -18,8 +18,10 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from lipsync.errors import LipsyncError
 from lipsync.jobs import LocalJobQueue
+from lipsync.live.manager import SessionManager
 from lipsync.memory import release_memory
 from lipsync.server import hooks
+from lipsync.server import sessions_api as sessions_api_module
 from lipsync.server.api import api
 from lipsync.server.avatars_api import avatars_api
 from lipsync.server.jobs_api import jobs_api
@@ -97,11 +99,17 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["render_slots"] = slots
     lifecycle = Lifecycle(jobs, slots, server.shutdown_grace_seconds)
     app.extensions["lifecycle"] = lifecycle
+    sessions = SessionManager(service, slots.slot, max_sessions=settings.max_sessions,
+                              idle_timeout=settings.session_idle_seconds, max_seconds=settings.session_max_seconds)
+    app.extensions["sessions"] = sessions
+    lifecycle.on_stopping(sessions.close_all)  # live sessions end first: they would hold render slots for ever
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": sessions_api_module.PING_S,
+                                                  "max_message_size": sessions_api_module.MAX_MESSAGE_BYTES})
     app.extensions["security"] = Security(server, metrics)
     app.extensions["openapi"] = build_openapi(settings, server)
     register_state_metrics(metrics, service, jobs, slots, lifecycle)
 
-    for blueprint in (pages, api, jobs_api, avatars_api, ops):
+    for blueprint in (pages, api, jobs_api, avatars_api, sessions_api_module.sessions_api, ops):
         app.register_blueprint(blueprint)
     app.before_request(hooks.guard)
     app.after_request(hooks.decorate)
@@ -118,6 +126,7 @@ def create_app(config: dict | None = None) -> Flask:
 def close_app(app: Flask, timeout: float = 10.0) -> None:
     """Stop what ``create_app`` started: the job worker (a running job ends as ``interrupted``)
     and, if it is still running, wait for the model loading."""
+    app.extensions["sessions"].close_all("shutdown")
     app.extensions["jobs"].stop(timeout)
     loader = app.extensions.get("loader")
     if loader is not None:

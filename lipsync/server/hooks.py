@@ -22,11 +22,12 @@ log = logging.getLogger("lipsync.web")
 # Never behind an API key: the page and what it loads before the user can do anything.
 PUBLIC_ENDPOINTS = frozenset({"pages.index", "static", "api.health", "api.avatar", "api.openapi", "api.models"})
 # Endpoints that start work: the strict rate limit, refused while shutting down.
-WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit", "avatars.add"})
+WRITE_ENDPOINTS = frozenset({"api.generate", "jobs.submit", "avatars.add", "sessions.create"})
 # The looser limit: reads and cancels of jobs.
 READ_ENDPOINTS = frozenset({"jobs.status", "jobs.events", "jobs.video", "jobs.stream", "jobs.cancel",
                             "avatars.index", "avatars.show", "avatars.thumbnail", "avatars.image",
-                            "avatars.delete"})
+                            "avatars.delete", "sessions.show", "sessions.delete", "sessions.video",
+                            "sessions.conversation"})
 
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                            "media-src 'self' blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "

@@ -78,7 +78,12 @@ class Lifecycle:
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
+        self._stopping_callbacks: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
+
+    def on_stopping(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the shutdown begins, before waiting for the running work."""
+        self._stopping_callbacks.append(callback)
 
     def on_stopped(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the shutdown is complete."""
@@ -104,6 +109,11 @@ class Lifecycle:
 
     def _drain(self, grace: float) -> None:
         deadline = time.monotonic() + grace
+        for callback in self._stopping_callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001
+                log.exception("shutdown callback failed")
         try:
             job_done = self.jobs.drain(grace)
             renders_done = self.slots.wait_idle(max(0.0, deadline - time.monotonic()))

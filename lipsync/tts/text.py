@@ -26,6 +26,15 @@ def split_sentences(text: str, max_chars: int = 250) -> list[str]:
     return pieces
 
 
+def complete_length(text: str) -> int:
+    """How much of ``text`` (arriving in pieces) holds complete sentences: the index just after
+    the last sentence end followed by white space (0 when none has ended yet)."""
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+    return end
+
+
 def _cut(sentence: str, max_chars: int) -> list[str]:
     if len(sentence) <= max_chars:
         return [sentence]
