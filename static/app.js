@@ -30,6 +30,9 @@
   const progressLabel = $("progress-label"), cancel = $("cancel"), stages = $("stages");
   const errorBox = $("error"), notice = $("notice"), health = $("health");
   const modelField = $("model-field"), modelSelect = $("model"), modelHint = $("model-hint");
+  const liveVideo = $("live"), livePanel = $("live-panel"), liveStart = $("live-start"), liveControls = $("live-controls");
+  const liveText = $("live-text"), liveSend = $("live-send"), liveInterrupt = $("live-interrupt");
+  const liveEnd = $("live-end"), liveStatus = $("live-status");
   const avatar = $("avatar"), avatarMissing = $("avatar-missing"), player = $("player");
   const download = $("download"), stats = $("stats");
   const historyList = $("history"), historyEmpty = $("history-empty"), historyClear = $("history-clear");
@@ -155,7 +158,7 @@
       button.setAttribute("aria-pressed", String(button.dataset.uiLang === uiLang));
     }
     renderCounter(); renderAudioChoice(); renderHealth(); renderProgress(); renderMessages(); renderStats(); renderHistory();
-    renderAvatars(); renderAvatarUpload(); renderAvatarResult(); renderModels();
+    renderAvatars(); renderAvatarUpload(); renderAvatarResult(); renderModels(); renderLive();
   }
 
   for (const button of document.querySelectorAll("[data-ui-lang]")) {
@@ -304,13 +307,15 @@
 
   // ------------------------------------------------------------ screen: avatar or video
   function showScreen(which) {
-    const video = which === "player";
+    const video = which === "player", isLive = which === "live";
     player.hidden = !video;
-    avatar.hidden = video || avatarOk === false;
-    avatarMissing.hidden = video || avatarOk !== false;
+    liveVideo.hidden = !isLive;
+    avatar.hidden = video || isLive || avatarOk === false;
+    avatarMissing.hidden = video || isLive || avatarOk !== false;
   }
-  avatar.addEventListener("load", () => { avatarOk = true; showScreen(player.hidden ? "avatar" : "player"); });
-  avatar.addEventListener("error", () => { avatarOk = false; showScreen(player.hidden ? "avatar" : "player"); });
+  function currentScreen() { return !liveVideo.hidden ? "live" : player.hidden ? "avatar" : "player"; }
+  avatar.addEventListener("load", () => { avatarOk = true; showScreen(currentScreen()); });
+  avatar.addEventListener("error", () => { avatarOk = false; showScreen(currentScreen()); });
   if (avatar.complete) avatarOk = avatar.naturalWidth > 0;  // it may have loaded/failed before this script ran
 
   function setSource(url, kind) {
@@ -783,6 +788,170 @@
       : t("model_auto_hint", { name: fallback.name });
   }
   modelSelect.addEventListener("change", () => { save(KEYS.model, modelSelect.value); renderModels(); });
+
+  // ------------------------------------------------------------------ live conversation
+  // POST /api/sessions, then a WebSocket for the conversation and the session's endless
+  // fragmented MP4 fed into Media Source Extensions (the <video> stays near the live edge).
+  let live = null;  // {id, ws, media, buffer, pending, speaking, interruptAt, ended}
+
+  function renderLive() {
+    const on = !!live;
+    livePanel.dataset.state = on ? (live.speaking ? "speaking" : "listening") : "off";
+    liveStart.hidden = on;
+    liveControls.hidden = !on;
+    if (on) {
+      liveStatus.textContent = live.speaking ? t("live_speaking", { text: snippet(live.speaking) })
+        : t(live.ready ? "live_listening" : "live_connecting");
+    }
+  }
+
+  async function startLive() {
+    if (live) return;
+    showError(null);
+    const body = { language: language.value };
+    const avatarId = requestAvatarId();
+    if (avatarId) body.avatar_id = avatarId;
+    if (modelSelect.value) body.model = modelSelect.value;
+    liveStart.disabled = true;
+    let response, state;
+    try {
+      response = await fetch("/api/sessions", { method: "POST", headers: keyHeaders({ "Content-Type": "application/json" }),
+                                               body: JSON.stringify(body) });
+      state = await response.json();
+    } catch (e) {
+      liveStart.disabled = false;
+      showError({ code: "network" });
+      return;
+    }
+    liveStart.disabled = false;
+    if (response.status !== 201) {
+      showError({ code: state && state.code, error: state && state.error, status: response.status });
+      return;
+    }
+    live = { id: state.id, speaking: null, ready: false, pending: [], buffer: null, interruptAt: null };
+    livePanel.dataset.sessionId = state.id;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    live.ws = new WebSocket(`${scheme}//${location.host}${withKey(state.ws_url)}`);
+    live.ws.addEventListener("message", (event) => liveEvent(JSON.parse(event.data)));
+    live.ws.addEventListener("close", () => { if (live && live.id === state.id) stopLive(false); });
+    playLive(state.video_url);
+    renderLive();
+    liveText.focus();
+  }
+
+  function liveEvent(event) {
+    if (!live) return;
+    if (event.type === "ready") live.ready = true;
+    else if (event.type === "speaking_started") live.speaking = event.text;
+    else if (event.type === "speaking_ended") {
+      live.speaking = null;
+      if (event.interrupted && live.interruptAt !== null) {
+        // How long the speech the viewer hears goes on after the click: the time in the video
+        // where it stopped, minus where the player was at the click.
+        livePanel.dataset.interruptDelay = String(Math.max(0, event.at - live.interruptAt));
+        live.interruptAt = null;
+      }
+    } else if (event.type === "error") showError({ code: event.code, error: event.error });
+    else if (event.type === "closed") { stopLive(false); return; }
+    const log = livePanel.dataset.events ? JSON.parse(livePanel.dataset.events) : [];
+    log.push({ type: event.type, at: event.at, text: event.text, interrupted: event.interrupted });
+    livePanel.dataset.events = JSON.stringify(log.slice(-20));
+    renderLive();
+  }
+
+  function playLive(url) {
+    const media = new MediaSource();
+    live.media = media;
+    liveVideo.src = URL.createObjectURL(media);
+    showScreen("live");
+    media.addEventListener("sourceopen", async () => {
+      const mine = live;
+      let response;
+      try {
+        response = await fetch(withKey(url), { headers: keyHeaders() });
+      } catch (e) { return; }
+      const reader = response.body.getReader();
+      while (live === mine) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        mine.pending.push(value);
+        feedLive(mine);
+      }
+      reader.cancel().catch(() => {});
+    }, { once: true });
+  }
+
+  // The codecs of the stream, from its init segment's avcC box (profile, compatibility, level).
+  function streamCodecs(bytes) {
+    for (let i = 4; i + 8 < bytes.length; i++) {
+      if (bytes[i] === 0x61 && bytes[i + 1] === 0x76 && bytes[i + 2] === 0x63 && bytes[i + 3] === 0x43) {
+        const hex = (n) => n.toString(16).padStart(2, "0");
+        return `avc1.${hex(bytes[i + 5])}${hex(bytes[i + 6])}${hex(bytes[i + 7])},mp4a.40.2`;
+      }
+    }
+    return null;
+  }
+
+  function feedLive(mine) {
+    if (!mine.buffer) {
+      const head = new Uint8Array(mine.pending.reduce((n, c) => n + c.length, 0));
+      let at = 0;
+      for (const chunk of mine.pending) { head.set(chunk, at); at += chunk.length; }
+      const codecs = streamCodecs(head);
+      if (!codecs) return;  // the init segment is not complete yet
+      mine.buffer = mine.media.addSourceBuffer(`video/mp4; codecs="${codecs}"`);
+      mine.buffer.addEventListener("updateend", () => feedLive(mine));
+      mine.pending = [head];
+    }
+    const buffer = mine.buffer;
+    if (buffer.updating || !mine.pending.length || mine.media.readyState !== "open") return;
+    const ranges = buffer.buffered;
+    if (ranges.length) {
+      const end = ranges.end(ranges.length - 1), lag = end - liveVideo.currentTime;
+      // Stay close to the live edge (what is said, and an interrupt, reach the viewer sooner):
+      // a little faster while behind, a jump when far behind (a stall, a hidden tab).
+      if (lag > 1.0) liveVideo.currentTime = end - 0.1;
+      liveVideo.playbackRate = lag > 0.2 ? 1.15 : 1.0;
+      if (liveVideo.currentTime - ranges.start(0) > 60) { buffer.remove(0, liveVideo.currentTime - 30); return; }
+    }
+    buffer.appendBuffer(mine.pending.shift());
+    if (liveVideo.paused) liveVideo.play().catch(() => {});
+  }
+
+  function sendLive(message) {
+    if (live && live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify(message));
+  }
+
+  function stopLive(tellServer) {
+    if (!live) return;
+    const ending = live;
+    live = null;
+    if (tellServer && ending.ws.readyState === WebSocket.OPEN) ending.ws.send(JSON.stringify({ type: "close" }));
+    ending.ws.close();
+    liveVideo.pause();
+    liveVideo.removeAttribute("src");
+    liveVideo.load();
+    showScreen(player.getAttribute("src") ? "player" : "avatar");
+    renderLive();
+  }
+
+  liveStart.addEventListener("click", startLive);
+  liveSend.addEventListener("click", () => {
+    const value = liveText.value.trim();
+    if (!value) { liveText.focus(); return; }
+    sendLive({ type: "text", text: value + " ", final: true });
+    liveText.value = "";
+    liveText.focus();
+  });
+  liveText.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); liveSend.click(); }
+  });
+  liveInterrupt.addEventListener("click", () => {
+    if (!live) return;
+    live.interruptAt = liveVideo.currentTime;
+    sendLive({ type: "interrupt" });
+  });
+  liveEnd.addEventListener("click", () => stopLive(true));
 
   // -------------------------------------------------------------------- jobs
   // Cancel is switched off with aria-disabled, not `disabled`: a disabled button loses focus.

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from lipsync.errors import InvalidInputError, LipsyncError, RefusedError
 from lipsync.live.session import LiveSession
@@ -44,7 +45,7 @@ class SessionManager:
         self._reaper.start()
 
     def open(self, *, avatar_id: str | None = None, language: str | None = None, model: str | None = None,
-             owner: str | None = None) -> LiveSession:
+             owner: str | None = None, idle_motion: bool | None = None) -> LiveSession:
         """A new session speaking ``language`` (a voice, or ``auto``: each sentence's own) with the
         avatar ``avatar_id`` (a photo of the library; default: the preloaded one) and ``model``.
         Raises 400 (``unsupported_language``, ``unknown_avatar``, ``unknown_model``,
@@ -62,6 +63,8 @@ class SessionManager:
                                     "and /api/jobs", code="unsupported_avatar")
         model = service.models.resolve(model, record.model)
         avatar = service.avatars.prepared(record.id, owner, model)
+        if not (service.settings.idle_motion if idle_motion is None else idle_motion):
+            avatar = replace(avatar, idle=None)  # a still face between sentences, only the mouth moves
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise RefusedError(f"{self.max_sessions} live sessions are already open; try again later",

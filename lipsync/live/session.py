@@ -44,7 +44,7 @@ from lipsync.tts.text import complete_length, split_sentences
 
 log = logging.getLogger("lipsync.live")
 
-LEAD_S = 0.12            # frames rendered ahead of the wall clock: the stream's own delay
+LEAD_S = 0.08            # frames rendered ahead of the wall clock: the stream's own delay
 IDLE_BLOCK = 25          # idle frames planned at once
 MAX_PENDING_CHARS = 5000  # text buffered but not yet spoken, per session
 VIEWER_QUEUE = 400       # fragments a viewer may lag behind (~30 s) before it is dropped

@@ -1,6 +1,7 @@
 """Live sessions over HTTP (``lipsync.live``): a WebSocket for the conversation, a URL for its video.
 
-    POST   /api/sessions                  {avatar_id?, language?, model?} -> 201 {id, ws_url, video_url, ...}
+    POST   /api/sessions                  {avatar_id?, language?, model?, idle_motion?}
+                                          -> 201 {id, ws_url, video_url, ...}
     GET    /api/sessions/<id>             the session's state
     DELETE /api/sessions/<id>             end it (204)
     GET    /api/sessions/<id>/video       the live video: fragmented MP4, one endless chunked response
@@ -64,9 +65,12 @@ def create():
     for name in ("avatar_id", "language", "model"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise InvalidInputError(f"'{name}' must be a string", code="invalid_input")
+    idle_motion = body.get("idle_motion")
+    if idle_motion is not None and not isinstance(idle_motion, bool):
+        raise InvalidInputError("'idle_motion' must be true or false", code="invalid_input")
     try:
         session = _manager().open(avatar_id=body.get("avatar_id") or None, language=body.get("language"),
-                                  model=body.get("model") or None, owner=request_owner())
+                                  model=body.get("model") or None, owner=request_owner(), idle_motion=idle_motion)
     except LipsyncError as exc:
         if exc.code == "unknown_avatar":  # a request's field, not the URL: 400 as on /api/generate
             raise InvalidInputError(exc.message, code="unknown_avatar") from None
