@@ -53,7 +53,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
+# (media-src blob: for the live conversation's Media Source Extensions player, as the app's own CSP)
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self' blob:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 H264_AAC = 'video/mp4; codecs="avc1.42E01E, mp4a.40.2"'
 HISTORY_KEY = "talking-avatar.history"
@@ -884,6 +885,50 @@ def test_the_model_picker_chooses_the_model_of_a_job(open_page, model_server):
     expect(page.locator("#model")).to_have_value("nogan")
     page.click('[data-ui-lang="kk"]')
     expect(page.locator('label[for="model"]')).to_have_text(messages(page, "kk")["model_label"])
+
+
+def test_a_live_conversation_plays_speaks_idles_and_is_interrupted(open_page):
+    page = open_page("en-US")
+    if not page.evaluate("MediaSource.isTypeSupported('video/mp4; codecs=\"avc1.64001e,mp4a.40.2\"')"):
+        skip_or_fail("this Chromium has no H.264/AAC in Media Source Extensions: the live video cannot play")
+    panel = page.locator("#live-panel")
+    with page.expect_response(lambda r: r.url.endswith("/api/sessions") and r.request.method == "POST") as sent:
+        page.click("#live-start")
+    assert sent.value.status == 201
+    expect(panel).to_have_attribute("data-state", "listening", timeout=15_000)
+    expect(page.locator("#live")).to_be_visible()
+    wait_until(page, "document.getElementById('live').currentTime > 0.5")  # it plays (the avatar idles)
+
+    def say(text: str) -> None:
+        page.fill("#live-text", text)
+        page.press("#live-text", "Enter")
+
+    def video_time() -> float:
+        return page.evaluate("document.getElementById('live').currentTime")
+
+    say("Hello there, how are you?")
+    expect(panel).to_have_attribute("data-state", "speaking", timeout=10_000)
+    first_at = video_time()
+    expect(panel).to_have_attribute("data-state", "listening", timeout=15_000)
+    page.wait_for_timeout(1500)  # the idle gap between the two utterances
+    gap_at = video_time()
+    say("This second sentence is long enough that there is plenty of time to interrupt it before its end.")
+    expect(panel).to_have_attribute("data-state", "speaking", timeout=10_000)
+    second_at = video_time()
+    assert first_at < gap_at < second_at and second_at - first_at > 2.0  # time ran on through both and the gap
+    shot(page, "live-conversation")
+    page.wait_for_timeout(800)
+    page.click("#live-interrupt")
+    expect(panel).to_have_attribute("data-state", "listening", timeout=5_000)
+    delay = float(wait_until(page, "document.getElementById('live-panel').dataset.interruptDelay"))
+    assert delay <= 0.5, f"speech went on for {delay:.2f} s of the video after the click"
+    events = json.loads(panel.get_attribute("data-events"))
+    assert [e["type"] for e in events if e["type"] != "ready"] == [
+        "speaking_started", "speaking_ended", "speaking_started", "speaking_ended"], events
+    assert events[-1]["interrupted"] is True
+    page.click("#live-end")
+    expect(page.locator("#live-start")).to_be_visible()
+    expect(page.locator("#live")).to_be_hidden()
 
 
 def test_a_photo_without_a_face_is_refused_in_the_interface_language(open_page, server, tmp_path):
