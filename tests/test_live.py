@@ -258,3 +258,21 @@ def test_sessions_belong_to_their_api_key_and_end_at_shutdown(tmp_path):
         assert requests.post(server.url + "/api/sessions", json={}, headers={"X-API-Key": KEY_A}).status_code == 503
     finally:
         _stop(server)
+
+
+def test_the_example_client_pipes_stdin_into_a_session(server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "example.mp4"
+    lines = "Hello from the example client. It reads\nits input line by line. Done.\n"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "live_client.py"),
+                          "--server", server.url, "--language", "en", "--video", str(out)],
+                         input=lines, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    spoken = [e["text"] for e in events if e["type"] == "speaking_started"]
+    assert spoken == ["Hello from the example client.", "It reads its input line by line.", "Done."], events
+    frames = list(decoded_frames(out))
+    assert len(frames) > 3 * FPS  # the saved live video plays

@@ -214,6 +214,38 @@ def test_the_stack_answers_health_and_renders_while_hostile_clients_hold_connect
     print(f"[stack] after: {after}")
 
 
+def test_a_live_session_through_nginx_with_tls(stack):
+    import json as json_
+
+    from simple_websocket import Client
+
+    base, port, session = stack["base"], stack["port"], stack["session"]
+    state = session.post(base + "/api/sessions", json={"language": "en"}, timeout=10).json()
+    assert state["ws_url"].endswith("/ws"), state
+    video = _follow(port, state["video_url"], wait_for=b"moov")  # the endless video, unbuffered
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    ws = Client.connect(f"wss://127.0.0.1:{port}{state['ws_url']}", ssl_context=context)  # upgraded by nginx
+    try:
+        assert json_.loads(ws.receive(timeout=10))["type"] == "ready"
+        ws.send(json_.dumps({"type": "text", "text": "Hello through the proxy. "}))
+        events = []
+        while not any(e["type"] == "speaking_ended" for e in events):
+            raw = ws.receive(timeout=20)
+            assert raw is not None, events
+            events.append(json_.loads(raw))
+        assert events[0]["type"] == "speaking_started" and events[0]["text"] == "Hello through the proxy."
+        got = b""
+        while got.count(b"moof") < 5:  # fragments keep arriving through nginx
+            got += video.recv(65536)
+    finally:
+        ws.close()
+        video.close()
+    wait_until(lambda: session.get(base + state["url"], timeout=5).status_code == 404, timeout=10,
+               message="closing the WebSocket did not end the session")
+
+
 def test_nginx_answers_malformed_and_oversized_requests_with_json(stack):
     port = stack["port"]
     # a malformed chunk size never reaches gunicorn: nginx answers 400 in the API's error shape

@@ -69,13 +69,13 @@ class SentenceBuffer:
             pieces = split_sentences(self.text, self.MAX_PIECE)
             done += pieces[:-1]
             self.text = pieces[-1]
-        return done
+        return [" ".join(s.split()) for s in done]
 
     def flush(self) -> list[str]:
         """Everything buffered, complete or not."""
         parts = split_sentences(self.text, self.MAX_PIECE)
         self.text = ""
-        return parts
+        return [" ".join(s.split()) for s in parts]
 
 
 @dataclass

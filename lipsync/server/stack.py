@@ -98,6 +98,8 @@ http {{
     proxy_send_timeout 60s;
     proxy_read_timeout {read_timeout}s;
 
+    map $http_upgrade $connection_upgrade {{ default upgrade; "" ""; }}
+
     upstream lipsync_app {{ {app_servers} keepalive 16; }}
     upstream lipsync_stream {{ {stream_servers} keepalive 64; }}
 
@@ -110,6 +112,20 @@ http {{
             proxy_buffering off;
             proxy_cache off;
             proxy_read_timeout 330s;  # a follow ends after 300 s; SSE sends a heartbeat every 15 s
+        }}
+        # A live session's WebSocket and endless video: on the app process that renders it,
+        # unbuffered, upgraded to WebSocket where asked (headers repeated: a location's own
+        # proxy_set_header replaces all inherited ones).
+        location ~ ^/api/sessions/[^/]+/(ws|video)$ {{
+            proxy_pass http://lipsync_app;
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 3700s;
         }}
         location / {{
             proxy_pass http://lipsync_app;
