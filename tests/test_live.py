@@ -229,7 +229,7 @@ def test_creating_sessions_checks_its_inputs_and_the_capacity(tmp_path):
             assert r.status_code == 400 and r.json()["code"] == code, r.text
         first = requests.post(server.url + "/api/sessions", json={}).json()
         busy = requests.post(server.url + "/api/sessions", json={})
-        assert busy.status_code == 503 and busy.json()["code"] == "busy"
+        assert busy.status_code == 429 and busy.json()["code"] == "too_many_sessions"
         # Nobody connects and nothing is said: the idle timeout ends it, and frees its place.
         deadline = time.monotonic() + 10
         while requests.get(server.url + first["url"]).status_code == 200:

@@ -94,6 +94,8 @@ def test_schemathesis_finds_nothing_on_a_live_server(tmp_path, shared_cache, cap
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     server = LiveServer(tmp_path, {"MAX_TEXT_CHARS": "40", "MAX_UPLOAD_BYTES": str(1024 * 1024), "API_KEYS": FUZZ_KEY,
                                    "RATE_LIMIT": "off", "RATE_LIMIT_READ": "off", "JOB_QUEUE_SIZE": "4",
+                                   # a live session the fuzzer opens ends soon (its video stream with it)
+                                   "MAX_SESSIONS": "1", "SESSION_IDLE_SECONDS": "2",
                                    "WEBHOOK_RETRIES": "0", "http_proxy": dead_proxy, "https_proxy": dead_proxy,
                                    "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "no_proxy": "",
                                    "NO_PROXY": ""}, name="fuzzed", cache_dir=shared_cache)
@@ -106,7 +108,9 @@ def test_schemathesis_finds_nothing_on_a_live_server(tmp_path, shared_cache, cap
         config.write_text("[checks.negative_data_rejection]\n"
                           "expected-statuses = [400, 401, 404, 405, 406, 409, 413, 415, 422, 429]\n\n"
                           "[[operations]]\ninclude-path = \"/api/avatars\"\ninclude-method = \"POST\"\n"
-                          "warnings = false\n")
+                          "warnings = false\n\n"
+                          # a WebSocket: a plain GET is (rightly) always refused; tests/test_live.py talks to it
+                          "[[operations]]\ninclude-path-regex = \"/ws$\"\nwarnings = false\n")
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # the fuzzer talks to loopback
         started = time.monotonic()
         run = subprocess.run(

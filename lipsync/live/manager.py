@@ -49,7 +49,8 @@ class SessionManager:
         """A new session speaking ``language`` (a voice, or ``auto``: each sentence's own) with the
         avatar ``avatar_id`` (a photo of the library; default: the preloaded one) and ``model``.
         Raises 400 (``unsupported_language``, ``unknown_avatar``, ``unknown_model``,
-        ``unsupported_avatar``), 503 ``busy`` (no render slot, or ``max_sessions`` open)."""
+        ``unsupported_avatar``), 429 ``too_many_sessions`` (``max_sessions`` open), 503 ``busy`` (no
+        render slot free)."""
         service = self.service
         if service.status != "ready":
             raise LipsyncError(f"the service is not ready ({service.status})", code="not_ready", status=503)
@@ -67,8 +68,8 @@ class SessionManager:
             avatar = replace(avatar, idle=None)  # a still face between sentences, only the mouth moves
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
-                raise RefusedError(f"{self.max_sessions} live sessions are already open; try again later",
-                                   code="busy", status=503, retry_after=10)
+                raise RefusedError(f"{self.max_sessions} live sessions are already open (MAX_SESSIONS); try again "
+                                   "later", code="too_many_sessions", status=429, retry_after=10)
             slot = contextlib.ExitStack()
             slot.enter_context(self.capacity())
             try:

@@ -11,6 +11,7 @@ import logging
 
 from flask import Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing.exceptions import WebsocketMismatch
 
 from lipsync.errors import LipsyncError
 from lipsync.server import context
@@ -110,6 +111,9 @@ def http_error(exc: HTTPException):
     """werkzeug's own errors (404, 405, 413 from MAX_CONTENT_LENGTH...) as the same JSON."""
     code = HTTP_ERROR_CODES.get(exc.code, (exc.name or "http_error").lower().replace(" ", "_"))
     message = exc.description or exc.name
+    if isinstance(exc, WebsocketMismatch):
+        code = "websocket_required"
+        message = "this URL is a WebSocket: connect with ws:// or wss:// (Upgrade: websocket)"
     if exc.code == 413:
         limit = request.max_content_length or context.settings().max_upload_bytes
         message = f"the request body is larger than the limit of {limit} bytes"

@@ -76,7 +76,7 @@ class _Document:
             "servers": [{"url": "/"}],
             "tags": [{"name": n} for n in ("page", "generate", "jobs", "avatar", "operations")],
             "paths": {**self.page_paths(), **self.generate_paths(), **self.job_paths(), **self.avatar_paths(),
-                      **self.ops_paths()},
+                      **self.session_paths(), **self.ops_paths()},
             "components": {"schemas": _schemas(), "headers": _HEADERS},
         }
         if self.keys:
@@ -301,6 +301,54 @@ class _Document:
             },
         }
 
+    def session_paths(self) -> dict:
+        def session_op(summary: str, responses: dict, *, bucket: str = "read", get: bool = True, **extra) -> dict:
+            return self.op(summary, self.guarded(responses, bucket=bucket, write=bucket == "write"),
+                           tags=["live"], get=get, **extra)
+
+        not_found = _error("No open session with this id for this API key (code `unknown_session`).")
+        session_param = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        body = {"required": False, "content": {"application/json": {"schema": {"type": "object", "properties": {
+            "avatar_id": _AVATAR_ID_SCHEMA, "model": _MODEL_SCHEMA, "idle_motion": _IDLE_MOTION_SCHEMA,
+            "language": {"type": "string", "enum": list(LANGUAGE_CHOICES), "nullable": True,
+                         "description": "The voice; `auto` (default): each sentence's own language."}}}}}}
+        return {
+            "/api/sessions": {"post": session_op(
+                "Open a live conversation: send text over `ws_url` (WebSocket), play `video_url`.", {
+                    "201": _ok("Opened.", {"application/json": {"schema": _ref("Session")}},
+                               {"Location": _header("Location")}),
+                    "400": _error("Bad input (`invalid_json`, `invalid_input`, `unsupported_language`, "
+                                  "`unknown_avatar`, `unknown_model`, `unsupported_avatar`: a video avatar)."),
+                    "429": _error("`MAX_SESSIONS` sessions are open (code `too_many_sessions`).", retry_after=True),
+                    "503": _error("No render slot free (`busy`), not loaded (`not_ready`), cluster mode "
+                                  "(`sessions_unavailable`), shutting down (`shutting_down`).", retry_after=False),
+                }, bucket="write", get=False, requestBody=body)},
+            "/api/sessions/{session_id}": {
+                "parameters": [session_param],
+                "get": session_op("The session's state.", {
+                    "200": _ok("Open.", {"application/json": {"schema": _ref("Session")}}), "404": not_found}),
+                "delete": session_op("End the session.", {
+                    "204": {"description": "Ended.", "headers": {"X-Request-ID": _header("X-Request-ID")}},
+                    "404": not_found}, get=False),
+            },
+            "/api/sessions/{session_id}/video": {
+                "parameters": [session_param],
+                "get": session_op("The live video: fragmented MP4 (H.264 + AAC), one chunked response for as "
+                                  "long as the session lasts, from its last keyframe on; for Media Source "
+                                  "Extensions or a player of progressive MP4.", {
+                                      "200": _ok("The stream.", _binary("video/mp4")), "404": not_found})},
+            "/api/sessions/{session_id}/ws": {
+                "parameters": [session_param],
+                "get": session_op(
+                    "The conversation (WebSocket, RFC 6455; README \"Live conversation\" has the protocol). "
+                    "Client: `{\"type\": \"text\", \"text\", \"final\"}`, `flush`, `interrupt`, `ping`, "
+                    "`close`. Server: `ready`, `speaking_started`, `speaking_ended`, `error`, `closed`.", {
+                        "101": {"description": "Switching to the WebSocket protocol.",
+                                "headers": {"X-Request-ID": _header("X-Request-ID")}},
+                        "400": _error("Not a WebSocket handshake (code `websocket_required`)."),
+                        "404": not_found})},
+        }
+
     def ops_paths(self) -> dict:
         metrics_public = not self.keys or self.server.metrics_public
         return {
@@ -420,7 +468,16 @@ def _schemas() -> dict:
         "device": nullable_str, "precision": nullable_str, "default": {"type": "boolean"},
         "description": {**nullable_str, "description": "From `checkpoints/<name>.json`, if any."},
         "memory_mb": {"type": "number", "description": "What loading it cost (process memory, plus GPU memory)."}}}
-    return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar, "Model": model}
+    session = {"type": "object", "required": ["id", "status", "url", "ws_url", "video_url"], "properties": {
+        "id": {"type": "string"}, "status": {"type": "string", "enum": ["open", "closed"]},
+        "model": nullable_str, "language": nullable_str, "fps": {"type": "integer"},
+        "width": {"type": "integer"}, "height": {"type": "integer"},
+        "seconds": {"type": "number", "description": "Video made so far."},
+        "speaking": {"type": "boolean"}, "viewers": {"type": "integer"}, "close_reason": nullable_str,
+        "codecs": {**nullable_str, "description": "The stream's RFC 6381 codecs, once it started."},
+        "url": {"type": "string"}, "ws_url": {"type": "string"}, "video_url": {"type": "string"}}}
+    return {"Error": error, "JobState": job_state, "Job": job, "Health": health, "Avatar": avatar, "Model": model,
+            "Session": session}
 
 
 _UNAUTHORIZED = _error("No or an invalid API key (code `unauthorized`).", www_authenticate=True)
