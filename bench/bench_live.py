@@ -28,13 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import requests  # noqa: E402
-from simple_websocket import Client, ConnectionClosed  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
-
 from lipsync.live.fmp4 import FragmentReader  # noqa: E402
-from lipsync.server import close_app, create_app  # noqa: E402
-from lipsync.server.settings import ServerSettings  # noqa: E402
 from lipsync.settings import Settings  # noqa: E402
 
 REPLIES = [
@@ -51,6 +45,8 @@ class _Viewer:
     """Reads the session's video over HTTP, noting when each fragment arrived."""
 
     def __init__(self, url: str):
+        import requests
+
         self.arrivals: list[tuple[float, float, float]] = []  # (monotonic, start, end) of each fragment
         self._response = requests.get(url, stream=True, timeout=30)
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -77,11 +73,23 @@ def main() -> int:
     ap.add_argument("--engine", default="builtin")
     ap.add_argument("--checkpoint", help="a Wav2Lip checkpoint (with --engine wav2lip)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--avatar", help="avatar image (default: the built-in portrait)")
+    ap.add_argument("--direct", action="store_true",
+                    help="no HTTP: the session in this process, latency as published (for a GPU machine "
+                         "without the web stack installed)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"checkpoint_path": args.checkpoint} if args.checkpoint else {"checkpoint_path": f"{tmp}/none.pt"}
         settings = Settings(engine=args.engine, device=args.device, output_dir=f"{tmp}/out", cache_dir=f"{tmp}/c",
-                            checkpoint_dir=f"{tmp}/none", session_idle_seconds=600, **extra)
+                            checkpoint_dir=f"{tmp}/none", session_idle_seconds=600, avatar_path=args.avatar,
+                            face_detector="haar", **extra)
+        if args.direct:
+            return _run_direct(settings, args)
+        from werkzeug.serving import make_server
+
+        from lipsync.server import close_app, create_app
+        from lipsync.server.settings import ServerSettings
+
         app = create_app({"SETTINGS": settings, "SERVER": ServerSettings(rate_limit="off", rate_limit_read="off"),
                           "LOAD_IN_BACKGROUND": False})
         httpd = make_server("127.0.0.1", 0, app, threaded=True)
@@ -94,7 +102,56 @@ def main() -> int:
             close_app(app)
 
 
+def _run_direct(settings: Settings, args) -> int:
+    from lipsync.live.session import LiveSession
+    from lipsync.service import LipsyncService
+
+    service = LipsyncService(settings).load()
+    if service.status != "ready":
+        print(f"the service did not load: {service.error}")
+        return 1
+    model = service.models.default
+    session = LiveSession(tts=service.tts, engine=service.models.engine(model), model=model,
+                          avatar=service.avatars.prepared("default", None, model), language="en", fps=settings.fps)
+    viewer_chunks = threading.Thread(target=lambda: [None for _ in session.watch()], daemon=True)
+    viewer_chunks.start()
+    events = session.listen()
+    print(f"live session (no HTTP): model {model} on {service.engine.describe()['device']}, "
+          f"{session.size[0]}x{session.size[1]} at {session.fps} fps; replies at {args.cps:g} characters/s "
+          f"for {args.minutes:g} min")
+    started = time.monotonic()
+    latencies, pace = [], []
+    reply = 0
+    time.sleep(1.0)
+    while time.monotonic() - started < args.minutes * 60:
+        text = REPLIES[reply % len(REPLIES)] + " "
+        reply += 1
+        for i in range(0, len(text), 5):
+            session.add_text(text[i:i + 5])
+            time.sleep(5 / args.cps)
+        first = None
+        while True:
+            event = events.get(timeout=60)
+            if event["type"] == "speaking_started" and first is None:
+                first = event
+            if event["type"] == "speaking_ended" and not session.speaking:
+                break
+        latencies.append(first["latency_ms"])
+        pace.append((time.monotonic() - started, session.frames / session.fps))
+        time.sleep(2.0)
+    session.close("done")
+    print(f"first sentence -> its first frame published: median {statistics.median(latencies):.0f} ms, "
+          f"max {max(latencies):.0f} ms ({len(latencies)} replies): " + ", ".join(f"{x:.0f}" for x in latencies))
+    behind = [wall - made for wall, made in pace]
+    print(f"pace: video behind wall clock {behind[0]:.2f} s at first, {behind[-1]:.2f} s at the end "
+          f"(growth {behind[-1] - behind[0]:+.2f} s over {pace[-1][0] - pace[0][0]:.0f} s)")
+    return 0
+
+
 def _run(base: str, ws_base: str, app, args) -> int:
+    import requests
+    from simple_websocket import Client, ConnectionClosed
+
     state = requests.post(base + "/api/sessions", json={"language": "en"}, timeout=30).json()
     viewer = _Viewer(base + state["video_url"])
     ws = Client.connect(ws_base + state["ws_url"])
