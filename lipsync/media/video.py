@@ -8,6 +8,7 @@ MP4 behind.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
@@ -73,18 +74,36 @@ def _decode_flags(shorter_side: int, shrink_to: int) -> int:
     return cv2.IMREAD_COLOR
 
 
-def fit_to_height(image: np.ndarray, max_height: int) -> np.ndarray:
-    """The image scaled down (never up) to at most ``max_height`` rows, with even sides.
+def fit_to_height(image: np.ndarray, max_height: int, max_pixels: int = 0) -> np.ndarray:
+    """The image scaled down (never up) to at most ``max_height`` rows and, when given,
+    ``max_pixels`` pixels, with even sides.
 
     H.264 in yuv420p needs even width and height; the odd last row/column is
     cropped rather than stretched.
     """
     h, w = image.shape[:2]
-    if h > max_height:
-        scale = max_height / h
-        image = cv2.resize(image, (max(2, round(w * scale)), max_height), interpolation=cv2.INTER_AREA)
+    height = min(h, max_height)
+    if max_pixels and height * height * w > max_pixels * h:  # the width follows the height
+        height = max(2, math.isqrt(max_pixels * h // w))
+    if height < h:
+        scale = height / h
+        image = cv2.resize(image, (max(2, round(w * scale)), height), interpolation=cv2.INTER_AREA)
         h, w = image.shape[:2]
     return np.ascontiguousarray(image[: h - h % 2, : w - w % 2])
+
+
+# The speech's codec in every MP4 made here.
+AUDIO_OPTIONS = ("-c:a", "aac", "-b:a", "128k", "-ar", "44100")
+
+
+def x264_options(preset: str, crf: int, threads: int, keyint: int, tune: str | None = None) -> list[str]:
+    """ffmpeg's output options for the video: x264 ``preset``/``crf``/``threads``/``tune``, yuv420p, a
+    keyframe every ``keyint`` frames (and at scene cuts)."""
+    return ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-threads", str(threads), *(["-tune", tune] if tune else []), "-g", str(keyint),
+            # Keyframes at the quality of the frames between them: otherwise the
+            # still avatar visibly "pulses" at every keyframe.
+            "-x264-params", "ipratio=1.0"]
 
 
 def composite(avatar: PreparedAvatar, patches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -181,13 +200,9 @@ class Mp4Writer:
                "-r", str(fps), "-i", "pipe:0",
                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
-               "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-threads", str(threads), *(["-tune", tune] if tune else []),
-               "-g", str(max(1, round(2 * fps))),  # a keyframe (a live fragment) every 2 s: streaming starts early
-               # Keyframes at the quality of the frames between them: otherwise the
-               # still avatar visibly "pulses" at every keyframe.
-               "-x264-params", "ipratio=1.0",
-               "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
+               # a keyframe (a live fragment) every 2 s: streaming starts early
+               *x264_options(preset, crf, threads, max(1, round(2 * fps)), tune),
+               *AUDIO_OPTIONS,
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
         try:
