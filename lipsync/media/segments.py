@@ -25,12 +25,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 
-import cv2
 import numpy as np
 
 from lipsync.errors import MediaError
 from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, stderr_tail
-from lipsync.media.video import AUDIO_OPTIONS, x264_options
+from lipsync.media.video import AUDIO_OPTIONS, FrameInput, x264_options
 
 # The shortest segment: x264 gives a stream of 1 or 2 frames no B-frame delay, so its
 # timestamps would not continue those of the segments before it. A shorter tail joins the
@@ -39,7 +38,7 @@ MIN_SEGMENT_FRAMES = 4
 
 
 class _Segment:
-    """Frames ``first`` .. of one segment on their way into its own ffmpeg."""
+    """The frames of one segment on their way into its own ffmpeg."""
 
     def __init__(self, index: int, path: str):
         self.index = index
@@ -49,7 +48,7 @@ class _Segment:
         self.future: Future | None = None
 
 
-class SegmentedMp4Writer:
+class SegmentedMp4Writer(FrameInput):
     """``Mp4Writer``'s contract (``write``, ``write_i420``, ``write_audio``, ``frames``,
     ``audio_samples``, ``encode_seconds``; the MP4 at ``path`` only on a clean exit, nothing left
     on failure) without ``live_path``, the video encoded in segments by up to ``workers`` ffmpeg
@@ -66,14 +65,7 @@ class SegmentedMp4Writer:
                  threads: int = 1, segment_frames: int | None = None, queue_bytes: int = 1 << 30):
         if width % 2 or height % 2:
             raise ValueError("segmented encoding needs even sides (yuv420p)")
-        self.path = path
-        self.size = (width, height)
-        self.fps = fps
-        self.sample_rate = sample_rate
-        self.timeout = timeout
-        self.encode_seconds = 0.0
-        self.frames = 0
-        self.audio_samples = 0
+        super().__init__(path, width, height, fps, sample_rate, timeout)
         self.live_path = None
         self._preset, self._crf, self._threads = preset, crf, threads
         self._keyint = max(1, round(2 * fps))
@@ -102,31 +94,8 @@ class SegmentedMp4Writer:
         self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
         self._audio_thread.start()
 
-    # -- the Mp4Writer contract ----------------------------------------------------
-
-    def write_audio(self, samples: np.ndarray) -> None:
-        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
-        self._audio_queue.put((np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
-        self.audio_samples += len(samples)
-
-    def write(self, frame: np.ndarray) -> None:
-        """Append one (H, W, 3) uint8 BGR frame (converted here; the caller may reuse its buffer)."""
-        if frame.shape[1::-1] != self.size:
-            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
-        start = time.perf_counter()
-        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)
-        self.encode_seconds += time.perf_counter() - start
-        self._put(data)
-
-    def write_i420(self, frame: np.ndarray) -> None:
-        """Append one I420 frame, (H * 3 // 2, W) uint8; kept until encoded: do not change it."""
-        if frame.shape != (self.size[1] * 3 // 2, self.size[0]):
-            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
-                             f"{self.size[0]} bytes, got {frame.shape}")
-        self._put(frame)
-
-    def __enter__(self) -> SegmentedMp4Writer:
-        return self
+    def _put_audio(self, pcm: bytes) -> None:
+        self._audio_queue.put(pcm)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

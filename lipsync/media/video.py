@@ -150,7 +150,55 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-class Mp4Writer:
+class FrameInput:
+    """What the MP4 writers take: ``write_audio``, ``write`` (BGR), ``write_i420``, counted in
+    ``frames``/``audio_samples``; the writer gives ``size``, ``_yuv``, ``_put`` and ``_put_audio``."""
+
+    _yuv = True
+
+    def __init__(self, path: str, width: int, height: int, fps: int | Fraction, sample_rate: int, timeout: float):
+        self.path = path
+        self.size = (width, height)
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.timeout = timeout
+        self.encode_seconds = 0.0
+        self.frames = 0
+        self.audio_samples = 0
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
+        self.audio_samples += len(samples)
+        self._put_audio((np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
+        if frame.shape[1::-1] != self.size:
+            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
+        start = time.perf_counter()
+        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
+        self.encode_seconds += time.perf_counter() - start
+        self._put(data)
+
+    def write_i420(self, frame: np.ndarray) -> None:
+        """Append one frame already in I420, (H * 3 // 2, W) uint8 (``lipsync.media.frames``);
+        the writer keeps it: the caller must not change it afterwards."""
+        if not self._yuv or frame.shape != (self.size[1] * 3 // 2, self.size[0]):
+            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
+                             f"{self.size[0]} bytes, got {frame.shape}")
+        self._put(frame)
+
+    def __enter__(self):
+        return self
+
+    def _put(self, data: np.ndarray) -> None:  # pragma: no cover - each writer has its own
+        raise NotImplementedError
+
+    def _put_audio(self, pcm: bytes) -> None:  # pragma: no cover - each writer has its own
+        raise NotImplementedError
+
+
+class Mp4Writer(FrameInput):
     """Encode BGR frames and mono speech into an H.264/AAC MP4 with one ffmpeg.
 
     Frames are converted to yuv420p here (OpenCV, BT.601 limited range, as
@@ -176,14 +224,7 @@ class Mp4Writer:
     def __init__(self, path: str, width: int, height: int, fps: int | Fraction, *, sample_rate: int = 16000,
                  preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None,
                  queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None):
-        self.path = path
-        self.size = (width, height)
-        self.fps = fps
-        self.sample_rate = sample_rate
-        self.timeout = timeout
-        self.encode_seconds = 0.0
-        self.frames = 0
-        self.audio_samples = 0
+        super().__init__(path, width, height, fps, sample_rate, timeout)
         self._yuv = width % 2 == 0 and height % 2 == 0  # yuv420p needs even sides; odd ones go as BGR
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self.live_path = live_path
@@ -222,28 +263,8 @@ class Mp4Writer:
         self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
         self._audio_thread.start()
 
-    def write_audio(self, samples: np.ndarray) -> None:
-        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
-        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-        self.audio_samples += len(samples)
+    def _put_audio(self, pcm: bytes) -> None:
         self._audio.put(pcm)
-
-    def write(self, frame: np.ndarray) -> None:
-        """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
-        if frame.shape[1::-1] != self.size:
-            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
-        start = time.perf_counter()
-        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
-        self.encode_seconds += time.perf_counter() - start
-        self._put(data)
-
-    def write_i420(self, frame: np.ndarray) -> None:
-        """Append one frame already in I420, (H * 3 // 2, W) uint8 (``lipsync.media.frames``);
-        the writer keeps it: the caller must not change it afterwards."""
-        if not self._yuv or frame.shape != (self.size[1] * 3 // 2, self.size[0]):
-            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
-                             f"{self.size[0]} bytes, got {frame.shape}")
-        self._put(frame)
 
     def _put(self, data: np.ndarray) -> None:
         start = time.perf_counter()
@@ -277,9 +298,6 @@ class Mp4Writer:
                     fifo.write(chunk)
         except OSError:
             pass  # ffmpeg went away; its exit status and stderr say why
-
-    def __enter__(self) -> Mp4Writer:
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
