@@ -4,6 +4,7 @@
                                              [--avatar IMG] [--audio WAV] [--seconds 10] [--runs 3]
                                              [--device auto|cpu|cuda] [--concurrency N]
                                              [--precision P] [--mouth-only] [--backend B] [--tree DIR]
+                                           [--stream]
 
 Prints per-stage times (median of the runs), the real-time factor
 (processing time / speech duration; < 1 is faster than real time) and the
@@ -16,13 +17,15 @@ second). ``--tree DIR`` imports ``lipsync`` from another checkout (e.g. the
 code before a change, for before/after numbers); the engine options
 (--precision, --mouth-only, --backend) need this tree's engine, and
 ``--random-checkpoint`` a tree with ``lipsync.engines.wav2lip.model.save_random_checkpoint``
-(with an older one, pass ``--checkpoint``).
+(with an older one, pass ``--checkpoint``). ``--stream`` asks for the live copy as a streamed
+job does and reports ``first_frame``: the time until it holds a playable fragment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -94,6 +97,8 @@ def main() -> int:
     p.add_argument("--face-box", help="x1,y1,x2,y2 face box on the avatar (skips detection)")
     p.add_argument("--tree", help="import lipsync from this checkout (before/after comparisons)")
     p.add_argument("--label", default="", help="a name for this configuration in the output")
+    p.add_argument("--stream", action="store_true",
+                   help="ask for the live copy too (as a streamed job) and time its first playable fragment")
     args = p.parse_args()
 
     avatar = args.avatar or os.path.join(FIXTURES, "avatar.jpg")
@@ -136,7 +141,12 @@ def main() -> int:
         runs = []
         for i in range(args.runs + 1):  # the first run warms caches and is not counted
             out = os.path.join(tmp, f"run{i}.mp4")
-            result = service.generate(out, text=args.text, language=args.language, recording=recording)
+            live = os.path.join(tmp, f"live{i}.mp4") if args.stream else None
+            watch = _FirstFrame(live) if live else None
+            result = service.generate(out, text=args.text, language=args.language, recording=recording,
+                                      live_path=live)
+            if watch is not None:  # time from the request's start to the live copy's first fragment
+                result.timings["first_frame"] = watch.stop() * 1000.0
             if i:
                 runs.append(result)
         concurrent = _concurrent(service, args, recording, tmp) if args.concurrency > 1 else None
@@ -178,6 +188,32 @@ def main() -> int:
                        "rtf": total_s / duration, "fps": frames / total_s, "info": info,
                        "concurrency": args.concurrency, "concurrent": concurrent}, f, indent=2, default=str)
     return 0
+
+
+class _FirstFrame:
+    """Watches a live (fragmented) MP4 from now on: ``stop()`` returns the seconds until it first
+    held a playable fragment (``bench_streaming.playable``), inf if it never did."""
+
+    def __init__(self, path: str):
+        from bench_streaming import playable
+
+        self.start, self.first = time.perf_counter(), math.inf
+        self._done = threading.Event()
+
+        def watch() -> None:
+            while not self._done.is_set():
+                if playable(path):
+                    self.first = time.perf_counter() - self.start
+                    return
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return self.first
 
 
 def _engine_options(options: dict) -> None:

@@ -6,7 +6,7 @@
 #
 # Needs, next to the code (both ignored by git, see docs/PERFORMANCE.md "Repeating the GPU benchmark"):
 #   .benchdata/avatar.jpg, .benchdata/kennedy_speech_16k.wav   the shared fixtures (or LIPSYNC_FIXTURES=DIR)
-#   .benchdata/head/lipsync                                    the code before (git archive <commit> lipsync)
+#   .benchdata/head/lipsync                                    the code before (git archive 3195f5e lipsync)
 #   ffmpeg on PATH, or FFMPEG_BINARY, or .whl/ffmpeg-*.xz (imageio-ffmpeg's binary, xz-compressed),
 #   or .whl/imageio_ffmpeg-*.whl
 # Writes logs and JSON to $OUT (default bench-results/). Prints the tables last.
@@ -25,10 +25,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -z "${FFMPEG_BINARY:-}" ] && ! command -v ffmpeg >/dev/null; then
   xz=$(ls .whl/ffmpeg-*.xz 2>/dev/null | head -1)
   whl=$(ls .whl/imageio_ffmpeg-*.whl 2>/dev/null | head -1)
-  if [ -n "$xz" ]; then
-    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open('/tmp/ffmpeg', 'wb'))" "$xz"
-    chmod +x /tmp/ffmpeg
-    export FFMPEG_BINARY=/tmp/ffmpeg
+  if [ -n "$xz" ]; then  # on PATH: the benchmarks without a service (bench_frames.py) find it there
+    mkdir -p /tmp/ffbin
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open('/tmp/ffbin/ffmpeg', 'wb'))" "$xz"
+    chmod +x /tmp/ffbin/ffmpeg
+    export PATH=/tmp/ffbin:$PATH
   elif [ -n "$whl" ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" && export PYTHONPATH=/tmp/site
   else
@@ -44,38 +45,40 @@ fi
 } 2>&1 | tee "$OUT/machine.txt"
 
 BOX=420,137,885,602
-ROUNDS=20; RUNS=5; SECONDS_=10
-[ "$QUICK" = quick ] && ROUNDS=5 && RUNS=2
+RUNS=3
+[ "$QUICK" = quick ] && RUNS=1
 
-echo "== 1. generator and engine (fp32 reference, fp16, CUDA graphs, mouth-only) =="
-python3 bench/bench_wav2lip.py --device cuda --rounds $ROUNDS --json "$OUT/wav2lip_gpu.json" 2>&1 \
-  | grep -v -i warning | tee "$OUT/wav2lip_gpu.txt"
+echo "== 0. GpuFrames = the CPU path (tests/test_gpu_frames.py on CUDA) =="
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
 
-echo "== 2. composite + encode alone (no model) =="
-python3 bench/bench_encode.py --seconds $SECONDS_ --presets veryfast,ultrafast --tunes none,zerolatency \
-  --threads 0,8 --parallel 1,4 --runs 3 2>&1 | tee "$OUT/encode.txt"
+echo "== 1. frames without a model: CPU vs GPU, equality; encoder layouts (40.7 s at 1084x1246) =="
+python3 bench/bench_frames.py --height 1246 --seconds 40.7 --layouts 1x0,16x1,8x2,5x3,4x4 --runs 1 2>&1 \
+  | tee "$OUT/frames.txt"
 
-echo "== 3. whole request: 10 s of speech -> MP4, 720p, before / after, 1 and 4 at once =="
 # One random-weights checkpoint for every run (published weights run at the same speed); made by
-# this tree, so an older tree under --tree can be measured on the very same file.
+# this tree, so the tree before (--tree) is measured on the very same file.
 CKPT=${TMPDIR:-/tmp}/wav2lip-random.pth
 python3 -c "import sys; from lipsync.engines.wav2lip.model import save_random_checkpoint; save_random_checkpoint(sys.argv[1], seed=0)" "$CKPT"
-common="--engine wav2lip --checkpoint $CKPT --device cuda --seconds $SECONDS_ --runs $RUNS --face-box $BOX"
-if [ -d .benchdata/head/lipsync ]; then
-  python3 bench/bench_pipeline.py $common --tree .benchdata/head --concurrency 4 --label before \
-    --json "$OUT/pipeline_before.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_before.txt"
-fi
-python3 bench/bench_pipeline.py $common --concurrency 4 --label after \
-  --json "$OUT/pipeline_after.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_after.txt"
-python3 bench/bench_pipeline.py $common --concurrency 4 --mouth-only --label after-mouth \
-  --json "$OUT/pipeline_after_mouth.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_after_mouth.txt"
-python3 bench/bench_pipeline.py $common --concurrency 4 --precision fp32 --label after-fp32 \
-  --json "$OUT/pipeline_after_fp32.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_after_fp32.txt"
-python3 bench/bench_pipeline.py $common --concurrency 4 --mouth-only --preset superfast --label after-mouth-superfast \
-  --json "$OUT/pipeline_after_superfast.json" 2>&1 | grep -v -i warning | tee "$OUT/pipeline_after_superfast.txt"
+common="--checkpoint $CKPT --device cuda --runs $RUNS --face-box $BOX"
+# row NAME ARGS...: the issue's row, before (the tree in .benchdata/head) then after, one after the other
+row() {
+  name=$1; shift
+  for label in before after; do
+    tree=""; [ $label = before ] && tree="--tree .benchdata/head"
+    [ $label = before ] && [ ! -d .benchdata/head/lipsync ] && continue
+    echo "-- $name [$label]"
+    python3 bench/bench_pipeline.py $common "$@" $tree --label "$name $label" --json "$OUT/$name-$label.json" 2>&1 \
+      | grep -v -i warning | tee "$OUT/$name-$label.txt"
+  done
+}
+echo "== 2. the issue's rows, before / after =="
+row w2l-40s-1246 --engine wav2lip --seconds 40.7 --max-height 1246
+row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
+row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
+row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
-echo; echo "================ summary ================" | tee "$OUT/summary.txt"
-cat "$OUT/machine.txt"
-sed -n '/^generator/,$p' "$OUT/wav2lip_gpu.txt"
-cat "$OUT/encode.txt"
-for f in "$OUT"/pipeline_*.txt; do grep -E "machine|engine:|total|lipsync|composite|encode |real-time|at once|fastest" "$f"; done
+echo; echo "================ summary ================"
+cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt"
+for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
+  [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
+done

@@ -35,6 +35,7 @@ from lipsync.faces.landmarks import face_landmarks
 from lipsync.inputs import check_speech_estimate, check_speech_length, check_text, recording_samples
 from lipsync.media import audio, ffmpeg, frames, video
 from lipsync.media.frames import LoopedFrames
+from lipsync.media.segments import SegmentedMp4Writer
 from lipsync.memory import release_memory
 from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
 from lipsync.settings import Settings
@@ -106,6 +107,7 @@ class LipsyncService:
         self._ready = threading.Event()
         self._decode_slots = threading.BoundedSemaphore(AVATAR_DECODES)
         self._decode_held = threading.local()  # .held: this thread holds a slot
+        self._gpu = None  # the CUDA device frames are made on, False for none (_on_gpu)
 
     # ----------------------------------------------------------------- loading
     def load(self) -> LipsyncService:
@@ -160,9 +162,9 @@ class LipsyncService:
         """An avatar image's bytes as (H, W, 3) uint8 BGR, upright (EXIF orientation applied), within
         ``MAX_IMAGE_PIXELS``. A large image is decoded at 1/2, 1/4 or 1/8 of its size when it
         stays at least twice the output height (face detectors look at 640 pixels, the video at
-        ``MAX_OUTPUT_HEIGHT``), except with ``FACE_BOX``, whose pixels are those of the full image.
+        its output height), except with ``FACE_BOX``, whose pixels are those of the full image.
         At most ``AVATAR_DECODES`` decodes run at once; the memory is given back after each."""
-        shrink_to = 0 if self.settings.face_box is not None else 2 * self.settings.max_output_height
+        shrink_to = 0 if self.settings.face_box is not None else 2 * self.settings.output_height(self._on_gpu())
         with self._decoding():
             return video.decode_image(data, self.settings.max_image_pixels, shrink_to=shrink_to)
 
@@ -206,9 +208,10 @@ class LipsyncService:
 
     def _register_video(self, data: bytes, folder: str) -> RegisteredVideo:
         s = self.settings
-        return register_video(data, folder, work_dir=self.temp_root(), max_height=s.max_output_height,
-                              max_seconds=s.max_avatar_seconds, max_pixels=s.max_image_pixels, default_fps=s.fps,
-                              find_faces=self.faces.faces, timeout=s.ffmpeg_timeout)
+        return register_video(data, folder, work_dir=self.temp_root(),
+                              max_height=s.output_height(self._on_gpu(), video=True), max_seconds=s.max_avatar_seconds,
+                              max_pixels=s.max_image_pixels, default_fps=s.fps, find_faces=self.faces.faces,
+                              timeout=s.ffmpeg_timeout)
 
     def prepare_avatar(self, image: np.ndarray, model: str | None = None) -> PreparedAvatar:
         """Scale an avatar to output size, find its face (cached) and let ``model`` (default: the
@@ -216,7 +219,8 @@ class LipsyncService:
         # Detect (and cache, and apply FACE_BOX) on the image as the user gave
         # it, then scale the box with the image to output size.
         box = self.faces.locate(image)
-        scaled = video.fit_to_height(image, self.settings.max_output_height)
+        s = self.settings
+        scaled = video.fit_to_height(image, s.output_height(self._on_gpu()), s.max_output_pixels)
         box = box.scaled(scaled.shape[0] / image.shape[0]).clip(scaled.shape[1], scaled.shape[0])
         return self.prepare_scaled(scaled, box, model)
 
@@ -357,9 +361,10 @@ class LipsyncService:
         segments: list[tuple[float, float]] = []
         height, width = avatar.image.shape[:2]
         engine_s = composite_s = 0.0
-        with video.Mp4Writer(out_path, width, height, fps, sample_rate=rate, preset=self.settings.x264_preset,
-                             crf=self.settings.x264_crf, threads=self.settings.x264_threads,
-                             timeout=self.settings.ffmpeg_timeout, live_path=live_path) as writer, \
+        # A photo's frames are made on the GPU when there is one (lipsync.media.gpu_frames: the same frames).
+        gpu = self._frames_on_gpu(avatar, rig) if footage is None else None
+        on_device = gpu is not None and getattr(engine, "patch_device", None) is not None
+        with self._writer(out_path, width, height, fps, live_path) as writer, \
                 (LoopedFrames(footage.path, width, height, timeout=self.settings.ffmpeg_timeout)
                  if footage is not None else contextlib.nullcontext()) as base_frames:
             for index, speech in enumerate(pieces):
@@ -382,17 +387,23 @@ class LipsyncService:
                     motion = idle_track(wanted, fps, idle_seed, rig.face_height,
                                         mouth_open=audio.frame_loudness(samples, wanted, fps, rate),
                                         first=writer.frames)
-                patches = engine.render(avatar, Speech(samples, rate, speech.phonemes), fps)
+                speech = Speech(samples, rate, speech.phonemes)
+                patches = (engine.render(avatar, speech, fps, on_device=True) if on_device
+                           else engine.render(avatar, speech, fps))
                 try:
                     while done < wanted:
                         t = time.perf_counter()
                         batch = next(patches)[: wanted - done]
                         engine_s += time.perf_counter() - t
                         t, encode_before = time.perf_counter(), writer.encode_seconds
-                        for k, frame in enumerate(video.composite(avatar, [batch])):
-                            if motion is not None:
-                                frame = apply_idle(frame, rig, motion, done + k, out=moved)
-                            writer.write(frame)
+                        if gpu is not None:
+                            for frame in gpu.frames(batch, done, motion):
+                                writer.write_i420(frame)
+                        else:
+                            for k, frame in enumerate(video.composite(avatar, [batch])):
+                                if motion is not None:
+                                    frame = apply_idle(frame, rig, motion, done + k, out=moved)
+                                writer.write(frame)
                         composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                         done += len(batch)
                         report("lipsync", min(1.0, (index + done / wanted) / pieces.count))
@@ -404,6 +415,33 @@ class LipsyncService:
         timings["composite"] = composite_s * 1000.0
         timings["encode"] = writer.encode_seconds * 1000.0
         return writer.frames, tuple(segments)
+
+    def _writer(self, path: str, width: int, height: int, fps, live_path: str | None):
+        """The MP4 writer of one request: segments encoded at once on every core
+        (``ENCODE_WORKERS``), or one x264 stream when the request streams (its live copy is
+        one growing file) or the machine is small."""
+        s = self.settings
+        workers, threads = s.encode_layout()
+        if live_path is None and workers > 1 and width % 2 == 0 and height % 2 == 0:
+            return SegmentedMp4Writer(path, width, height, fps, sample_rate=audio.SAMPLE_RATE, preset=s.x264_preset,
+                                      crf=s.x264_crf, timeout=s.ffmpeg_timeout, workers=workers, threads=threads)
+        return video.Mp4Writer(path, width, height, fps, sample_rate=audio.SAMPLE_RATE, preset=s.x264_preset,
+                               crf=s.x264_crf, threads=s.x264_threads, timeout=s.ffmpeg_timeout, live_path=live_path)
+
+    def _on_gpu(self):
+        """The CUDA device frames are made on, when there is one and ``DEVICE`` allows it (else None)."""
+        if self._gpu is None:
+            self._gpu = _cuda_device(self.settings.device) or False
+        return self._gpu or None
+
+    def _frames_on_gpu(self, avatar: PreparedAvatar, rig):
+        """A ``GpuFrames`` for this request's frames on the GPU (None: made on the CPU)."""
+        device = self._on_gpu()
+        if device is None:
+            return None
+        from lipsync.media.gpu_frames import GpuFrames  # imports torch
+
+        return GpuFrames(avatar, device, rig)
 
     def _render_video_piece(self, engine: Engine, avatar: PreparedAvatar, base_frames: LoopedFrames,
                             writer: video.Mp4Writer,
@@ -471,6 +509,20 @@ class LipsyncService:
         root = os.path.join(self.settings.output_dir, "tmp")
         os.makedirs(root, exist_ok=True)
         return root
+
+
+def _cuda_device(device: str):
+    """The torch CUDA device ``device`` (a ``DEVICE`` setting) resolves to; None for a CPU, or
+    where torch is not installed."""
+    if device == "cpu":
+        return None
+    try:
+        from lipsync.devices import resolve_device
+
+        resolved = resolve_device(device)
+    except (ImportError, LipsyncError):
+        return None
+    return resolved if resolved.type == "cuda" else None
 
 
 def _ms_since(start: float) -> float:

@@ -23,6 +23,17 @@ WAV2LIP_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 WAV2LIP_BACKENDS = ("auto", "torch", "onnxruntime")
 
 
+# MAX_OUTPUT_HEIGHT=0: the default output height limit on a CPU-only machine (speed: README) and
+# where frames are made on a GPU (photos: their own size up to max_output_pixels; video avatars).
+CPU_OUTPUT_HEIGHT = 720
+GPU_OUTPUT_HEIGHT = 2160
+GPU_VIDEO_HEIGHT = 1080
+# ENCODE_WORKERS=0: segment-parallel encoding on machines with this many cores or more, each
+# segment's x264 on this many threads (docs/PERFORMANCE.md, "Encoding on every core").
+SEGMENTED_MIN_CORES = 8
+SEGMENT_THREADS = 2
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
@@ -139,10 +150,12 @@ class Settings(EnvSettings):
     tts_breaker_reset_seconds: float = 30.0  # ... and how long it stays open before one trial request
     # --- video
     fps: int = 25
-    max_output_height: int = 720
+    max_output_height: int = 0              # 0: auto (720 lines on a CPU; on a GPU the avatar's size, see below)
+    max_output_pixels: int = 2_100_000      # the output frame's area at most (a 1080p-class frame)
     x264_preset: str = "veryfast"
     x264_crf: int = 23
     x264_threads: int = 0                   # 0: ffmpeg's choice; fewer when several requests share the cores
+    encode_workers: int = 0                 # x264 processes on one video's segments; 0: auto, 1: one stream
     ffmpeg_timeout: float = 300.0
     ffmpeg_binary: str | None = None        # None: the system ffmpeg, else the pip-bundled one
     output_dir: str = "outputs"
@@ -190,15 +203,37 @@ class Settings(EnvSettings):
                             "wav2lip_backend": WAV2LIP_BACKENDS})
         if self.tts_provider == "http" and not self.tts_api_url:
             raise SettingsError("TTS_PROVIDER=http needs TTS_API_URL")
-        self.check_positive("batch_size", "fps", "max_output_height", "max_text_chars", "max_upload_bytes")
+        self.check_positive("batch_size", "fps", "max_output_pixels", "max_text_chars", "max_upload_bytes")
         if self.tts_retries < 0 or self.tts_timeout <= 0:
             raise SettingsError("tts_retries must be >= 0 and tts_timeout > 0")
         self.check_positive("max_image_pixels", "tts_breaker_failures", "max_speech_seconds", "max_avatars",
                             "max_avatar_seconds", "max_sessions", "session_idle_seconds", "session_max_seconds")
-        self.check_non_negative("tts_breaker_reset_seconds")
+        self.check_non_negative("tts_breaker_reset_seconds", "encode_workers", "x264_threads", "max_output_height")
         self.check_positive("job_max_attempts", "worker_heartbeat_seconds", "job_timeout_seconds")
         if self.queue_url and self.queue_url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
             raise SettingsError("QUEUE_URL must be a redis://, rediss:// or unix:// URL (or unset: the embedded queue)")
+
+    def output_height(self, gpu: bool, *, video: bool = False) -> int:
+        """The output's height limit: ``MAX_OUTPUT_HEIGHT``, or by default ``CPU_OUTPUT_HEIGHT``
+        on a CPU-only machine and ``GPU_OUTPUT_HEIGHT`` (photos; ``GPU_VIDEO_HEIGHT`` for video
+        avatars) where frames are made on a GPU. ``max_output_pixels`` caps the area too."""
+        if self.max_output_height:
+            return self.max_output_height
+        if not gpu:
+            return CPU_OUTPUT_HEIGHT
+        return GPU_VIDEO_HEIGHT if video else GPU_OUTPUT_HEIGHT
+
+    def encode_layout(self, cores: int | None = None) -> tuple[int, int]:
+        """(segments encoded at once, x264 threads each) for one video (``lipsync.media.segments``);
+        (1, ``x264_threads``): one x264 stream. Auto (``ENCODE_WORKERS=0``): on machines of at least
+        ``SEGMENTED_MIN_CORES`` cores one segment per ``SEGMENT_THREADS`` cores, else one stream."""
+        cores = cores or os.cpu_count() or 1
+        workers = self.encode_workers
+        if workers == 0:
+            workers = cores // SEGMENT_THREADS if cores >= SEGMENTED_MIN_CORES else 1
+        if workers <= 1:
+            return 1, self.x264_threads
+        return workers, self.x264_threads or SEGMENT_THREADS
 
     @property
     def resolved_avatars_dir(self) -> str:

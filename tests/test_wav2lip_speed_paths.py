@@ -225,7 +225,7 @@ def test_gpu_style_render_matches_the_cpu_render(checkpoint, image, speech, mout
     avatar, want = _frames(engine, image, speech)
     windows = audio.mel_windows(audio.melspectrogram(speech.samples), 25)
     got = np.concatenate([engine._render_cuda(windows[i:i + 8], avatar.state, avatar.region.height,
-                                              avatar.region.width) for i in range(0, len(windows), 8)])
+                                              avatar.region.width).numpy() for i in range(0, len(windows), 8)])
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want).max() <= 1
 

@@ -8,6 +8,7 @@ MP4 behind.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
@@ -73,18 +74,36 @@ def _decode_flags(shorter_side: int, shrink_to: int) -> int:
     return cv2.IMREAD_COLOR
 
 
-def fit_to_height(image: np.ndarray, max_height: int) -> np.ndarray:
-    """The image scaled down (never up) to at most ``max_height`` rows, with even sides.
+def fit_to_height(image: np.ndarray, max_height: int, max_pixels: int = 0) -> np.ndarray:
+    """The image scaled down (never up) to at most ``max_height`` rows and, when given,
+    ``max_pixels`` pixels, with even sides.
 
     H.264 in yuv420p needs even width and height; the odd last row/column is
     cropped rather than stretched.
     """
     h, w = image.shape[:2]
-    if h > max_height:
-        scale = max_height / h
-        image = cv2.resize(image, (max(2, round(w * scale)), max_height), interpolation=cv2.INTER_AREA)
+    height = min(h, max_height)
+    if max_pixels and height * height * w > max_pixels * h:  # the width follows the height
+        height = max(2, math.isqrt(max_pixels * h // w))
+    if height < h:
+        scale = height / h
+        image = cv2.resize(image, (max(2, round(w * scale)), height), interpolation=cv2.INTER_AREA)
         h, w = image.shape[:2]
     return np.ascontiguousarray(image[: h - h % 2, : w - w % 2])
+
+
+# The speech's codec in every MP4 made here.
+AUDIO_OPTIONS = ("-c:a", "aac", "-b:a", "128k", "-ar", "44100")
+
+
+def x264_options(preset: str, crf: int, threads: int, keyint: int, tune: str | None = None) -> list[str]:
+    """ffmpeg's output options for the video: x264 ``preset``/``crf``/``threads``/``tune``, yuv420p, a
+    keyframe every ``keyint`` frames (and at scene cuts)."""
+    return ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-threads", str(threads), *(["-tune", tune] if tune else []), "-g", str(keyint),
+            # Keyframes at the quality of the frames between them: otherwise the
+            # still avatar visibly "pulses" at every keyframe.
+            "-x264-params", "ipratio=1.0"]
 
 
 def composite(avatar: PreparedAvatar, patches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -131,7 +150,55 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-class Mp4Writer:
+class FrameInput:
+    """What the MP4 writers take: ``write_audio``, ``write`` (BGR), ``write_i420``, counted in
+    ``frames``/``audio_samples``; the writer gives ``size``, ``_yuv``, ``_put`` and ``_put_audio``."""
+
+    _yuv = True
+
+    def __init__(self, path: str, width: int, height: int, fps: int | Fraction, sample_rate: int, timeout: float):
+        self.path = path
+        self.size = (width, height)
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.timeout = timeout
+        self.encode_seconds = 0.0
+        self.frames = 0
+        self.audio_samples = 0
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
+        self.audio_samples += len(samples)
+        self._put_audio((np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
+        if frame.shape[1::-1] != self.size:
+            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
+        start = time.perf_counter()
+        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
+        self.encode_seconds += time.perf_counter() - start
+        self._put(data)
+
+    def write_i420(self, frame: np.ndarray) -> None:
+        """Append one frame already in I420, (H * 3 // 2, W) uint8 (``lipsync.media.frames``);
+        the writer keeps it: the caller must not change it afterwards."""
+        if not self._yuv or frame.shape != (self.size[1] * 3 // 2, self.size[0]):
+            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
+                             f"{self.size[0]} bytes, got {frame.shape}")
+        self._put(frame)
+
+    def __enter__(self):
+        return self
+
+    def _put(self, data: np.ndarray) -> None:  # pragma: no cover - each writer has its own
+        raise NotImplementedError
+
+    def _put_audio(self, pcm: bytes) -> None:  # pragma: no cover - each writer has its own
+        raise NotImplementedError
+
+
+class Mp4Writer(FrameInput):
     """Encode BGR frames and mono speech into an H.264/AAC MP4 with one ffmpeg.
 
     Frames are converted to yuv420p here (OpenCV, BT.601 limited range, as
@@ -157,14 +224,7 @@ class Mp4Writer:
     def __init__(self, path: str, width: int, height: int, fps: int | Fraction, *, sample_rate: int = 16000,
                  preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None,
                  queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None):
-        self.path = path
-        self.size = (width, height)
-        self.fps = fps
-        self.sample_rate = sample_rate
-        self.timeout = timeout
-        self.encode_seconds = 0.0
-        self.frames = 0
-        self.audio_samples = 0
+        super().__init__(path, width, height, fps, sample_rate, timeout)
         self._yuv = width % 2 == 0 and height % 2 == 0  # yuv420p needs even sides; odd ones go as BGR
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self.live_path = live_path
@@ -181,13 +241,9 @@ class Mp4Writer:
                "-r", str(fps), "-i", "pipe:0",
                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
-               "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-threads", str(threads), *(["-tune", tune] if tune else []),
-               "-g", str(max(1, round(2 * fps))),  # a keyframe (a live fragment) every 2 s: streaming starts early
-               # Keyframes at the quality of the frames between them: otherwise the
-               # still avatar visibly "pulses" at every keyframe.
-               "-x264-params", "ipratio=1.0",
-               "-c:a", "aac", "-b:a", "128k", "-ar", "44100",
+               # a keyframe (a live fragment) every 2 s: streaming starts early
+               *x264_options(preset, crf, threads, max(1, round(2 * fps)), tune),
+               *AUDIO_OPTIONS,
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
         try:
@@ -207,28 +263,8 @@ class Mp4Writer:
         self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
         self._audio_thread.start()
 
-    def write_audio(self, samples: np.ndarray) -> None:
-        """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
-        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-        self.audio_samples += len(samples)
+    def _put_audio(self, pcm: bytes) -> None:
         self._audio.put(pcm)
-
-    def write(self, frame: np.ndarray) -> None:
-        """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
-        if frame.shape[1::-1] != self.size:
-            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, expected {self.size[0]}x{self.size[1]}")
-        start = time.perf_counter()
-        data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) if self._yuv else np.array(frame, np.uint8, order="C")
-        self.encode_seconds += time.perf_counter() - start
-        self._put(data)
-
-    def write_i420(self, frame: np.ndarray) -> None:
-        """Append one frame already in I420, (H * 3 // 2, W) uint8 (``lipsync.media.frames``);
-        the writer keeps it: the caller must not change it afterwards."""
-        if not self._yuv or frame.shape != (self.size[1] * 3 // 2, self.size[0]):
-            raise ValueError(f"an I420 frame of {self.size[0]}x{self.size[1]} is {self.size[1] * 3 // 2}x"
-                             f"{self.size[0]} bytes, got {frame.shape}")
-        self._put(frame)
 
     def _put(self, data: np.ndarray) -> None:
         start = time.perf_counter()
@@ -262,9 +298,6 @@ class Mp4Writer:
                     fifo.write(chunk)
         except OSError:
             pass  # ffmpeg went away; its exit status and stderr say why
-
-    def __enter__(self) -> Mp4Writer:
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

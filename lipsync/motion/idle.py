@@ -271,18 +271,17 @@ def _add_blink(blink: np.ndarray, first: int, length_s: float, fps: float) -> No
         blink[i] = max(blink[i], float(value))
 
 
-def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Frame ``i`` of the video with the idle motion drawn (``frame`` is not modified; the
-    result is ``out`` when given, else a new array)."""
-    result = out if out is not None else frame.copy()
-    if out is not None and out is not frame:
-        np.copyto(result, frame)
-    r = rig.region
+def motion_terms(rig: IdleRig, track: IdleTrack, i: int) -> tuple[float, ...]:
+    """Frame ``i``'s remap, as the factors of ``rig``'s precomputed fields (``IDLE_TERMS``):
+    ``map_x = xx + a * hx + b * hy + ex * head``; ``map_y = yy + a * hy - b * hx + ey * head +
+    chest_k * chest + blink_k * blink_field + brow_k * brow_field``, added in that order in
+    float32 (``apply_idle``; ``lipsync.media.gpu_frames`` adds the same). All 0: frame ``i`` is
+    drawn as it is."""
     dx, dy, roll = float(track.dx[i]), float(track.dy[i]), float(track.roll[i])
     breath, blink = float(track.breath[i]), float(track.blink[i])
-    if dx == dy == roll == breath == blink == 0.0 and (track.brow is None or track.brow[i] == 0.0):
-        return result
-    xx, yy = rig.grid
+    brow = float(track.brow[i]) if track.brow is not None else 0.0
+    if dx == dy == roll == breath == blink == brow == 0.0:
+        return (0.0,) * 7
     px, py = rig.pivot
     # Inverse mapping: where each output pixel comes from. The head turns by ``roll``
     # about the neck and shifts by (dx, dy); the chest lifts by ``breath``. (An affine
@@ -291,6 +290,25 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
     a, b = float(c - 1.0), float(s)
     ex = float(px - c * (px + dx) - s * (py + dy))
     ey = float(py + s * (px + dx) - c * (py + dy))
+    chest = BREATH_CHEST * rig.face_height * breath if breath > 0.0 else 0.0
+    lids = 0.0
+    if blink > 0.0 and rig.eyes:
+        lids = float(-blink * np.mean([e.lower - e.upper for e in rig.eyes]))
+    brows = brow * BROW_RAISE * rig.face_height if brow > 0.0 else 0.0  # sampling from below moves the brow up
+    return a, b, ex, ey, chest, lids, brows
+
+
+def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Frame ``i`` of the video with the idle motion drawn (``frame`` is not modified; the
+    result is ``out`` when given, else a new array)."""
+    result = out if out is not None else frame.copy()
+    if out is not None and out is not frame:
+        np.copyto(result, frame)
+    r = rig.region
+    a, b, ex, ey, chest, lids, brows = terms = motion_terms(rig, track, i)
+    if not any(terms):
+        return result
+    xx, yy = rig.grid
     hx, hy = rig.head_grid
     # map = grid + head * (affine - identity), as OpenCV multiply-adds over precomputed terms.
     map_x = cv2.scaleAdd(hx, a, xx)
@@ -299,14 +317,9 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
     map_y = cv2.scaleAdd(hy, a, yy)
     map_y = cv2.scaleAdd(hx, -b, map_y)
     map_y = cv2.scaleAdd(rig.head, ey, map_y)
-    if breath > 0.0:
-        map_y = cv2.scaleAdd(rig.chest, BREATH_CHEST * rig.face_height * breath, map_y)
-    if blink > 0.0 and rig.eyes:
-        opening = np.mean([e.lower - e.upper for e in rig.eyes])
-        map_y = cv2.scaleAdd(rig.blink_field, -blink * opening, map_y)
-    brow = float(track.brow[i]) if track.brow is not None else 0.0
-    if brow > 0.0:  # sampling from below moves the brow up
-        map_y = cv2.scaleAdd(rig.brow_field, brow * BROW_RAISE * rig.face_height, map_y)
+    for field, k in ((rig.chest, chest), (rig.blink_field, lids), (rig.brow_field, brows)):
+        if k != 0.0:
+            map_y = cv2.scaleAdd(field, k, map_y)
     patch = np.ascontiguousarray(frame[r.y1:r.y2, r.x1:r.x2])
     result[r.y1:r.y2, r.x1:r.x2] = cv2.remap(patch, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return result

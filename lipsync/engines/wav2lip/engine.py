@@ -378,14 +378,21 @@ class Wav2LipEngine:
             self._ort.error = error
             self.precision = "fp32"
 
+    @property
+    def patch_device(self) -> torch.device | None:
+        """Where ``render(..., on_device=True)`` leaves its patches: the GPU, when the engine
+        runs there (None: patches are always NumPy arrays)."""
+        return self.device if self.device.type == "cuda" and self._eager else None
+
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
-               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
+               crops: Iterator[np.ndarray] | None = None, on_device: bool = False) -> Iterator[np.ndarray]:
         """Yield (n, region.height, region.width, 3) uint8 BGR batches, one frame per mel window.
 
         Exactly ``audio.frame_count(len(speech.samples), fps)`` frames in all.
         ``speech`` must be 16 kHz; raises ``InvalidInputError`` otherwise. With ``crops``
         (a video avatar) every frame's own face is the model's input, as in Wav2Lip's
         inference on a video: the whole model runs per frame (the face encoder too).
+        ``on_device`` (with ``patch_device``): the batches are torch tensors left on the GPU.
         """
         state = avatar.state
         if not isinstance(state, _Wav2LipState):
@@ -406,7 +413,8 @@ class Wav2LipEngine:
                 yield self._render_frames(chunk, [next(crops) for _ in chunk], height, width)
                 continue
             if self.device.type == "cuda" and self._eager:
-                yield self._render_cuda(chunk, state, height, width)
+                patches = self._render_cuda(chunk, state, height, width)
+                yield patches if on_device else patches.cpu().numpy()
                 continue
             faces96 = self._predict(chunk, state)  # (b, 96, 96, 3) float32 in [0, 255]
             out = np.empty((len(faces96), height, width, 3), dtype=np.uint8)
@@ -449,8 +457,8 @@ class Wav2LipEngine:
             pred = self._model(mel.to(self.device, self._dtype), faces_t).float() * 255.0
             return resize_faces_torch(pred, height, width).cpu().numpy()
 
-    def _render_cuda(self, windows: np.ndarray, state: _Wav2LipState, height: int, width: int) -> np.ndarray:
-        """CUDA: decode, resize, round and convert on the GPU; one copy of uint8 patches back."""
+    def _render_cuda(self, windows: np.ndarray, state: _Wav2LipState, height: int, width: int) -> torch.Tensor:
+        """CUDA: decode, resize, round and convert on the GPU: uint8 patches, still on the GPU."""
         count = len(windows)
         mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
         if self._graphs is not None:
@@ -469,5 +477,4 @@ class Wav2LipEngine:
             pred = pred[:count].float() * 255.0
             if self.rows_from:
                 pred = torch.cat([state.top.expand(count, -1, -1, -1), pred], dim=2)
-            patches = resize_faces_torch(pred, height, width)
-            return patches.cpu().numpy()
+            return resize_faces_torch(pred, height, width)

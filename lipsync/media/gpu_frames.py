@@ -1,0 +1,170 @@
+"""Whole frames made on the GPU: patches pasted, idle motion drawn, I420 planes out.
+
+What ``lipsync.media.video.composite``, ``lipsync.motion.idle.apply_idle`` and OpenCV's
+BGR -> I420 conversion do per frame on the CPU, done here on a batch of frames at once in
+torch, on any device (a CUDA GPU in production; the CPU in tests, which compare the two paths),
+with the same arithmetic, so the frames are the same:
+
+* the blend ``patch * mask + (base * (1 - mask) + 0.5)`` in float32, truncated, as ``composite``;
+* the idle remap's maps added up in the same order as ``apply_idle``'s ``cv2.scaleAdd``s (each
+  a fused multiply-add rounded to float32: done in float64, where the product is exact, then
+  rounded), then sampled as ``cv2.remap(INTER_LINEAR, BORDER_REPLICATE)`` samples 8-bit images:
+  coordinates rounded to 1/32 pixel, integer weights, ``(sum + 512) >> 10``;
+* BT.601 limited-range I420 with OpenCV's integer coefficients, chroma from the top-left pixel
+  of each 2x2 block (as ``cv2.cvtColor(COLOR_BGR2YUV_I420)``).
+
+Only the finished I420 planes cross to the host (half the bytes of BGR), one copy per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from lipsync.engines.base import PreparedAvatar
+from lipsync.media.video import _mask_box
+from lipsync.motion.idle import IdleRig, IdleTrack, motion_terms
+
+CHUNK = 16  # frames computed at once (bounds the GPU memory of the float64 maps)
+
+# cv2's RGB -> YUV420p fixed point (ITU-R BT.601, limited range; modules/imgproc color_yuv).
+_SHIFT = 20
+_CRY, _CGY, _CBY = 269484, 528482, 102760
+_CRU, _CGU, _CBU = -155188, -305135, 460324
+_CGV, _CBV = -385875, -74448
+
+
+def i420(frames: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 BGR, H and W even -> (B, H * 3 // 2, W) uint8 I420, exactly as
+    ``cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)`` for each frame."""
+    n, h, w, _ = frames.shape
+    bgr = frames.to(torch.int32)
+    b, g, r = bgr[..., 0], bgr[..., 1], bgr[..., 2]
+    half = 1 << (_SHIFT - 1)
+    y = (_CRY * r + _CGY * g + _CBY * b + (half + (16 << _SHIFT))) >> _SHIFT
+    b, g, r = b[:, ::2, ::2], g[:, ::2, ::2], r[:, ::2, ::2]
+    u = (_CRU * r + _CGU * g + _CBU * b + (half + (128 << _SHIFT))) >> _SHIFT
+    v = (_CBU * r + _CGV * g + _CBV * b + (half + (128 << _SHIFT))) >> _SHIFT
+    out = torch.empty((n, h * 3 // 2, w), dtype=torch.uint8, device=frames.device)
+    out[:, :h] = y.clamp_(0, 255)
+    chroma = out[:, h:].view(n, 2, h // 2, w // 2)
+    chroma[:, 0] = u.clamp_(0, 255)
+    chroma[:, 1] = v.clamp_(0, 255)
+    return out
+
+
+def remap_linear(src: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, 3) uint8 sampled at float32 (B, h, w) maps: ``cv2.remap(src, map_x, map_y,
+    INTER_LINEAR, borderMode=BORDER_REPLICATE)`` for 8-bit images, bit for bit."""
+    n, h, w, c = src.shape
+    qx = torch.round(map_x * 32).to(torch.int32)  # cvRound(x * INTER_TAB_SIZE): half to even
+    qy = torch.round(map_y * 32).to(torch.int32)
+    x0, fx = qx >> 5, qx & 31
+    y0, fy = qy >> 5, qy & 31
+    x1, y1 = (x0 + 1).clamp_(0, w - 1), (y0 + 1).clamp_(0, h - 1)
+    x0, y0 = x0.clamp_(0, w - 1), y0.clamp_(0, h - 1)
+    flat = src.reshape(n, h * w, c).to(torch.int32)
+
+    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        index = (yi * w + xi).reshape(n, h * w, 1).expand(n, h * w, c)
+        return torch.gather(flat, 1, index).reshape(n, h, w, c)
+
+    gx, gy = (32 - fx).unsqueeze(-1), (32 - fy).unsqueeze(-1)
+    fx, fy = fx.unsqueeze(-1), fy.unsqueeze(-1)
+    total = tap(y0, x0) * (gx * gy) + tap(y0, x1) * (fx * gy) + tap(y1, x0) * (gx * fy) + tap(y1, x1) * (fx * fy)
+    return ((total + 512) >> 10).clamp_(0, 255).to(torch.uint8)
+
+
+def _ready(host: torch.Tensor, done) -> Iterator[np.ndarray]:
+    if done is not None:
+        done.synchronize()
+    yield from host.numpy()
+
+
+class GpuFrames:
+    """One request's frames on ``device``: ``frames(patches, first, track)`` composites a batch
+    of engine patches into the avatar, draws the idle motion (``rig``, when given, moved by
+    ``track``) and returns the I420 frames on the host, the same as the CPU path's
+    ``video.composite`` -> ``apply_idle`` -> ``cv2.cvtColor(COLOR_BGR2YUV_I420)``."""
+
+    def __init__(self, avatar: PreparedAvatar, device: torch.device | str, rig: IdleRig | None = None):
+        self.device = torch.device(device)
+        self.avatar = avatar
+        self.rig = rig
+        self.image = torch.from_numpy(avatar.image).to(self.device)
+        self._pin = self.device.type == "cuda"
+        self._box = _mask_box(avatar.mask)
+        if self._box is not None:
+            y1, y2, x1, x2 = self._box
+            r = avatar.region
+            mask = np.ascontiguousarray(avatar.mask[y1:y2, x1:x2], dtype=np.float32)
+            base = avatar.image[r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2].astype(np.float32)
+            self._mask = torch.from_numpy(mask).to(self.device)
+            self._keep = torch.from_numpy(base * (1.0 - mask) + 0.5).to(self.device)  # as composite's
+        if self.rig is not None:
+            rig = self.rig
+            xx, yy = rig.grid
+            hx, hy = rig.head_grid
+            self._fields = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float64)
+                            for a in (xx, yy, hx, hy, rig.head, rig.chest, rig.blink_field, rig.brow_field)]
+
+    def frames(self, patches: np.ndarray | torch.Tensor, first: int = 0,
+               track: IdleTrack | None = None) -> Iterator[np.ndarray]:
+        """Yield the I420 frames, (H * 3 // 2, W) uint8 arrays the caller may keep, of ``patches``
+        ((n, region.height, region.width, 3) uint8 BGR, on any device), the first being frame
+        ``first`` of ``track`` (None: no idle motion)."""
+        patches = torch.as_tensor(patches).to(self.device, non_blocking=True)
+        pending = None  # the chunk copied to the host while the next one is computed
+        for start in range(0, len(patches), CHUNK):
+            planes = self._i420(patches[start:start + CHUNK], first + start, track)
+            # Pinned host memory (torch caches and reuses it once the frames are encoded): the copy
+            # runs while the GPU goes on with the next chunk.
+            host = torch.empty(planes.shape, dtype=torch.uint8, pin_memory=self._pin)
+            host.copy_(planes, non_blocking=self._pin)
+            done = torch.cuda.Event() if self._pin else None
+            if done is not None:
+                done.record()
+            if pending is not None:
+                yield from _ready(*pending)
+            pending = host, done
+        if pending is not None:
+            yield from _ready(*pending)
+
+    def _i420(self, patches: torch.Tensor, first: int, track: IdleTrack | None) -> torch.Tensor:
+        n = len(patches)
+        frames = self.image.unsqueeze(0).repeat(n, 1, 1, 1)
+        if self._box is not None:
+            y1, y2, x1, x2 = self._box
+            r = self.avatar.region
+            work = patches[:, y1:y2, x1:x2].to(torch.float32) * self._mask  # two roundings, as numpy's
+            work = work + self._keep
+            frames[:, r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2] = work.clamp_(0, 255).to(torch.uint8)
+        if self.rig is not None and track is not None:
+            self._idle(frames, first, track)
+        return i420(frames)
+
+    def _idle(self, frames: torch.Tensor, first: int, track: IdleTrack) -> None:
+        """``apply_idle`` on each of ``frames`` (frame ``first`` of ``track`` on), in place."""
+        n = len(frames)
+        terms = np.array([motion_terms(self.rig, track, first + k) for k in range(n)], np.float64)
+        # cv2.scaleAdd takes its factor as float32
+        k = torch.from_numpy(terms.astype(np.float32).astype(np.float64)).to(self.device)
+        k = k[:, :, None, None]
+        a, b, ex, ey, chest, lids, brows = k.unbind(1)
+        xx, yy, hx, hy, head, chest_f, blink_f, brow_f = self._fields
+
+        def fma(acc: torch.Tensor, field: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            # float32(acc + field * factor) with one rounding, like cv2.scaleAdd's fused multiply-add
+            return (acc.to(torch.float64) + field * factor).to(torch.float32)
+
+        map_x = fma(fma(fma(xx.to(torch.float32).expand(n, -1, -1), hx, a), hy, b), head, ex)
+        map_y = fma(fma(fma(yy.to(torch.float32).expand(n, -1, -1), hy, a), hx, -b), head, ey)
+        for field, factor in ((chest_f, chest), (blink_f, lids), (brow_f, brows)):
+            map_y = fma(map_y, field, factor)
+        r = self.rig.region
+        region = frames[:, r.y1:r.y2, r.x1:r.x2]
+        moving = torch.from_numpy(terms.any(axis=1)).to(self.device)
+        moved = remap_linear(region.contiguous(), map_x, map_y)
+        region.copy_(torch.where(moving[:, None, None, None], moved, region))

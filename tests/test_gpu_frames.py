@@ -1,0 +1,142 @@
+"""Frames made by ``lipsync.media.gpu_frames`` equal the CPU path's, byte for byte.
+
+The CPU path: ``video.composite`` -> ``apply_idle`` -> ``cv2.cvtColor(COLOR_BGR2YUV_I420)``
+per frame. The same torch code runs on the GPU in production; here it runs on torch's CPU
+device (and on CUDA where there is one: the device run in docs/PERFORMANCE.md records it).
+Only NumPy, OpenCV and torch are needed, so this file runs on the GPU machine as it is.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lipsync.engines.base import PreparedAvatar, Region
+from lipsync.engines.wav2lip.engine import paste_mask
+from lipsync.faces.box import FaceBox
+from lipsync.faces.landmarks import face_landmarks
+from lipsync.media import video
+from lipsync.media.gpu_frames import GpuFrames, i420, remap_linear
+from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
+from tests.conftest import fixture_path
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The OpenCV the project pins (requirements.txt): its remap samples in fixed point, which
+# GpuFrames reproduces. OpenCV 5 samples differently (up to 3 levels apart on the same input),
+# so where a machine has 5.x (the GPU machine's image) the GPU is compared with the same code on
+# torch's CPU device, and the CPU device with OpenCV 4's sampling written out in NumPy.
+OPENCV_4 = cv2.__version__.startswith("4.")
+
+
+def _remap_opencv4(src: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """``cv2.remap(src, map_x, map_y, INTER_LINEAR, borderMode=BORDER_REPLICATE)`` of OpenCV 4.x
+    for an 8-bit image: coordinates rounded to 1/32 pixel, weights in 1/1024, rounded sum."""
+    h, w = src.shape[:2]
+    qx = np.rint(map_x.astype(np.float64) * 32).astype(np.int64)
+    qy = np.rint(map_y.astype(np.float64) * 32).astype(np.int64)
+    x0, fx, y0, fy = qx >> 5, (qx & 31)[..., None], qy >> 5, (qy & 31)[..., None]
+    pixels = src.astype(np.int64)
+
+    def at(y, x):
+        return pixels[np.clip(y, 0, h - 1), np.clip(x, 0, w - 1)]
+
+    total = (at(y0, x0) * (32 - fx) * (32 - fy) + at(y0, x0 + 1) * fx * (32 - fy)
+             + at(y0 + 1, x0) * (32 - fx) * fy + at(y0 + 1, x0 + 1) * fx * fy)
+    return ((total + 512) >> 10).astype(np.uint8)
+
+
+def _avatar(height: int = 480) -> tuple[PreparedAvatar, object]:
+    """avatar.jpg at ``height`` lines with its face box, the Wav2Lip blend mask and the idle rig."""
+    image = cv2.imread(str(fixture_path("avatar.jpg")))
+    scale = height / image.shape[0]
+    image = video.fit_to_height(image, height)
+    box = FaceBox(420, 137, 885, 602).scaled(scale).clip(image.shape[1], image.shape[0])
+    region = Region(box.x1, box.y1, box.x2, box.y2 + 4).clip(image.shape[1], image.shape[0])
+    landmarks = face_landmarks(image, box)
+    avatar = PreparedAvatar(image=image, box=box, region=region, mask=paste_mask(image, box, region, landmarks))
+    return avatar, prepare_idle(image, box, landmarks)
+
+
+def _patches(avatar: PreparedAvatar, n: int, seed: int) -> np.ndarray:
+    """Mouth-like patches: the avatar's crop, shifted and darkened differently in each frame."""
+    r = avatar.region
+    crop = avatar.image[r.y1:r.y2, r.x1:r.x2].astype(np.int16)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, r.height, r.width, 3), np.uint8)
+    for i in range(n):
+        noise = rng.integers(-40, 40, crop.shape, dtype=np.int16)
+        out[i] = np.clip(np.roll(crop, int(rng.integers(-8, 8)), axis=0) + noise, 0, 255)
+    return out
+
+
+def _cpu_frames(avatar, rig, track, patches, first):
+    moved = np.empty_like(avatar.image)
+    out = []
+    for k, frame in enumerate(video.composite(avatar, [patches])):
+        if track is not None:
+            frame = apply_idle(frame, rig, track, first + k, out=moved)
+        out.append(cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_i420_is_opencvs_conversion(device):
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (3, 38, 52, 3), dtype=np.uint8)
+    got = i420(torch.from_numpy(frames).to(device)).cpu().numpy()
+    for frame, planes in zip(frames, got):
+        assert np.array_equal(planes, cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_remap_is_opencvs_bilinear_remap(device):
+    """Random maps reaching past every border: the fixed-point sampling, bit for bit."""
+    rng = np.random.default_rng(2)
+    h, w = 41, 57
+    src = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    maps = [(xx + rng.uniform(-4, 4, (h, w))).astype(np.float32) for _ in range(2)], \
+        [(yy + rng.uniform(-4, 4, (h, w))).astype(np.float32) for _ in range(2)]
+    mx, my = (torch.from_numpy(np.stack(m)).to(device) for m in maps)
+    got = remap_linear(torch.from_numpy(src).to(device), mx, my).cpu().numpy()
+    for k in range(2):
+        want = _remap_opencv4(src[k], maps[0][k], maps[1][k])
+        assert np.array_equal(got[k], want)
+        if OPENCV_4:
+            assert np.array_equal(want, cv2.remap(src[k], maps[0][k], maps[1][k], cv2.INTER_LINEAR,
+                                                  borderMode=cv2.BORDER_REPLICATE))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("idle", [False, True])
+def test_gpu_frames_equal_the_cpu_path(device, idle):
+    """Composite, idle motion (sway, breathing, blinks, brows) and I420 of 60 frames, starting
+    mid-track (a later sentence), against the CPU path: identical bytes."""
+    avatar, rig = _avatar()
+    n, first = 60, 40
+    track = idle_track(first + n, 25, seed=5, face_height=rig.face_height,
+                       mouth_open=np.abs(np.sin(np.arange(first + n) / 3.0))) if idle else None
+    assert track is None or (track.blink > 0).any() or (track.brow > 0).any()
+    patches = _patches(avatar, n, seed=3)
+    if OPENCV_4 or not idle:
+        want = _cpu_frames(avatar, rig, track, patches, first)
+    elif device == "cpu":
+        pytest.skip(f"OpenCV {cv2.__version__} is not the pinned 4.x: its remap is not the reference")
+    else:  # the GPU against the same code on the CPU, which CI compares with OpenCV 4
+        want = list(GpuFrames(avatar, "cpu", rig).frames(patches, first, track))
+    gpu = GpuFrames(avatar, device, rig)
+    got = list(gpu.frames(torch.from_numpy(patches).to(device), first, track))
+    assert len(got) == n
+    diff = [int(np.abs(g.astype(np.int16) - w).max()) for g, w in zip(got, want)]
+    assert max(diff) == 0, f"max difference per frame: {diff}"
+
+
+def test_gpu_frames_without_a_mask_or_motion_are_the_avatar():
+    avatar, _ = _avatar(240)
+    blank = PreparedAvatar(image=avatar.image, box=avatar.box, region=avatar.region,
+                           mask=np.zeros_like(avatar.mask))
+    frames = list(GpuFrames(blank, "cpu").frames(_patches(blank, 3, seed=4)))
+    want = cv2.cvtColor(avatar.image, cv2.COLOR_BGR2YUV_I420)
+    assert len(frames) == 3 and all(np.array_equal(f, want) for f in frames)
