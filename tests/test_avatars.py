@@ -233,7 +233,7 @@ def test_a_face_like_pattern_next_to_the_face_is_not_a_second_face(app, tmp_path
     real = service.faces.faces(image)
     assert len(real) == 1
     jacket = FaceBox(0, 900, 450, 1350)
-    library = AvatarLibrary(str(tmp_path / "lib"), service.engine, service.prepare_avatar, service.prepare_scaled,
+    library = AvatarLibrary(str(tmp_path / "lib"), service.models, service.prepare_avatar, service.prepare_scaled,
                             lambda img: [real[0], jacket])
     record = library.add(image, "with a pattern", None)
     assert record.face_box == service.prepare_avatar(image).box.as_list()
