@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import zlib
@@ -511,11 +512,16 @@ class LipsyncService:
         return root
 
 
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present wherever the NVIDIA kernel driver is loaded
+
+
 def _cuda_device(device: str):
     """The torch CUDA device ``device`` (a ``DEVICE`` setting) resolves to; None for a CPU, or
     where torch is not installed."""
     if device == "cpu":
         return None
+    if "torch" not in sys.modules and not os.path.exists(NVIDIA_DRIVER):
+        return None  # no NVIDIA driver: no CUDA, and no reason to import torch (~200 MB) to learn it
     try:
         from lipsync.devices import resolve_device
 

@@ -110,6 +110,6 @@ def test_a_request_with_the_wav2lip_engine_gives_a_video_as_long_as_the_speech(t
     out = tmp_path / "w.mp4"
     result = service.generate(str(out), recording=speech_wav_path.read_bytes())
     info = probe(out)
-    assert result.engine == "wav2lip" and info["frames"] == result.frames == 176
+    assert result.engine == "w" and info["frames"] == result.frames == 176  # the model: the checkpoint's stem
     assert (info["width"], info["height"]) == (626, 720)
     assert abs(info["video_duration"] - info["audio_duration"]) <= 0.04 + 0.03

@@ -91,8 +91,6 @@ class ModelSet:
 def find_checkpoints(settings: Settings) -> dict[str, str]:
     """{model name: path} of every Wav2Lip checkpoint in ``checkpoint_dir`` and ``checkpoint_path``,
     by name; a name found twice (the same stem in two places) keeps the first, with a warning."""
-    from lipsync.engines.wav2lip.model import describe_checkpoint  # torch: only when looking
-
     candidates = []
     if os.path.isdir(settings.checkpoint_dir):
         for entry in sorted(os.scandir(settings.checkpoint_dir), key=lambda e: e.name):
@@ -101,6 +99,10 @@ def find_checkpoints(settings: Settings) -> dict[str, str]:
     if os.path.isfile(settings.checkpoint_path):
         candidates.append(settings.checkpoint_path)
     found: dict[str, str] = {}
+    if not candidates:
+        return found  # no torch import (~200 MB) where there is nothing to look at
+    from lipsync.engines.wav2lip.model import describe_checkpoint
+
     seen: set[str] = set()
     for path in candidates:
         real = os.path.realpath(path)
@@ -109,8 +111,9 @@ def find_checkpoints(settings: Settings) -> dict[str, str]:
         seen.add(real)
         info = describe_checkpoint(path)
         if not info["valid"]:
-            if not info["error"] or "missing" not in info["error"]:  # e.g. truncated: worth a line in the log
-                log.info("%s is not a Wav2Lip checkpoint (%s); not offered as a model", path, info["error"])
+            if real == os.path.realpath(settings.checkpoint_path):  # the file named as the checkpoint: say why
+                raise CheckpointError(info["error"] or f"{path} is not a Wav2Lip checkpoint")
+            log.info("%s is not a Wav2Lip checkpoint (%s); not offered as a model", path, info["error"])
             continue
         name = os.path.splitext(os.path.basename(path))[0]
         if name == BUILTIN or name in found:

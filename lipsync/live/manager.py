@@ -41,8 +41,7 @@ class SessionManager:
         self._slots: dict[str, contextlib.ExitStack] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="live-sessions-reaper", daemon=True)
-        self._reaper.start()
+        self._reaper: threading.Thread | None = None  # started with the first session
 
     def open(self, *, avatar_id: str | None = None, language: str | None = None, model: str | None = None,
              owner: str | None = None, idle_motion: bool | None = None) -> LiveSession:
@@ -82,6 +81,9 @@ class SessionManager:
                 raise
             self._sessions[session.id] = session
             self._slots[session.id] = slot
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="live-sessions-reaper", daemon=True)
+                self._reaper.start()
         log.info("live session %s opened (model %s, language %s)", session.id, model, language)
         return session
 

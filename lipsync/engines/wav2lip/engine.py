@@ -290,6 +290,7 @@ class Wav2LipEngine:
             model = model.to(self.device, self._dtype)
         self._model = model.eval()
         self._lock = threading.Lock()
+        self._graphs_ready = False  # every batch size's CUDA graph captured (at the first prepare)
 
     # -- Engine --------------------------------------------------------------
 
@@ -351,8 +352,22 @@ class Wav2LipEngine:
                     top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
                     top = top.to(self.device)
         state = _Wav2LipState(faces=faces, features=features, crop=face, constants=constants, top=top)
+        if self._graphs is not None and not self._graphs_ready:
+            self._capture_graphs(state)
         return PreparedAvatar(image=image, box=box, region=region, mask=paste_mask(image, box, region, landmarks),
                               state=state)
+
+    def _capture_graphs(self, state: _Wav2LipState) -> None:
+        """Capture the CUDA graph of every batch size a request can use, once, with the first
+        avatar: a capture costs up to a second or two, which a request (or a live session's
+        first sentences) must not wait for."""
+        buckets = -(-self.batch_size // GRAPH_BUCKET)
+        sizes = sorted({min(self.batch_size, k * GRAPH_BUCKET) for k in range(1, buckets + 1)})
+        with self._lock, torch.inference_mode():
+            for size in sizes:
+                self._graphs(torch.zeros(size, 1, 80, 16, device=self.device, dtype=self._dtype), state)
+            torch.cuda.synchronize(self.device)
+        self._graphs_ready = True
 
     def _build_ort(self, constants) -> None:
         """Export (and for int8 quantise and check) the decoder for ONNX Runtime; called under the lock.
