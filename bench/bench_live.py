@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", help="a Wav2Lip checkpoint (with --engine wav2lip)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--avatar", help="avatar image (default: the built-in portrait)")
+    ap.add_argument("--face-box", help="x1,y1,x2,y2 on the avatar (no detector needed)")
     ap.add_argument("--direct", action="store_true",
                     help="no HTTP: the session in this process, latency as published (for a GPU machine "
                          "without the web stack installed)")
@@ -82,7 +83,8 @@ def main() -> int:
         extra = {"checkpoint_path": args.checkpoint} if args.checkpoint else {"checkpoint_path": f"{tmp}/none.pt"}
         settings = Settings(engine=args.engine, device=args.device, output_dir=f"{tmp}/out", cache_dir=f"{tmp}/c",
                             checkpoint_dir=f"{tmp}/none", session_idle_seconds=600, avatar_path=args.avatar,
-                            face_detector="haar", **extra)
+                            face_detector="haar", **extra,
+                            face_box=tuple(int(v) for v in args.face_box.split(",")) if args.face_box else None)
         if args.direct:
             return _run_direct(settings, args)
         from werkzeug.serving import make_server
