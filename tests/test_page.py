@@ -931,6 +931,37 @@ def test_a_live_conversation_plays_speaks_idles_and_is_interrupted(open_page):
     expect(page.locator("#live")).to_be_hidden()
 
 
+def test_chromium_plays_a_segment_joined_mp4_to_its_end(open_page, server, tmp_path):
+    """An MP4 encoded in segments by several x264 processes and joined without re-encoding (what
+    machines of 8+ cores make, lipsync.media.segments) plays in Chromium: every frame, no stall at
+    a join, its whole duration."""
+    from lipsync.media import audio
+    from lipsync.media.segments import SegmentedMp4Writer
+
+    page = open_page("en-US")
+    if page.evaluate("(t) => document.createElement('video').canPlayType(t)", H264_AAC) == "":
+        skip_or_fail("this Chromium cannot decode H.264/AAC MP4")
+    frames, fps = 137, 25  # two joins (50-frame segments) and a tail
+    path = server.app.config["SETTINGS"].output_dir + "/segmented.mp4"
+    with SegmentedMp4Writer(path, 320, 240, fps, workers=3) as writer:
+        writer.write_audio(np.zeros(frames * audio.SAMPLE_RATE // fps, np.float32))
+        for i in range(frames):
+            frame = np.full((240, 320, 3), 40, np.uint8)
+            frame[:, (i * 2) % 320:(i * 2) % 320 + 20] = (0, 200, 255)  # a moving bar
+            writer.write(frame)
+    data = open(path, "rb").read()
+    # The page's own origin (its CSP allows no other): the file as a blob URL made in the page.
+    page.evaluate("""(bytes) => { const v = document.getElementById('player');
+        v.src = URL.createObjectURL(new Blob([new Uint8Array(bytes)], {type: 'video/mp4'}));
+        v.hidden = false; v.muted = true; v.playbackRate = 4; return v.play(); }""", list(data))
+    wait_until(page, "document.getElementById('player').ended", timeout=30)
+    quality = page.evaluate("""(() => { const v = document.getElementById('player');
+        const q = v.getVideoPlaybackQuality();
+        return {duration: v.duration, error: v.error && v.error.code, frames: q.totalVideoFrames}; })()""")
+    assert quality["error"] is None and abs(quality["duration"] - frames / fps) < 0.05, quality
+    assert quality["frames"] >= frames - 2, quality  # every frame was decoded and presented (or counted)
+
+
 def test_a_photo_without_a_face_is_refused_in_the_interface_language(open_page, server, tmp_path):
     import cv2
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from lipsync.errors import MediaError
 from lipsync.live.fmp4 import FragmentReader, Segment
-from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, release_fifo_writer, stderr_tail
 
 KEYFRAME_S = 1.0    # a late viewer waits at most this long for a picture
 FRAGMENT_S = 0.08   # two frames at 25 fps: the delay fragmenting adds
@@ -106,15 +106,6 @@ class LiveEncoder:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        # Unblock the audio feeder if ffmpeg never opened the FIFO.
-        while self._audio_thread.is_alive():
-            try:
-                reader = os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError:
-                break
-            try:
-                self._audio_thread.join(timeout=0.1)
-            finally:
-                os.close(reader)
+        release_fifo_writer(self._fifo, self._audio_thread)
         self._stderr.close()
         shutil.rmtree(self._work, ignore_errors=True)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterable
 
 from lipsync.errors import MediaError
@@ -107,3 +108,18 @@ def _path_word(match: re.Match) -> str:
     if not re.search(r"[^\W\d_]", core):  # no letter: a ratio (1/25), not a file name
         return word
     return FILE_WORD + word[len(core):]
+
+
+def release_fifo_writer(fifo: str, writer: threading.Thread) -> None:
+    """End ``writer``, a thread feeding ffmpeg through the named pipe ``fifo``, after ffmpeg went
+    away: the thread may be blocked opening the FIFO (ffmpeg never opened it) or not have reached
+    open() yet, so a read end is held open until it has got through and ended."""
+    while writer.is_alive():
+        try:
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            writer.join(timeout=0.1)
+        finally:
+            os.close(reader)

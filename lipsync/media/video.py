@@ -24,7 +24,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, release_fifo_writer, stderr_tail
 from lipsync.media.images import read_header
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
@@ -352,18 +352,7 @@ class Mp4Writer(FrameInput):
         except (BrokenPipeError, OSError, ValueError):
             pass
         self._audio.put(None)
-        # The feeder may be blocked opening the FIFO (ffmpeg never opened it),
-        # or may not have reached open() yet: hold a read end open until it
-        # has got through and ended.
-        while self._audio_thread.is_alive():
-            try:
-                reader = os.open(self._fifo, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError:
-                break
-            try:
-                self._audio_thread.join(timeout=0.1)
-            finally:
-                os.close(reader)
+        release_fifo_writer(self._fifo, self._audio_thread)
         if self.live_path and os.path.exists(self.live_path):
             os.remove(self.live_path)
         self._cleanup()
