@@ -117,20 +117,7 @@ OVERFLOW = """() => {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
-    settings = Settings(engine="builtin", output_dir=str(root / "outputs"), cache_dir=str(root / "cache"))
-    app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
-
-    @app.after_request
-    def strict_csp(response):  # what a production proxy may add; the page must work under it
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        return response
-
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="page-test-http", daemon=True)
-    thread.start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}", app=app, settings=settings)
-    httpd.shutdown()
-    close_app(app)
+    yield from _serve(Settings(engine="builtin", output_dir=str(root / "outputs"), cache_dir=str(root / "cache")))
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +133,22 @@ def model_server(tmp_path_factory):
     save_random_checkpoint(root / "checkpoints" / "gan.pth", seed=1)
     save_random_checkpoint(root / "checkpoints" / "nogan.pt", seed=2)
     (root / "checkpoints" / "gan.json").write_text(json_.dumps({"description": "Sharper; shows teeth."}))
-    settings = Settings(output_dir=str(root / "outputs"), cache_dir=str(root / "cache"),
-                        checkpoint_dir=str(root / "checkpoints"), checkpoint_path=str(root / "none.pt"),
-                        batch_size=16)
+    yield from _serve(Settings(output_dir=str(root / "outputs"), cache_dir=str(root / "cache"),
+                               checkpoint_dir=str(root / "checkpoints"), checkpoint_path=str(root / "none.pt"),
+                               batch_size=16))
+
+
+def _serve(settings: Settings):
+    """The app on a real threaded HTTP server on loopback, under the strict CSP, until the module ends."""
     app = create_app({"SETTINGS": settings, "LOAD_IN_BACKGROUND": False})
+
+    @app.after_request
+    def strict_csp(response):  # what a production proxy may add; the page must work under it
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        return response
+
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="page-models-http", daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="page-test-http", daemon=True)
     thread.start()
     yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}", app=app, settings=settings)
     httpd.shutdown()
