@@ -28,14 +28,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.errors import LipsyncError
 from lipsync.live.encoder import LiveEncoder
-from lipsync.live.fmp4 import Segment
+from lipsync.live.fmp4 import Segment, codecs
 from lipsync.media import audio, video
 from lipsync.motion.idle import apply_idle, idle_track
 from lipsync.tts.base import Speech
@@ -86,8 +86,7 @@ class _Utterance:
     generation: int = 0
     start_frame: int = -1
     frames: int = 0
-    announced: bool = False
-    extra: dict = field(default_factory=dict)
+    ended: dict | None = None           # its speaking_ended, when it ended before it was announced
 
 
 class LiveSession:
@@ -339,7 +338,7 @@ class LiveSession:
         if announced:
             self._emit(event)
         else:
-            utterance.extra["ended"] = event
+            utterance.ended = event
 
     def _publish(self) -> None:
         try:
@@ -371,8 +370,8 @@ class LiveSession:
                     self.latencies.append(latency)
                     self._emit({"type": "speaking_started", "text": u.text, "at": round(u.start_frame / self.fps, 3),
                                 "latency_ms": round(latency * 1000.0, 1)})
-                    if "ended" in u.extra:
-                        self._emit(u.extra["ended"])
+                    if u.ended is not None:
+                        self._emit(u.ended)
         finally:
             with self._lock:
                 viewers = list(self._viewers)
@@ -415,8 +414,6 @@ class LiveSession:
 
 
 def _codecs(init: Segment | None) -> str | None:
-    from lipsync.live.fmp4 import codecs
-
     return codecs(init.data) if init is not None else None
 
 
