@@ -948,8 +948,12 @@
   });
   liveInterrupt.addEventListener("click", () => {
     if (!live) return;
-    live.interruptAt = liveVideo.currentTime;
     sendLive({ type: "interrupt" });
+    // Barge-in: skip what is already buffered ahead of the player, so what the viewer hears
+    // stops as soon as the server stops (the player runs up to 0.3 s behind the live edge).
+    const ranges = liveVideo.buffered;
+    if (ranges.length) liveVideo.currentTime = Math.max(liveVideo.currentTime, ranges.end(ranges.length - 1) - 0.05);
+    live.interruptAt = liveVideo.currentTime;
   });
   liveEnd.addEventListener("click", () => stopLive(true));
 
