@@ -6,10 +6,11 @@ FROM python:3.11-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PORT=3000
 
-# System ffmpeg (found before the pip-bundled one), the libraries OpenCV needs, and nginx for
-# the production stack (make serve: nginx in front of two gunicorns, lipsync/server/stack.py).
+# The libraries OpenCV needs, and nginx for the production stack (make serve: nginx in front of
+# two gunicorns, lipsync/server/stack.py). No Debian ffmpeg: it would be found first, and it lacks
+# openh264, the faster H.264 encoder (VIDEO_ENCODER=auto); pip's imageio-ffmpeg brings x264 and openh264.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ffmpeg libgomp1 nginx \
+ && apt-get install -y --no-install-recommends libgomp1 nginx \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

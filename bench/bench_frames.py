@@ -6,9 +6,10 @@
 Makes --seconds of 25 fps frames of the fixture avatar (mouth patches moving, idle motion on):
 first on the CPU (``video.composite`` + ``apply_idle`` + BGR->I420 per frame), then with
 ``lipsync.media.gpu_frames.GpuFrames`` on --device, and checks they are the same bytes. Then
-encodes those I420 frames (plus silence) with each layout WxT: W x264 processes on segments
-(``SegmentedMp4Writer``) of T threads each, ``1x0`` being today's one stream (``Mp4Writer``,
-ffmpeg's thread choice). Prints the wall time, frames/s and MB of each (median of --runs).
+encodes those I420 frames (plus silence) with each encoder (--encoders: x264 at each of
+--presets, openh264) and layout WxT: W encoder processes on segments (``SegmentedMp4Writer``) of
+T threads each, ``1x0`` being one stream (``Mp4Writer``, ffmpeg's thread choice). Prints the
+wall time, frames/s and MB of each (median of --runs).
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def gpu_frames(avatar, rig, track, patches, device, batch: int = 64) -> tuple[li
 
 
 def encode(frames: list[np.ndarray], width: int, height: int, path: str, workers: int, threads: int,
-           preset: str) -> float:
+           preset: str, encoder: str = "x264") -> float:
     t = time.perf_counter()
     if workers <= 1:
-        writer = video.Mp4Writer(path, width, height, FPS, preset=preset, threads=threads)
+        writer = video.Mp4Writer(path, width, height, FPS, preset=preset, threads=threads, encoder=encoder)
     else:
-        writer = SegmentedMp4Writer(path, width, height, FPS, preset=preset, workers=workers, threads=threads)
+        writer = SegmentedMp4Writer(path, width, height, FPS, preset=preset, workers=workers, threads=threads,
+                                    encoder=encoder)
     with writer:
         writer.write_audio(np.zeros(len(frames) * 640, np.float32))
         for frame in frames:
@@ -94,7 +96,8 @@ def main() -> int:
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--layouts", default="1x0,8x2", help="WxT: W segment encoders of T x264 threads; 1x0: one stream")
-    p.add_argument("--presets", default="veryfast")
+    p.add_argument("--presets", default="veryfast", help="x264 presets (openh264 has none)")
+    p.add_argument("--encoders", default="x264", help="H.264 encoders: x264, openh264 (comma-separated)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
@@ -112,15 +115,16 @@ def main() -> int:
     worst = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(got, want))
     print(f"frames (composite + idle motion + I420): CPU {cpu_s * 1000:.0f} ms ({n / cpu_s:.0f} fps), "
           f"GpuFrames {gpu_s * 1000:.0f} ms ({n / gpu_s:.0f} fps); bytes differing {differing}, max diff {worst}")
-    print("  layout    preset       wall ms    fps      MB")
+    print("  layout    encoder   preset       wall ms    fps      MB")
+    configs = [(e, p_) for e in args.encoders.split(",") for p_ in (args.presets.split(",") if e == "x264" else ["-"])]
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets.split(","):
+        for encoder, preset in configs:
             for layout in args.layouts.split(","):
                 workers, threads = (int(v) for v in layout.split("x"))
-                path = os.path.join(tmp, f"{layout}-{preset}.mp4")
-                walls = [encode(got, w, h, path, workers, threads, preset) for _ in range(args.runs)]
+                path = os.path.join(tmp, f"{layout}-{encoder}-{preset}.mp4")
+                walls = [encode(got, w, h, path, workers, threads, preset, encoder) for _ in range(args.runs)]
                 wall = statistics.median(walls)
-                print(f"  {layout:<8}  {preset:<10}  {wall * 1000:8.0f}  {n / wall:6.0f}  "
+                print(f"  {layout:<8}  {encoder:<8}  {preset:<10}  {wall * 1000:8.0f}  {n / wall:6.0f}  "
                       f"{os.path.getsize(path) / 1e6:6.2f}", flush=True)
     return 0
 

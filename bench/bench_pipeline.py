@@ -4,7 +4,7 @@
                                              [--avatar IMG] [--audio WAV] [--seconds 10] [--runs 3]
                                              [--device auto|cpu|cuda] [--concurrency N]
                                              [--precision P] [--mouth-only] [--backend B] [--tree DIR]
-                                           [--stream]
+                                           [--stream] [--encoder auto|x264|openh264] [--profile]
 
 Prints per-stage times (median of the runs), the real-time factor
 (processing time / speech duration; < 1 is faster than real time) and the
@@ -18,7 +18,8 @@ code before a change, for before/after numbers); the engine options
 (--precision, --mouth-only, --backend) need this tree's engine, and
 ``--random-checkpoint`` a tree with ``lipsync.engines.wav2lip.model.save_random_checkpoint``
 (with an older one, pass ``--checkpoint``). ``--stream`` asks for the live copy as a streamed
-job does and reports ``first_frame``: the time until it holds a playable fragment.
+job does and reports ``first_frame``: the time until it holds a playable fragment. ``--encoder``
+picks the H.264 encoder (``VIDEO_ENCODER``); ``--profile`` prints a cProfile of one more request.
 """
 
 from __future__ import annotations
@@ -94,9 +95,12 @@ def main() -> int:
     p.add_argument("--backend", help="Wav2Lip CPU runtime: auto, torch, onnxruntime")
     p.add_argument("--mouth-only", action="store_true", help="compute only the rows the blend mask shows")
     p.add_argument("--preset", help="x264 preset (default: X264_PRESET or veryfast)")
+    p.add_argument("--encoder", help="H.264 encoder: auto, x264, openh264 (default: VIDEO_ENCODER or auto)")
     p.add_argument("--face-box", help="x1,y1,x2,y2 face box on the avatar (skips detection)")
     p.add_argument("--tree", help="import lipsync from this checkout (before/after comparisons)")
     p.add_argument("--label", default="", help="a name for this configuration in the output")
+    p.add_argument("--profile", action="store_true",
+                   help="after the runs, one more under cProfile: where the request's own thread spends its time")
     p.add_argument("--stream", action="store_true",
                    help="ask for the live copy too (as a streamed job) and time its first playable fragment")
     args = p.parse_args()
@@ -112,6 +116,8 @@ def main() -> int:
         overrides["batch_size"] = args.batch_size
     if args.preset:
         overrides["x264_preset"] = args.preset
+    if args.encoder:
+        overrides["video_encoder"] = args.encoder
     if args.face_box:
         overrides["face_box"] = tuple(int(v) for v in args.face_box.split(","))
     engine_options = {k: v for k, v in (("precision", args.precision), ("backend", args.backend)) if v}
@@ -150,6 +156,8 @@ def main() -> int:
             if i:
                 runs.append(result)
         concurrent = _concurrent(service, args, recording, tmp) if args.concurrency > 1 else None
+        if args.profile:
+            _profile(service, args, recording, os.path.join(tmp, "profiled.mp4"))
         info = service.describe()
 
     stages = sorted({k for r in runs for k in r.timings})
@@ -165,7 +173,8 @@ def main() -> int:
         gpu = ", " + torch.cuda.get_device_name(0)
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus{gpu}"
           f"{'  [' + args.label + ']' if args.label else ''}")
-    extra = ", ".join(f"{k} {info[k]}" for k in ("precision", "backend", "mouth_only", "int8_error") if k in info)
+    extra = ", ".join(f"{k} {info[k]}" for k in ("precision", "backend", "mouth_only", "int8_error", "video_encoder")
+                      if k in info)
     print(f"engine: {info['engine']} on {info['device']}{' (' + extra + ')' if extra else ''}, avatar {w}x{h}, "
           f"{duration:.2f} s speech, {frames} frames, load {load_s:.2f} s, median of {len(runs)} runs"
           f"{', lib ' + _tree() if args.tree else ''}")
@@ -214,6 +223,20 @@ class _FirstFrame:
         self._done.set()
         self._thread.join()
         return self.first
+
+
+def _profile(service, args, recording: bytes | None, out: str) -> None:
+    """One request under cProfile; prints the functions the request's thread spends most time in
+    (its own time: waits on the GPU, the encoders' back-pressure and Python work show up here)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    service.generate(out, text=args.text, language=args.language, recording=recording)
+    profiler.disable()
+    print("profile of one request (own time, top 25):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 def _engine_options(options: dict) -> None:

@@ -6,7 +6,8 @@
 #
 # Needs, next to the code (both ignored by git, see docs/PERFORMANCE.md "Repeating the GPU benchmark"):
 #   .benchdata/avatar.jpg, .benchdata/kennedy_speech_16k.wav   the shared fixtures (or LIPSYNC_FIXTURES=DIR)
-#   .benchdata/head/lipsync                                    the code before (git archive 3195f5e lipsync)
+#   .benchdata/head/lipsync                                    the code before (git archive <commit> lipsync;
+#                                                              docs/PERFORMANCE.md names the commit of each run)
 #   ffmpeg on PATH, or FFMPEG_BINARY, or .whl/ffmpeg-*.xz (imageio-ffmpeg's binary, xz-compressed),
 #   or .whl/imageio_ffmpeg-*.whl
 # Writes logs and JSON to $OUT (default bench-results/). Prints the tables last.
@@ -51,9 +52,11 @@ RUNS=3
 echo "== 0. GpuFrames = the CPU path (tests/test_gpu_frames.py on CUDA) =="
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
 
-echo "== 1. frames without a model: CPU vs GPU, equality; encoder layouts (40.7 s at 1084x1246) =="
-python3 bench/bench_frames.py --height 1246 --seconds 40.7 --layouts 1x0,16x1,8x2,5x3,4x4 --runs 1 2>&1 \
-  | tee "$OUT/frames.txt"
+echo "== 1. frames without a model: CPU vs GPU, equality; encoders and layouts (40.7 s at 1084x1246) =="
+python3 bench/bench_frames.py --height 1246 --seconds 40.7 --encoders x264,openh264 --layouts 1x0,16x1,8x2 --runs 1 \
+  2>&1 | tee "$OUT/frames.txt"
+echo "== 1b. the encoders' CPU time, size and quality (10 s at 1084x1246, one thread each) =="
+python3 bench/bench_codecs.py --height 1246 --seconds 10 2>&1 | tee "$OUT/codecs.txt"
 
 # One random-weights checkpoint for every run (published weights run at the same speed); made by
 # this tree, so the tree before (--tree) is measured on the very same file.
@@ -77,8 +80,12 @@ row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
 row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
 row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
+echo "== 3. where the request's thread spends its time (40.7 s, 1084x1246, Wav2Lip, after) =="
+python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --profile 2>&1 \
+  | grep -v -i warning | tee "$OUT/profile.txt"
+
 echo; echo "================ summary ================"
-cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt"
+cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt" "$OUT/codecs.txt"
 for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done

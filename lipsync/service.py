@@ -109,6 +109,7 @@ class LipsyncService:
         self._decode_slots = threading.BoundedSemaphore(AVATAR_DECODES)
         self._decode_held = threading.local()  # .held: this thread holds a slot
         self._gpu = None  # the CUDA device frames are made on, False for none (_on_gpu)
+        self.video_encoder: str | None = None  # VIDEO_ENCODER resolved against this ffmpeg (load)
 
     # ----------------------------------------------------------------- loading
     def load(self) -> LipsyncService:
@@ -119,6 +120,7 @@ class LipsyncService:
         started = time.perf_counter()
         try:
             s = self.settings
+            self.video_encoder = video.resolve_encoder(s.video_encoder)
             self.tts = create_provider(s)
             self.faces = FaceLocator(detector=s.face_detector, s3fd_path=s.s3fd_path, device=s.device,
                                      cache_dir=s.cache_dir, box_override=s.face_box)
@@ -244,6 +246,7 @@ class LipsyncService:
         else:
             info.update({"engine": None, "checkpoint": None, "version": None, "device": None})
         info["tts_provider"] = getattr(self.tts, "name", None)
+        info["video_encoder"] = self.video_encoder
         if self.faces is not None:
             info["face_detector"] = self.faces.describe().get("detector")
         if self.avatar is not None:
@@ -422,12 +425,14 @@ class LipsyncService:
         (``ENCODE_WORKERS``), or one x264 stream when the request streams (its live copy is
         one growing file) or the machine is small."""
         s = self.settings
-        workers, threads = s.encode_layout()
+        workers, threads = s.encode_layout(self.video_encoder)
         if live_path is None and workers > 1 and width % 2 == 0 and height % 2 == 0:
             return SegmentedMp4Writer(path, width, height, fps, sample_rate=audio.SAMPLE_RATE, preset=s.x264_preset,
-                                      crf=s.x264_crf, timeout=s.ffmpeg_timeout, workers=workers, threads=threads)
+                                      crf=s.x264_crf, timeout=s.ffmpeg_timeout, workers=workers, threads=threads,
+                                      encoder=self.video_encoder)
         return video.Mp4Writer(path, width, height, fps, sample_rate=audio.SAMPLE_RATE, preset=s.x264_preset,
-                               crf=s.x264_crf, threads=s.x264_threads, timeout=s.ffmpeg_timeout, live_path=live_path)
+                               crf=s.x264_crf, threads=s.x264_threads, timeout=s.ffmpeg_timeout, live_path=live_path,
+                               encoder=self.video_encoder)
 
     def _on_gpu(self):
         """The CUDA device frames are made on, when there is one and ``DEVICE`` allows it (else None)."""

@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FACE_DETECTORS = ("auto", "s3fd", "haar")
 WAV2LIP_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 WAV2LIP_BACKENDS = ("auto", "torch", "onnxruntime")
+VIDEO_ENCODERS = ("auto", "x264", "openh264")
 
 
 # MAX_OUTPUT_HEIGHT=0: the default output height limit on a CPU-only machine (speed: README) and
@@ -29,9 +30,10 @@ CPU_OUTPUT_HEIGHT = 720
 GPU_OUTPUT_HEIGHT = 2160
 GPU_VIDEO_HEIGHT = 1080
 # ENCODE_WORKERS=0: segment-parallel encoding on machines with this many cores or more, each
-# segment's x264 on this many threads (docs/PERFORMANCE.md, "Encoding on every core").
+# segment's encoder on this many threads (docs/PERFORMANCE.md, "Issue 14": x264 is fastest as 8
+# segments x 2 threads on 16 cores, openh264, which threads only across slices, as 16 x 1).
 SEGMENTED_MIN_CORES = 8
-SEGMENT_THREADS = 2
+SEGMENT_THREADS = {"x264": 2, "openh264": 1}
 
 
 class SettingsError(ValueError):
@@ -152,8 +154,9 @@ class Settings(EnvSettings):
     fps: int = 25
     max_output_height: int = 0              # 0: auto (720 lines on a CPU; on a GPU the avatar's size, see below)
     max_output_pixels: int = 2_100_000      # the output frame's area at most (a 1080p-class frame)
+    video_encoder: str = "auto"             # H.264 by openh264 where ffmpeg has it (3x x264's speed), else x264
     x264_preset: str = "veryfast"
-    x264_crf: int = 23
+    x264_crf: int = 23                      # x264's CRF; openh264's fixed quantiser (the same SSIM)
     x264_threads: int = 0                   # 0: ffmpeg's choice; fewer when several requests share the cores
     encode_workers: int = 0                 # x264 processes on one video's segments; 0: auto, 1: one stream
     ffmpeg_timeout: float = 300.0
@@ -200,7 +203,7 @@ class Settings(EnvSettings):
         """Raise ``SettingsError`` naming the first unusable value."""
         self.check_choices({"engine": ENGINES, "tts_provider": TTS_PROVIDERS, "device": DEVICES,
                             "face_detector": FACE_DETECTORS, "wav2lip_precision": WAV2LIP_PRECISIONS,
-                            "wav2lip_backend": WAV2LIP_BACKENDS})
+                            "wav2lip_backend": WAV2LIP_BACKENDS, "video_encoder": VIDEO_ENCODERS})
         if self.tts_provider == "http" and not self.tts_api_url:
             raise SettingsError("TTS_PROVIDER=http needs TTS_API_URL")
         self.check_positive("batch_size", "fps", "max_output_pixels", "max_text_chars", "max_upload_bytes")
@@ -223,17 +226,19 @@ class Settings(EnvSettings):
             return CPU_OUTPUT_HEIGHT
         return GPU_VIDEO_HEIGHT if video else GPU_OUTPUT_HEIGHT
 
-    def encode_layout(self, cores: int | None = None) -> tuple[int, int]:
-        """(segments encoded at once, x264 threads each) for one video (``lipsync.media.segments``);
-        (1, ``x264_threads``): one x264 stream. Auto (``ENCODE_WORKERS=0``): on machines of at least
-        ``SEGMENTED_MIN_CORES`` cores one segment per ``SEGMENT_THREADS`` cores, else one stream."""
+    def encode_layout(self, encoder: str = "x264", cores: int | None = None) -> tuple[int, int]:
+        """(segments encoded at once, encoder threads each) for one video with ``encoder``
+        (``lipsync.media.segments``); (1, ``x264_threads``): one stream. Auto (``ENCODE_WORKERS=0``):
+        on machines of at least ``SEGMENTED_MIN_CORES`` cores one segment per ``SEGMENT_THREADS``
+        cores, else one stream."""
         cores = cores or os.cpu_count() or 1
+        per_segment = SEGMENT_THREADS.get(encoder, 1)
         workers = self.encode_workers
         if workers == 0:
-            workers = cores // SEGMENT_THREADS if cores >= SEGMENTED_MIN_CORES else 1
+            workers = cores // per_segment if cores >= SEGMENTED_MIN_CORES else 1
         if workers <= 1:
             return 1, self.x264_threads
-        return workers, self.x264_threads or SEGMENT_THREADS
+        return workers, self.x264_threads or per_segment
 
     @property
     def resolved_avatars_dir(self) -> str:

@@ -39,6 +39,18 @@ def _number(frame: np.ndarray) -> int:
     return sum(1 << bit for bit in range(8) if frame[2:6, bit * 8 + 2:bit * 8 + 6].mean() > 128)
 
 
+@pytest.fixture(params=["x264", "openh264"])
+def encoder(request) -> str:
+    """Both H.264 encoders (VIDEO_ENCODER): their segments must join the same way."""
+    from lipsync.media import ffmpeg
+    from lipsync.media.video import H264_ENCODERS
+    from tests.conftest import skip_or_fail
+
+    if not ffmpeg.has_encoder(H264_ENCODERS[request.param]):
+        skip_or_fail(f"the ffmpeg at {ffmpeg.ffmpeg_exe()} has no {H264_ENCODERS[request.param]}")
+    return request.param
+
+
 def _write(path, n: int, fps=25, workers: int = 3, **options) -> None:
     with SegmentedMp4Writer(str(path), W, H, fps, workers=workers, **options) as writer:
         writer.write_audio(np.zeros(int(round(n * audio.SAMPLE_RATE / fps)), np.float32))
@@ -53,11 +65,11 @@ def _timestamps(path) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("n", [1, 2, MIN_SEGMENT_FRAMES, 49, 50, 51, 53, 54, 137])
-def test_segments_join_into_exactly_the_frames_written(tmp_path, n):
+def test_segments_join_into_exactly_the_frames_written(tmp_path, n, encoder):
     """Tails of 1..4 frames past a 50-frame segment, several segments, fewer frames than one:
     every frame once, in order, evenly spaced, sound as long as the picture."""
     out = tmp_path / "out.mp4"
-    _write(out, n)
+    _write(out, n, encoder=encoder)
     info = probe(out)
     assert info["video_codec"] == "h264" and info["pix_fmt"] == "yuv420p" and info["audio_codec"] == "aac"
     assert info["frames"] == n and info["fps"] == 25
@@ -69,10 +81,10 @@ def test_segments_join_into_exactly_the_frames_written(tmp_path, n):
     assert os.listdir(tmp_path) == ["out.mp4"]
 
 
-def test_segments_keep_a_fractional_frame_rate(tmp_path):
+def test_segments_keep_a_fractional_frame_rate(tmp_path, encoder):
     """A video avatar's 29.97 fps across joins: timestamps continue exactly."""
     out = tmp_path / "out.mp4"
-    _write(out, 95, fps=Fraction(30000, 1001))
+    _write(out, 95, fps=Fraction(30000, 1001), encoder=encoder)
     info = probe(out)
     assert info["frames"] == 95 and info["fps"] == Fraction(30000, 1001)
     pts, _ = _timestamps(out)
@@ -80,20 +92,20 @@ def test_segments_keep_a_fractional_frame_rate(tmp_path):
     assert abs(info["audio_duration"] - 95 * 1001 / 30000) <= 1001 / 30000
 
 
-def test_segments_start_with_keyframes_every_two_seconds(tmp_path):
+def test_segments_start_with_keyframes_every_two_seconds(tmp_path, encoder):
     out = tmp_path / "out.mp4"
-    _write(out, 130)
+    _write(out, 130, encoder=encoder)
     with av.open(str(out)) as container:
         keys = [i for i, p in enumerate(sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts))
                 if p.is_keyframe]
     assert {0, 50, 100} <= set(keys)  # (and x264's own at a scene cut: the bar wraps round at frame 96)
 
 
-def test_segmented_frames_are_those_of_one_stream(tmp_path):
-    """The same x264 settings segment by segment: the decoded pictures are as close to the
+def test_segmented_frames_are_those_of_one_stream(tmp_path, encoder):
+    """The same encoder settings segment by segment: the decoded pictures are as close to the
     source as one stream's (the encoder's loss, not a shifted or repeated frame)."""
     out = tmp_path / "out.mp4"
-    _write(out, 120)
+    _write(out, 120, encoder=encoder)
     errors = [np.abs(f.astype(int) - _frame(i)).mean() for i, f in enumerate(decoded_frames(out))]
     assert max(errors) < 3.0
 

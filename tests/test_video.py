@@ -12,8 +12,22 @@ import pytest
 from lipsync.engines.base import PreparedAvatar, Region
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.faces.box import FaceBox
-from lipsync.media import audio, video
+from lipsync.media import audio, ffmpeg, video
+from lipsync.service import LipsyncService
+from lipsync.settings import Settings, SettingsError
+from tests.conftest import skip_or_fail
 from tests.media import decoded_frames, moov_before_mdat, probe
+
+# Both H.264 encoders a user may pick (VIDEO_ENCODER); openh264 is the default where ffmpeg has it.
+ENCODERS = ["x264", "openh264"]
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder(request) -> str:
+    if not ffmpeg.has_encoder(video.H264_ENCODERS[request.param]):
+        skip_or_fail(f"the ffmpeg at {ffmpeg.ffmpeg_exe()} has no {video.H264_ENCODERS[request.param]} "
+                     "(the pip-bundled one has both)")
+    return request.param
 
 
 def _tone(seconds: float, freq: float = 220.0) -> np.ndarray:
@@ -28,11 +42,11 @@ def _frames(n: int, w: int = 64, h: int = 48):
         yield frame
 
 
-def test_mp4_has_h264_aac_25fps_and_the_speech_length(tmp_path):
+def test_mp4_has_h264_aac_25fps_and_the_speech_length(tmp_path, encoder):
     samples = _tone(2.0)
     n = 50
     out = tmp_path / "out.mp4"
-    with video.Mp4Writer(str(out), 64, 48, 25) as writer:
+    with video.Mp4Writer(str(out), 64, 48, 25, encoder=encoder) as writer:
         writer.write_audio(samples[:16000])
         for frame in _frames(n):
             writer.write(frame)
@@ -96,12 +110,12 @@ def test_composite_changes_only_the_masked_region():
         assert (frame[35:45, 30:50] == 255).all()
 
 
-def test_composite_output_round_trips_through_the_encoder(tmp_path):
+def test_composite_output_round_trips_through_the_encoder(tmp_path, encoder):
     """What the viewer sees is what we composited (up to H.264 loss)."""
     image = np.full((96, 128, 3), 90, np.uint8)
     cv2.circle(image, (64, 48), 30, (30, 160, 220), -1)
     out = tmp_path / "o.mp4"
-    with video.Mp4Writer(str(out), 128, 96, 25, crf=12) as writer:
+    with video.Mp4Writer(str(out), 128, 96, 25, crf=12, encoder=encoder) as writer:
         writer.write_audio(_tone(0.4))
         for _ in range(10):
             writer.write(image)
@@ -166,3 +180,90 @@ def test_a_missing_ffmpeg_binary_is_a_media_error_and_leaves_nothing(tmp_path, m
     finally:
         ffmpeg.use_binary(None)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_live_copy_of_an_openh264_encode_is_the_same_video(tmp_path):
+    """A streamed request's fragmented copy with openh264 (the default encoder): the same frames
+    as the finished file, which plays from the first fragment on."""
+    if not ffmpeg.has_encoder("libopenh264"):
+        skip_or_fail(f"the ffmpeg at {ffmpeg.ffmpeg_exe()} has no libopenh264 (the pip-bundled one has)")
+    out, live = tmp_path / "out.mp4", tmp_path / "live.mp4"
+    with video.Mp4Writer(str(out), 64, 48, 25, live_path=str(live), encoder="openh264") as writer:
+        writer.write_audio(_tone(3.0))
+        for frame in _frames(75):
+            writer.write(frame)
+    assert probe(live)["frames"] == probe(out)["frames"] == 75
+    for a, b in zip(decoded_frames(live), decoded_frames(out)):
+        assert np.array_equal(a, b)
+    # Short fragments (a player starts after the first): 3 s in fragments of LIVE_FRAGMENT_S at most.
+    assert _top_level_boxes(live).count(b"moof") >= 3.0 / video.LIVE_FRAGMENT_S
+
+
+def _top_level_boxes(path) -> list[bytes]:
+    data, kinds, i = open(path, "rb").read(), [], 0
+    while i + 8 <= len(data):
+        size = int.from_bytes(data[i:i + 4], "big")
+        kinds.append(data[i + 4:i + 8])
+        if size < 8:
+            break
+        i += size
+    return kinds
+
+
+@pytest.mark.parametrize("encoder,cores,layout", [("x264", 16, (8, 2)), ("openh264", 16, (16, 1)),
+                                                  ("openh264", 2, (1, 0)), ("x264", 4, (1, 0))])
+def test_each_encoder_gets_its_fastest_layout_on_every_core(encoder, cores, layout):
+    """Segments x threads (docs/PERFORMANCE.md): openh264 threads only across slices, so one
+    segment per core; x264 two threads a segment; one stream below SEGMENTED_MIN_CORES."""
+    assert Settings().encode_layout(encoder, cores) == layout
+
+
+def _ffmpeg_without_openh264(tmp_path) -> str:
+    """A real ffmpeg as a Debian build is: without libopenh264 (neither listed nor usable)."""
+    path = tmp_path / "ffmpeg-no-openh264"
+    path.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  [ "$a" = -encoders ] && {{ "{ffmpeg.ffmpeg_exe()}" "$@" | grep -v libopenh264; exit 0; }}
+  [ "$a" = libopenh264 ] && {{ echo "Unknown encoder 'libopenh264'" >&2; exit 1; }}
+done
+exec "{ffmpeg.ffmpeg_exe()}" "$@"
+""")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _service(tmp_path, **settings) -> LipsyncService:
+    return LipsyncService(Settings(engine="builtin", face_detector="haar", device="cpu", idle_motion=False,
+                                   output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                                   **settings)).load()
+
+
+def test_the_default_encoder_is_openh264_where_ffmpeg_has_it_else_x264(tmp_path):
+    """VIDEO_ENCODER=auto: openh264 with the pip-bundled ffmpeg (health says so), x264 with an
+    ffmpeg built without it (a distribution's), and either makes a playable MP4."""
+    bundled = _service(tmp_path / "a")
+    assert bundled.status == "ready", bundled.error
+    expected = "openh264" if ffmpeg.has_encoder("libopenh264") else "x264"
+    assert bundled.describe()["video_encoder"] == expected
+    plain = _service(tmp_path / "b", ffmpeg_binary=_ffmpeg_without_openh264(tmp_path))
+    try:
+        assert plain.status == "ready", plain.error
+        assert plain.describe()["video_encoder"] == "x264"
+        out = tmp_path / "x264.mp4"
+        result = plain.generate(str(out), text="Hello there.", language="en")
+        assert probe(out)["frames"] == result.frames > 0
+    finally:
+        ffmpeg.use_binary(None)
+
+
+def test_asking_for_an_encoder_this_ffmpeg_lacks_is_a_clear_load_error(tmp_path):
+    service = _service(tmp_path, video_encoder="openh264", ffmpeg_binary=_ffmpeg_without_openh264(tmp_path))
+    ffmpeg.use_binary(None)
+    assert service.status == "error"
+    assert "libopenh264" in service.error and "VIDEO_ENCODER" in service.error
+
+
+def test_an_unknown_encoder_name_is_a_settings_error():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"VIDEO_ENCODER": "h265"})
+    assert "video_encoder" in str(err.value).lower() or "VIDEO_ENCODER" in str(err.value)

@@ -53,6 +53,23 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+@functools.lru_cache(maxsize=8)
+def _encoders(binary: str) -> frozenset[str]:
+    try:
+        out = subprocess.run([binary, "-hide_banner", "-encoders"], capture_output=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    # Lines such as " V....D libx264  libx264 H.264 / AVC / MPEG-4 AVC / MPEG-4 part 10"
+    return frozenset(m.group(1) for m in re.finditer(r"^ [VAS][.A-Z]{5} (\S+)", out, re.MULTILINE))
+
+
+def has_encoder(name: str) -> bool:
+    """Whether this process's ffmpeg (``ffmpeg_exe``) was built with the encoder ``name``
+    (e.g. ``libopenh264``). Asked once per binary."""
+    return name in _encoders(ffmpeg_exe())
+
+
 def run_ffmpeg(args: list[str], *, input: bytes | None = None, timeout: float = 300.0,
                error: type[Exception] = MediaError, what: str = "ffmpeg failed") -> bytes:
     """Run ``ffmpeg <args>`` and return its stdout.

@@ -29,7 +29,7 @@ import numpy as np
 
 from lipsync.errors import MediaError
 from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, stderr_tail
-from lipsync.media.video import AUDIO_OPTIONS, FrameInput, x264_options
+from lipsync.media.video import AUDIO_OPTIONS, FrameInput, h264_options
 
 # The shortest segment: x264 gives a stream of 1 or 2 frames no B-frame delay, so its
 # timestamps would not continue those of the segments before it. A shorter tail joins the
@@ -52,7 +52,8 @@ class SegmentedMp4Writer(FrameInput):
     """``Mp4Writer``'s contract (``write``, ``write_i420``, ``write_audio``, ``frames``,
     ``audio_samples``, ``encode_seconds``; the MP4 at ``path`` only on a clean exit, nothing left
     on failure) without ``live_path``, the video encoded in segments by up to ``workers`` ffmpeg
-    processes at once (``threads`` x264 threads each).
+    processes at once (``threads`` encoder threads each; ``encoder``, ``preset``, ``crf`` as
+    ``lipsync.media.video.h264_options`` takes them).
 
     ``segment_frames``: frames per segment (default: one keyframe interval, 2 s, as
     ``Mp4Writer``'s). ``queue_bytes``: frames that may wait for an encoder, all segments
@@ -62,12 +63,13 @@ class SegmentedMp4Writer(FrameInput):
 
     def __init__(self, path: str, width: int, height: int, fps: int | Fraction, *, sample_rate: int = 16000,
                  preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, workers: int = 4,
-                 threads: int = 1, segment_frames: int | None = None, queue_bytes: int = 1 << 30):
+                 threads: int = 1, segment_frames: int | None = None, queue_bytes: int = 1 << 30,
+                 encoder: str = "x264"):
         if width % 2 or height % 2:
             raise ValueError("segmented encoding needs even sides (yuv420p)")
         super().__init__(path, width, height, fps, sample_rate, timeout)
         self.live_path = None
-        self._preset, self._crf, self._threads = preset, crf, threads
+        self._encoder, self._preset, self._crf, self._threads = encoder, preset, crf, threads
         self._keyint = max(1, round(2 * fps))
         self._segment_frames = int(segment_frames or self._keyint)
         self._frame_bytes = width * height * 3 // 2
@@ -156,7 +158,8 @@ class SegmentedMp4Writer(FrameInput):
             w, h = self.size
             proc = self._start(["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{w}x{h}", "-r", str(self.fps),
                                 "-i", "pipe:0",
-                                *x264_options(self._preset, self._crf, self._threads, self._keyint),
+                                *h264_options(self._encoder, self._preset, self._crf, self._threads,
+                                             self._keyint),
                                 "-f", "mp4", segment.path])
             stdin = proc.stdin
             while (data := segment.frames.get()) is not None:

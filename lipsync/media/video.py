@@ -24,7 +24,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, release_fifo_writer, stderr_tail
+from lipsync.media.ffmpeg import ffmpeg_exe, has_encoder, log_stderr, release_fifo_writer, stderr_tail
 from lipsync.media.images import read_header
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
@@ -92,13 +92,47 @@ def fit_to_height(image: np.ndarray, max_height: int, max_pixels: int = 0) -> np
     return np.ascontiguousarray(image[: h - h % 2, : w - w % 2])
 
 
+# The longest fragment of a streamed request's live copy: a player can start once the first
+# one is written, so this bounds what fragmenting adds to the first frame's delay.
+LIVE_FRAGMENT_S = 0.2
+
 # The speech's codec in every MP4 made here.
 AUDIO_OPTIONS = ("-c:a", "aac", "-b:a", "128k", "-ar", "44100")
 
 
-def x264_options(preset: str, crf: int, threads: int, keyint: int, tune: str | None = None) -> list[str]:
-    """ffmpeg's output options for the video: x264 ``preset``/``crf``/``threads``/``tune``, yuv420p, a
-    keyframe every ``keyint`` frames (and at scene cuts)."""
+# H.264 encoders ffmpeg may have (``VIDEO_ENCODER``), by this project's names: ffmpeg's encoder.
+H264_ENCODERS = {"x264": "libx264", "openh264": "libopenh264"}
+
+
+def resolve_encoder(name: str) -> str:
+    """The H.264 encoder to use for ``name`` (a ``VIDEO_ENCODER`` setting): ``auto`` is
+    ``openh264`` where this ffmpeg has it (the pip-bundled one does; about 3x faster than x264
+    ``veryfast`` at the same SSIM, docs/PERFORMANCE.md "Issue 14"), else ``x264``. Raises
+    ``MediaError`` for an encoder this ffmpeg lacks."""
+    if name == "auto":
+        return "openh264" if has_encoder(H264_ENCODERS["openh264"]) else "x264"
+    if name not in H264_ENCODERS:
+        raise MediaError(f"unknown H.264 encoder {name!r} (choose from auto, {', '.join(H264_ENCODERS)})")
+    if not has_encoder(H264_ENCODERS[name]):
+        raise MediaError(f"VIDEO_ENCODER={name}, but the ffmpeg at {ffmpeg_exe()} was built without "
+                         f"{H264_ENCODERS[name]}: use another ffmpeg (FFMPEG_BINARY) or VIDEO_ENCODER=auto")
+    return name
+
+
+def h264_options(encoder: str, preset: str, crf: int, threads: int, keyint: int,
+                 tune: str | None = None) -> list[str]:
+    """ffmpeg's output options for the video: yuv420p H.264 with a keyframe every ``keyint``
+    frames. ``encoder`` ``x264``: ``preset``/``crf``/``threads``/``tune`` as x264 takes them
+    (keyframes also at scene cuts); ``openh264``: ``crf`` is its fixed quantiser (QP; the
+    same number gives the SSIM x264 ``veryfast`` gives at that CRF on avatar footage), Main
+    profile with CABAC, ``threads``; no preset, no tune, no B-frames."""
+    if encoder == "openh264":
+        # One QP for every frame: keyframes at the quality of the frames between them (see x264's ipratio).
+        return ["-c:v", "libopenh264", "-profile:v", "main", "-coder", "cabac", "-rc_mode", "quality",
+                "-qmin", str(crf), "-qmax", str(crf), "-pix_fmt", "yuv420p", "-threads", str(threads),
+                "-g", str(keyint)]
+    if encoder != "x264":
+        raise ValueError(f"unknown H.264 encoder {encoder!r}")
     return ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
             "-threads", str(threads), *(["-tune", tune] if tune else []), "-g", str(keyint),
             # Keyframes at the quality of the frames between them: otherwise the
@@ -215,15 +249,16 @@ class Mp4Writer(FrameInput):
 
     ``fps``: frames per second, whole or a ``Fraction`` (NTSC's 30000/1001 for a video
     avatar filmed at 29.97 fps). ``encode_seconds`` accumulates the time spent converting frames, waiting
-    on the encoder, and finishing the file. ``threads``: x264 threads (0:
-    ffmpeg's choice, about 1.5 per core); ``tune``: an x264 tune (e.g.
+    on the encoder, and finishing the file. ``encoder``: ``x264`` or ``openh264``
+    (``h264_options``: ``preset`` and ``tune`` are x264's); ``threads``: encoder threads (0:
+    ffmpeg's choice, about 1.5 per core for x264); ``tune``: an x264 tune (e.g.
     ``zerolatency``) or None; ``queue_bytes``: frames that may wait for the
     encoder.
     """
 
     def __init__(self, path: str, width: int, height: int, fps: int | Fraction, *, sample_rate: int = 16000,
                  preset: str = "veryfast", crf: int = 23, timeout: float = 300.0, live_path: str | None = None,
-                 queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None):
+                 queue_bytes: int = 64 << 20, threads: int = 0, tune: str | None = None, encoder: str = "x264"):
         super().__init__(path, width, height, fps, sample_rate, timeout)
         self._yuv = width % 2 == 0 and height % 2 == 0  # yuv420p needs even sides; odd ones go as BGR
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
@@ -233,16 +268,17 @@ class Mp4Writer(FrameInput):
         self._stderr = tempfile.TemporaryFile()
         final = f"[f=mp4:movflags=+faststart]{_tee_escape(self._partial)}"
         # The live copy is the same encoded stream in fragments, written while
-        # encoding (the tee muxer: one encode, two files).
-        live = f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof:flush_packets=1]{_tee_escape(live_path)}" \
-            if live_path else ""
+        # encoding (the tee muxer: one encode, two files). A fragment ends at a keyframe or
+        # after LIVE_FRAGMENT_S, whichever comes first: a player starts after the first one.
+        live = (f"|[f=mp4:movflags=frag_keyframe+empty_moov+default_base_moof:flush_packets=1:"
+                f"frag_duration={int(LIVE_FRAGMENT_S * 1e6)}]{_tee_escape(live_path)}") if live_path else ""
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "yuv420p" if self._yuv else "bgr24", "-s", f"{width}x{height}",
                "-r", str(fps), "-i", "pipe:0",
                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
                # a keyframe (a live fragment) every 2 s: streaming starts early
-               *x264_options(preset, crf, threads, max(1, round(2 * fps)), tune),
+               *h264_options(encoder, preset, crf, threads, max(1, round(2 * fps)), tune),
                *AUDIO_OPTIONS,
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
