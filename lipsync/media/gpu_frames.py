@@ -115,10 +115,16 @@ class GpuFrames:
         """Yield the I420 frames, (H * 3 // 2, W) uint8 arrays the caller may keep, of ``patches``
         ((n, region.height, region.width, 3) uint8 BGR, on any device), the first being frame
         ``first`` of ``track`` (None: no idle motion)."""
-        patches = torch.as_tensor(patches).to(self.device, non_blocking=True)
+        patches = self._upload(torch.as_tensor(patches))
+        n = len(patches)
+        # The idle motion's terms of every frame, uploaded once: a copy from pageable host memory
+        # would wait for the GPU to finish all queued work, chunk after chunk.
+        motion = self._motion(first, n, track) if self.rig is not None and track is not None else None
         pending = None  # the chunk copied to the host while the next one is computed
-        for start in range(0, len(patches), CHUNK):
-            planes = self._i420(patches[start:start + CHUNK], first + start, track)
+        for start in range(0, n, CHUNK):
+            end = min(n, start + CHUNK)
+            planes = self._i420(patches[start:end], None if motion is None else (motion[0][start:end],
+                                                                                   motion[1][start:end]))
             # Pinned host memory (torch caches and reuses it once the frames are encoded): the copy
             # runs while the GPU goes on with the next chunk.
             host = torch.empty(planes.shape, dtype=torch.uint8, pin_memory=self._pin)
@@ -132,7 +138,23 @@ class GpuFrames:
         if pending is not None:
             yield from _ready(*pending)
 
-    def _i420(self, patches: torch.Tensor, first: int, track: IdleTrack | None) -> torch.Tensor:
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the device; from the host through pinned memory, without waiting for the GPU."""
+        if tensor.device == self.device:
+            return tensor
+        if self._pin and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self._pin)
+
+    def _motion(self, first: int, n: int, track: IdleTrack) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames ``first``..``first + n`` of ``track``: their terms (n, 7, 1, 1) float64 as
+        ``cv2.scaleAdd`` takes them (float32 values), and (n,) bool: does the frame move at all."""
+        terms = np.array([motion_terms(self.rig, track, first + k) for k in range(n)], np.float64)
+        # cv2.scaleAdd takes its factor as float32
+        factors = torch.from_numpy(terms.astype(np.float32).astype(np.float64))
+        return self._upload(factors)[:, :, None, None], self._upload(torch.from_numpy(terms.any(axis=1)))
+
+    def _i420(self, patches: torch.Tensor, motion: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         n = len(patches)
         frames = self.image.unsqueeze(0).repeat(n, 1, 1, 1)
         if self._box is not None:
@@ -141,17 +163,14 @@ class GpuFrames:
             work = patches[:, y1:y2, x1:x2].to(torch.float32) * self._mask  # two roundings, as numpy's
             work = work + self._keep
             frames[:, r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2] = work.clamp_(0, 255).to(torch.uint8)
-        if self.rig is not None and track is not None:
-            self._idle(frames, first, track)
+        if motion is not None:
+            self._idle(frames, *motion)
         return i420(frames)
 
-    def _idle(self, frames: torch.Tensor, first: int, track: IdleTrack) -> None:
-        """``apply_idle`` on each of ``frames`` (frame ``first`` of ``track`` on), in place."""
+    def _idle(self, frames: torch.Tensor, k: torch.Tensor, moving: torch.Tensor) -> None:
+        """``apply_idle`` on each of ``frames`` in place, moved by ``k`` (``_motion``'s terms of
+        each frame) where ``moving``."""
         n = len(frames)
-        terms = np.array([motion_terms(self.rig, track, first + k) for k in range(n)], np.float64)
-        # cv2.scaleAdd takes its factor as float32
-        k = torch.from_numpy(terms.astype(np.float32).astype(np.float64)).to(self.device)
-        k = k[:, :, None, None]
         a, b, ex, ey, chest, lids, brows = k.unbind(1)
         xx, yy, hx, hy, head, chest_f, blink_f, brow_f = self._fields
 
@@ -165,6 +184,5 @@ class GpuFrames:
             map_y = fma(map_y, field, factor)
         r = self.rig.region
         region = frames[:, r.y1:r.y2, r.x1:r.x2]
-        moving = torch.from_numpy(terms.any(axis=1)).to(self.device)
         moved = remap_linear(region.contiguous(), map_x, map_y)
         region.copy_(torch.where(moving[:, None, None, None], moved, region))
