@@ -423,7 +423,9 @@ class LipsyncService:
     def _writer(self, path: str, width: int, height: int, fps, live_path: str | None):
         """The MP4 writer of one request: segments encoded at once on every core
         (``ENCODE_WORKERS``), or one stream when the request streams (its live copy is
-        one growing file) or the machine is small."""
+        one growing file) or the machine is small. A stream keeps ``VIDEO_ENCODER``: openh264's
+        one thread finishes a long stream later than x264's frame threads on a big machine, but
+        has no frame delay, so its first fragment comes sooner (docs/PERFORMANCE.md "Issue 14")."""
         s = self.settings
         workers, threads = s.encode_layout(self.video_encoder)
         if live_path is None and workers > 1 and width % 2 == 0 and height % 2 == 0:
@@ -432,7 +434,7 @@ class LipsyncService:
                                       encoder=self.video_encoder)
         return video.Mp4Writer(path, width, height, fps, sample_rate=audio.SAMPLE_RATE, preset=s.x264_preset,
                                crf=s.x264_crf, threads=s.x264_threads, timeout=s.ffmpeg_timeout, live_path=live_path,
-                               encoder=s.stream_encoder(self.video_encoder))
+                               encoder=self.video_encoder)
 
     def _on_gpu(self):
         """The CUDA device frames are made on, when there is one and ``DEVICE`` allows it (else None)."""

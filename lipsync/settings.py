@@ -240,14 +240,6 @@ class Settings(EnvSettings):
             return 1, self.x264_threads
         return workers, self.x264_threads or per_segment
 
-    def stream_encoder(self, encoder: str, cores: int | None = None) -> str:
-        """The H.264 encoder of a one-stream encode (a streamed request's), ``encoder`` being
-        ``VIDEO_ENCODER`` resolved: with ``auto``, x264 on machines of ``SEGMENTED_MIN_CORES``
-        cores or more, whose frame threads use them (openh264 runs one thread: 2.4x slower there
-        on one stream), else ``encoder``."""
-        cores = cores or os.cpu_count() or 1
-        return "x264" if self.video_encoder == "auto" and cores >= SEGMENTED_MIN_CORES else encoder
-
     @property
     def resolved_avatars_dir(self) -> str:
         return self.avatars_dir or os.path.join(self.output_dir, "avatars")

@@ -218,15 +218,6 @@ def test_each_encoder_gets_its_fastest_layout_on_every_core(encoder, cores, layo
     assert Settings().encode_layout(encoder, cores) == layout
 
 
-@pytest.mark.parametrize("setting,cores,expected", [("auto", 16, "x264"), ("auto", 2, "openh264"),
-                                                    ("openh264", 16, "openh264"), ("x264", 2, "x264")])
-def test_one_stream_on_many_cores_is_x264_unless_asked_otherwise(setting, cores, expected):
-    """A streamed request is one stream: on a big machine x264's frame threads beat openh264's one
-    thread (2.4x on 16 cores), on a small one openh264 is faster; an explicit VIDEO_ENCODER wins."""
-    resolved = "openh264" if setting == "auto" else setting
-    assert Settings(video_encoder=setting).stream_encoder(resolved, cores) == expected
-
-
 def _ffmpeg_without_openh264(tmp_path) -> str:
     """A real ffmpeg as a Debian build is: without libopenh264 (neither listed nor usable)."""
     path = tmp_path / "ffmpeg-no-openh264"
