@@ -928,19 +928,23 @@ def test_a_live_conversation_plays_speaks_idles_and_is_interrupted(open_page):
     expect(page.locator("#live")).to_be_hidden()
 
 
-def test_chromium_plays_a_segment_joined_mp4_to_its_end(open_page, server, tmp_path):
-    """An MP4 encoded in segments by several x264 processes and joined without re-encoding (what
-    machines of 8+ cores make, lipsync.media.segments) plays in Chromium: every frame, no stall at
-    a join, its whole duration."""
-    from lipsync.media import audio
+@pytest.mark.parametrize("encoder", ["x264", "openh264"])
+def test_chromium_plays_a_segment_joined_mp4_to_its_end(open_page, server, tmp_path, encoder):
+    """An MP4 encoded in segments by several encoder processes (either H.264 encoder) and joined
+    without re-encoding (what machines of 8+ cores make, lipsync.media.segments) plays in Chromium:
+    every frame, no stall at a join, its whole duration."""
+    from lipsync.media import audio, ffmpeg
     from lipsync.media.segments import SegmentedMp4Writer
+    from lipsync.media.video import H264_ENCODERS
 
+    if not ffmpeg.has_encoder(H264_ENCODERS[encoder]):
+        skip_or_fail(f"the ffmpeg at {ffmpeg.ffmpeg_exe()} has no {H264_ENCODERS[encoder]}")
     page = open_page("en-US")
     if page.evaluate("(t) => document.createElement('video').canPlayType(t)", H264_AAC) == "":
         skip_or_fail("this Chromium cannot decode H.264/AAC MP4")
     frames, fps = 137, 25  # two joins (50-frame segments) and a tail
     path = server.app.config["SETTINGS"].output_dir + "/segmented.mp4"
-    with SegmentedMp4Writer(path, 320, 240, fps, workers=3) as writer:
+    with SegmentedMp4Writer(path, 320, 240, fps, workers=3, encoder=encoder) as writer:
         writer.write_audio(np.zeros(frames * audio.SAMPLE_RATE // fps, np.float32))
         for i in range(frames):
             frame = np.full((240, 320, 3), 40, np.uint8)
