@@ -28,7 +28,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsync.errors import MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import ffmpeg_exe, grow_pipe, log_stderr, stderr_tail
 from lipsync.media.video import AUDIO_OPTIONS, FrameInput, h264_options
 
 # The shortest segment: x264 gives a stream of 1 or 2 frames no B-frame delay, so its
@@ -162,6 +162,7 @@ class SegmentedMp4Writer(FrameInput):
                                              self._keyint),
                                 "-f", "mp4", segment.path])
             stdin = proc.stdin
+            grow_pipe(stdin)
             while (data := segment.frames.get()) is not None:
                 self._budget.release()
                 if self._stopping.is_set():

@@ -24,7 +24,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, has_encoder, log_stderr, release_fifo_writer, stderr_tail
+from lipsync.media.ffmpeg import ffmpeg_exe, grow_pipe, has_encoder, log_stderr, release_fifo_writer, stderr_tail
 from lipsync.media.images import read_header
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
@@ -289,7 +289,7 @@ class Mp4Writer(FrameInput):
         except OSError as exc:  # no FIFO support, or no ffmpeg where FFMPEG_BINARY points: leave nothing behind
             self._cleanup()
             raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
-        _grow_pipe(self._proc.stdin)
+        grow_pipe(self._proc.stdin)
         frame_bytes = width * height * 3 // (2 if self._yuv else 1)
         self._frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=max(4, queue_bytes // frame_bytes))
         self._video_error: BaseException | None = None
@@ -410,16 +410,6 @@ class Mp4Writer(FrameInput):
     def _cleanup(self) -> None:
         self._stderr.close()
         shutil.rmtree(self._work, ignore_errors=True)
-
-
-def _grow_pipe(pipe) -> None:
-    """Make a pipe's kernel buffer 1 MiB (Linux; fewer, larger writes). Best effort."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except (ImportError, OSError, ValueError):
-        pass
 
 
 def _tee_escape(path: str) -> str:
