@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lipsync.engines.builtin.drive import mouth_track, viseme
-from lipsync.engines.builtin.engine import BuiltinEngine
+from lipsync.engines.builtin.engine import FIRST_BATCH, BuiltinEngine
 from lipsync.engines.builtin.mouth import locate_mouth
 from lipsync.faces.box import FaceBox
 from lipsync.media.audio import frame_count, load_audio
@@ -152,12 +152,13 @@ def test_describe_reports_a_weightless_cpu_engine(engine):
 @pytest.mark.parametrize("fps", [25, 30])
 def test_render_yields_exactly_frame_count_region_patches(engine, prepared, speech, fps):
     av = prepared["avatar.jpg"]
-    total = 0
+    sizes = []
     for batch in engine.render(av, speech, fps):
         assert batch.dtype == np.uint8 and batch.ndim == 4
         assert batch.shape[1:] == (av.region.height, av.region.width, 3)
-        total += batch.shape[0]
-    assert total == frame_count(len(speech.samples), fps)
+        sizes.append(batch.shape[0])
+    assert sum(sizes) == frame_count(len(speech.samples), fps)
+    assert sizes[0] == FIRST_BATCH < sizes[1]  # the first frames go to the encoder (a stream) sooner
     assert av.mask.shape == (av.region.height, av.region.width, 1) and av.mask.dtype == np.float32
     assert 0.0 <= av.mask.min() and av.mask.max() <= 1.0
 

@@ -74,3 +74,15 @@ class Engine(Protocol):
     def describe(self) -> dict:
         """What health reports: ``{"engine", "checkpoint", "version", "device"}``."""
         ...
+
+
+def batches(count: int, size: int, first: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive batches covering ``count`` frames: the first of at most
+    ``first`` frames, the others of ``size``. A small first batch puts a request's first frames
+    in front of the encoder sooner (a streamed request's first fragment), at the cost of one more
+    engine call."""
+    start = 0
+    while start < count:
+        stop = min(count, start + (min(first, size) if start == 0 else size))
+        yield start, stop
+        start = stop

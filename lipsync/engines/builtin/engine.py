@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lipsync.engines.base import PreparedAvatar
+from lipsync.engines.base import PreparedAvatar, batches
 from lipsync.engines.builtin.drive import MouthTrack, mouth_track
 from lipsync.engines.builtin.mouth import MouthRenderer, MouthShape, locate_mouth
 from lipsync.errors import InvalidInputError
@@ -30,6 +30,7 @@ from lipsync.tts.base import Speech
 
 VERSION = "1.1"
 BATCH = 32            # frames per yielded batch
+FIRST_BATCH = 8       # ... but the first: a stream's first frames sooner
 OPEN_LEVELS = 40      # quantisation of ``open`` (about 1 px steps on a 512 px face)
 WIDE_LEVELS = 16      # quantisation of ``wide`` over [-1, 1]
 CACHE_BYTES = 96 << 20  # per render call
@@ -76,8 +77,7 @@ class BuiltinEngine:
         if crops is not None:
             yield from self._render_frames(renderer, qo, qw, crops)
             return
-        for start in range(0, n, BATCH):
-            stop = min(n, start + BATCH)
+        for start, stop in batches(n, BATCH, first=FIRST_BATCH):
             batch = np.empty((stop - start, rh, rw, 3), np.uint8)
             for i in range(start, stop):
                 key = (int(qo[i]), int(qw[i]))
@@ -102,8 +102,7 @@ class BuiltinEngine:
         rh, rw = renderer.region.height, renderer.region.width
         max_items = max(8, CACHE_BYTES // max(1, rh * rw * 8))  # two float32 maps per state
         n = len(qo)
-        for start in range(0, n, BATCH):
-            stop = min(n, start + BATCH)
+        for start, stop in batches(n, BATCH, first=FIRST_BATCH):
             batch = np.empty((stop - start, rh, rw, 3), np.uint8)
             for i in range(start, stop):
                 key = (int(qo[i]), int(qw[i]))

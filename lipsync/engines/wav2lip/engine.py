@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lipsync.devices import resolve_device
-from lipsync.engines.base import PreparedAvatar, Region
+from lipsync.engines.base import PreparedAvatar, Region, batches
 from lipsync.engines.blend import polygon_mask, smoothstep
 from lipsync.engines.wav2lip import onnx_backend
 from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
@@ -422,8 +422,8 @@ class Wav2LipEngine:
         if len(windows) != expected:  # both come from the same mel length; guard the contract
             raise RuntimeError(f"mel windows ({len(windows)}) disagree with frame_count ({expected})")
         height, width = avatar.region.height, avatar.region.width
-        for start in range(0, len(windows), self.batch_size):
-            chunk = windows[start:start + self.batch_size]
+        for start, stop in batches(len(windows), self.batch_size, first=GRAPH_BUCKET):
+            chunk = windows[start:stop]
             if crops is not None:
                 yield self._render_frames(chunk, [next(crops) for _ in chunk], height, width)
                 continue
