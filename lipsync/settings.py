@@ -154,11 +154,11 @@ class Settings(EnvSettings):
     fps: int = 25
     max_output_height: int = 0              # 0: auto (720 lines on a CPU; on a GPU the avatar's size, see below)
     max_output_pixels: int = 2_100_000      # the output frame's area at most (a 1080p-class frame)
-    video_encoder: str = "auto"             # H.264 by openh264 where ffmpeg has it (3x x264's speed), else x264
+    video_encoder: str = "auto"             # openh264 where ffmpeg has it (less than half x264's CPU), else x264
     x264_preset: str = "veryfast"
     x264_crf: int = 23                      # x264's CRF; openh264's fixed quantiser (the same SSIM)
     x264_threads: int = 0                   # 0: ffmpeg's choice; fewer when several requests share the cores
-    encode_workers: int = 0                 # x264 processes on one video's segments; 0: auto, 1: one stream
+    encode_workers: int = 0                 # encoder processes on one video's segments; 0: auto, 1: one stream
     ffmpeg_timeout: float = 300.0
     ffmpeg_binary: str | None = None        # None: the system ffmpeg, else the pip-bundled one
     output_dir: str = "outputs"

@@ -106,8 +106,8 @@ H264_ENCODERS = {"x264": "libx264", "openh264": "libopenh264"}
 
 def resolve_encoder(name: str) -> str:
     """The H.264 encoder to use for ``name`` (a ``VIDEO_ENCODER`` setting): ``auto`` is
-    ``openh264`` where this ffmpeg has it (the pip-bundled one does; about 3x faster than x264
-    ``veryfast`` at the same SSIM, docs/PERFORMANCE.md "Issue 14"), else ``x264``. Raises
+    ``openh264`` where this ffmpeg has it (the pip-bundled one does; 2.3-2.6x less CPU a frame
+    than x264 ``veryfast`` at the same SSIM, docs/PERFORMANCE.md "Issue 14"), else ``x264``. Raises
     ``MediaError`` for an encoder this ffmpeg lacks."""
     if name == "auto":
         return "openh264" if has_encoder(H264_ENCODERS["openh264"]) else "x264"
@@ -277,7 +277,7 @@ class Mp4Writer(FrameInput):
                "-r", str(fps), "-i", "pipe:0",
                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
                "-map", "0:v:0", "-map", "1:a:0",
-               # a keyframe (a live fragment) every 2 s: streaming starts early
+               # a keyframe every 2 s (segments and a live copy's fragments start at one)
                *h264_options(encoder, preset, crf, threads, max(1, round(2 * fps)), tune),
                *AUDIO_OPTIONS,
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
