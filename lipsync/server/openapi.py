@@ -440,6 +440,8 @@ def _schemas() -> dict:
         "models_loaded": {"type": "boolean"}, "avatar_loaded": {"type": "boolean"},
         "engine": nullable_str, "device": nullable_str, "checkpoint": nullable_str, "version": nullable_str,
         "tts_provider": nullable_str, "face_detector": nullable_str, "error": {"type": "string"},
+        "video_encoder": {**nullable_str, "description": "The H.264 encoder of generated videos (VIDEO_ENCODER "
+                          "resolved: openh264 or x264); null while loading."},
         "model": {"type": "string", "description": "The default model's name."},
         "models": {"type": "array", "items": {"type": "string"}, "description": "Every loaded model's name."},
         "avatar": {"type": "object", "properties": {
