@@ -121,6 +121,10 @@ class LipsyncService:
         try:
             s = self.settings
             self.video_encoder = video.resolve_encoder(s.video_encoder)
+            if s.video_encoder == "auto" and self.video_encoder == "x264":
+                log.warning("VIDEO_ENCODER=auto: x264, because the ffmpeg at %s has no libopenh264 (less than "
+                            "half x264's CPU a frame); the pip-bundled ffmpeg has it: FFMPEG_BINARY=$(python -c "
+                            "'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')", ffmpeg.ffmpeg_exe())
             self.tts = create_provider(s)
             self.faces = FaceLocator(detector=s.face_detector, s3fd_path=s.s3fd_path, device=s.device,
                                      cache_dir=s.cache_dir, box_override=s.face_box)

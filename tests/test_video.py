@@ -238,9 +238,10 @@ def _service(tmp_path, **settings) -> LipsyncService:
                                    **settings)).load()
 
 
-def test_the_default_encoder_is_openh264_where_ffmpeg_has_it_else_x264(tmp_path):
+def test_the_default_encoder_is_openh264_where_ffmpeg_has_it_else_x264(tmp_path, caplog):
     """VIDEO_ENCODER=auto: openh264 with the pip-bundled ffmpeg (health says so), x264 with an
-    ffmpeg built without it (a distribution's), and either makes a playable MP4."""
+    ffmpeg built without it (a distribution's; the log says how to get openh264), and either
+    makes a playable MP4."""
     bundled = _service(tmp_path / "a")
     assert bundled.status == "ready", bundled.error
     expected = "openh264" if ffmpeg.has_encoder("libopenh264") else "x264"
@@ -249,6 +250,7 @@ def test_the_default_encoder_is_openh264_where_ffmpeg_has_it_else_x264(tmp_path)
     try:
         assert plain.status == "ready", plain.error
         assert plain.describe()["video_encoder"] == "x264"
+        assert any("no libopenh264" in r.getMessage() and "FFMPEG_BINARY" in r.getMessage() for r in caplog.records)
         out = tmp_path / "x264.mp4"
         result = plain.generate(str(out), text="Hello there.", language="en")
         assert probe(out)["frames"] == result.frames > 0
