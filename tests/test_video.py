@@ -269,3 +269,50 @@ def test_an_unknown_encoder_name_is_a_settings_error():
     with pytest.raises(SettingsError) as err:
         Settings.from_env({"VIDEO_ENCODER": "h265"})
     assert "video_encoder" in str(err.value).lower() or "VIDEO_ENCODER" in str(err.value)
+
+
+_KILLED_PARENT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from lipsync.live.encoder import LiveEncoder
+from lipsync.media import video
+writer = video.Mp4Writer(sys.argv[2], 64, 48, 25) if sys.argv[3] == "mp4" else LiveEncoder(64, 48, 25)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["mp4", "live"])
+def test_an_encoder_whose_process_is_killed_does_not_outlive_it(tmp_path, kind):
+    """A worker killed (SIGKILL, the OOM killer) right after starting its ffmpeg, before any frame
+    or sound: the ffmpeg must end too, not wait forever for its speech input."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, repo, str(tmp_path / "out.mp4"), kind],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        children = open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split()
+        assert len(children) == 1  # its ffmpeg
+        encoder = int(children[0])
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while running(encoder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = running(encoder)
+    if alive:
+        os.kill(encoder, signal.SIGKILL)
+    assert not alive, "ffmpeg outlived its killed parent"

@@ -8,12 +8,8 @@ in together, frame by frame, so they stay in step however long the session lasts
 
 from __future__ import annotations
 
-import os
-import queue
-import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -22,7 +18,7 @@ import numpy as np
 
 from lipsync.errors import MediaError
 from lipsync.live.fmp4 import FragmentReader, Segment
-from lipsync.media.ffmpeg import ffmpeg_exe, log_stderr, release_fifo_writer, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, log_stderr, stderr_tail
 
 KEYFRAME_S = 1.0    # a late viewer waits at most this long for a picture
 FRAGMENT_S = 0.08   # two frames at 25 fps: the delay fragmenting adds
@@ -36,14 +32,12 @@ class LiveEncoder:
                  preset: str = "veryfast", crf: int = 23, threads: int = 0):
         self.size = (width, height)
         self.sample_rate = sample_rate
-        self._work = tempfile.mkdtemp(prefix=".live-")
-        self._fifo = os.path.join(self._work, "audio.pcm")
-        os.mkfifo(self._fifo)
+        self._audio = InputPipe("live-audio")
         self._stderr = tempfile.TemporaryFile()
         gop = max(1, round(KEYFRAME_S * fps))
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
                "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
-               "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
+               "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._audio.url,
                "-map", "0:v:0", "-map", "1:a:0",
                "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-crf", str(crf), "-pix_fmt", "yuv420p",
                "-threads", str(threads), "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
@@ -55,23 +49,13 @@ class LiveEncoder:
                "-frag_duration", str(int(FRAGMENT_S * 1e6)), "pipe:1"]
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                          bufsize=0)
+                                          bufsize=0, pass_fds=self._audio.pass_fds)
         except OSError as exc:
-            shutil.rmtree(self._work, ignore_errors=True)
+            self._audio.discard()
+            self._stderr.close()
             raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
-        self._audio: queue.Queue[bytes | None] = queue.Queue()
-        self._audio_thread = threading.Thread(target=self._feed_audio, name="live-audio", daemon=True)
-        self._audio_thread.start()
+        self._audio.started()
         self.frames = 0
-
-    def _feed_audio(self) -> None:
-        try:
-            with open(self._fifo, "wb") as fifo:
-                while (chunk := self._audio.get()) is not None:
-                    fifo.write(chunk)
-                    fifo.flush()
-        except OSError:
-            pass  # ffmpeg went away; close() reports why
 
     def write(self, frame: np.ndarray, samples: np.ndarray) -> None:
         """One (H, W, 3) uint8 BGR frame and its (n,) float32 speech in [-1, 1]."""
@@ -96,7 +80,7 @@ class LiveEncoder:
 
     def close(self) -> None:
         """Finish: ffmpeg flushes the last fragment and exits (killed if it hangs)."""
-        self._audio.put(None)
+        self._audio.close(timeout=0)
         try:
             self._proc.stdin.close()
         except OSError:
@@ -106,6 +90,5 @@ class LiveEncoder:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        release_fifo_writer(self._fifo, self._audio_thread)
+        self._audio.close()
         self._stderr.close()
-        shutil.rmtree(self._work, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -138,16 +139,53 @@ def grow_pipe(pipe) -> None:
         pass
 
 
-def release_fifo_writer(fifo: str, writer: threading.Thread) -> None:
-    """End ``writer``, a thread feeding ffmpeg through the named pipe ``fifo``, after ffmpeg went
-    away: the thread may be blocked opening the FIFO (ffmpeg never opened it) or not have reached
-    open() yet, so a read end is held open until it has got through and ended."""
-    while writer.is_alive():
+class InputPipe:
+    """An extra input of an ffmpeg child (``-i`` ``url``, e.g. the speech beside frames on stdin),
+    fed in order by its own thread from what ``put`` is given.
+
+    An anonymous pipe, not a named FIFO: ffmpeg opens it at once (a FIFO's open blocks until a
+    writer comes, so a parent killed before then left its ffmpeg blocked forever), and ffmpeg sees
+    the end of the input when this process closes it or dies. Spawn the child with
+    ``pass_fds=pipe.pass_fds``, then call ``started()`` (or ``discard()`` if the spawn failed).
+    A write after the child died fails at once (EPIPE), which ends the thread."""
+
+    def __init__(self, name: str):
+        self._read, write = os.pipe()
+        self.url = f"pipe:{self._read}"
+        self.pass_fds = (self._read,)
+        self._file = os.fdopen(write, "wb")
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._feed, name=name, daemon=True)
+
+    def started(self) -> None:
+        """The child has its copy of the read end: drop ours (so a dead child means EPIPE) and feed."""
+        os.close(self._read)
+        self._thread.start()
+
+    def discard(self) -> None:
+        """The child was never started: close both ends."""
+        os.close(self._read)
+        self._file.close()
+
+    def put(self, data: bytes) -> None:
+        """Queue ``data`` for the child (never blocks)."""
+        self._queue.put(data)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the input after what was queued, and wait up to ``timeout`` s for the thread to be
+        done (it is at once where the child is dead)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _feed(self) -> None:
         try:
-            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
-            return
-        try:
-            writer.join(timeout=0.1)
+            while (chunk := self._queue.get()) is not None:
+                self._file.write(chunk)
+                self._file.flush()  # a live stream's sound goes at once
+        except (OSError, ValueError):
+            pass  # the child went away; its exit status and stderr say why
         finally:
-            os.close(reader)
+            try:
+                self._file.close()
+            except OSError:
+                pass

@@ -24,7 +24,7 @@ import numpy as np
 
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, grow_pipe, has_encoder, log_stderr, release_fifo_writer, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, has_encoder, log_stderr, stderr_tail
 from lipsync.media.images import read_header
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
@@ -240,7 +240,7 @@ class Mp4Writer(FrameInput):
     conversion inside ffmpeg) and handed to a feeder thread that writes them
     into ffmpeg's stdin, so the caller goes on rendering while the encoder
     catches up (at most ``queue_bytes`` of frames wait). Speech goes through
-    a FIFO fed by another thread, so it can arrive piece by piece (sentence by
+    a second pipe (``InputPipe``) fed by another thread, so it can arrive piece by piece (sentence by
     sentence) while the frames of earlier pieces are already being encoded.
     The MP4 (with ``+faststart``) appears at ``path`` only on a clean exit;
     when ``live_path`` is given, a fragmented copy grows there while encoding
@@ -264,7 +264,7 @@ class Mp4Writer(FrameInput):
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self.live_path = live_path
         self._partial = os.path.join(self._work, "final.mp4")
-        self._fifo = os.path.join(self._work, "audio.pcm")
+        self._audio = InputPipe("mp4-audio")
         self._stderr = tempfile.TemporaryFile()
         final = f"[f=mp4:movflags=+faststart]{_tee_escape(self._partial)}"
         # The live copy is the same encoded stream in fragments, written while
@@ -275,7 +275,7 @@ class Mp4Writer(FrameInput):
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "yuv420p" if self._yuv else "bgr24", "-s", f"{width}x{height}",
                "-r", str(fps), "-i", "pipe:0",
-               "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._fifo,
+               "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._audio.url,
                "-map", "0:v:0", "-map", "1:a:0",
                # a keyframe every 2 s (segments and a live copy's fragments start at one)
                *h264_options(encoder, preset, crf, threads, max(1, round(2 * fps)), tune),
@@ -283,21 +283,19 @@ class Mp4Writer(FrameInput):
                "-flags", "+global_header",  # fragmented MP4 needs SPS/PPS in its header up front
                "-f", "tee", final + live]
         try:
-            os.mkfifo(self._fifo)
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr)
-        except OSError as exc:  # no FIFO support, or no ffmpeg where FFMPEG_BINARY points: leave nothing behind
+                                          stderr=self._stderr, pass_fds=self._audio.pass_fds)
+        except OSError as exc:  # no ffmpeg where FFMPEG_BINARY points: leave nothing behind
+            self._audio.discard()
             self._cleanup()
             raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
+        self._audio.started()
         grow_pipe(self._proc.stdin)
         frame_bytes = width * height * 3 // (2 if self._yuv else 1)
         self._frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=max(4, queue_bytes // frame_bytes))
         self._video_error: BaseException | None = None
         self._video_thread = threading.Thread(target=self._feed_video, name="mp4-video", daemon=True)
         self._video_thread.start()
-        self._audio: queue.Queue[bytes | None] = queue.Queue()
-        self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
-        self._audio_thread.start()
 
     def _put_audio(self, pcm: bytes) -> None:
         self._audio.put(pcm)
@@ -325,22 +323,12 @@ class Mp4Writer(FrameInput):
         except (OSError, ValueError) as exc:  # BrokenPipeError: ffmpeg went away; ValueError: stdin closed
             self._video_error = exc
 
-    def _feed_audio(self) -> None:
-        # Opening a FIFO blocks until ffmpeg opens it for reading; _abort
-        # unblocks it by opening the read end itself.
-        try:
-            with open(self._fifo, "wb") as fifo:
-                while (chunk := self._audio.get()) is not None:
-                    fifo.write(chunk)
-        except OSError:
-            pass  # ffmpeg went away; its exit status and stderr say why
-
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._abort()
             return
         start = time.perf_counter()
-        self._audio.put(None)
+        self._audio.close(timeout=0)  # the speech ends after what was queued (the thread goes on)
         deadline = time.monotonic() + self.timeout
         while self._video_thread.is_alive():
             try:
@@ -359,7 +347,7 @@ class Mp4Writer(FrameInput):
             code = self._proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, BrokenPipeError):
             self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
-        self._audio_thread.join(timeout=5)
+        self._audio.close()
         if code != 0:
             self._fail("ffmpeg failed to encode the video")
         os.replace(self._partial, self.path)
@@ -387,8 +375,7 @@ class Mp4Writer(FrameInput):
             self._proc.stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             pass
-        self._audio.put(None)
-        release_fifo_writer(self._fifo, self._audio_thread)
+        self._audio.close()  # ffmpeg is dead: the feeder's next write fails at once
         if self.live_path and os.path.exists(self.live_path):
             os.remove(self.live_path)
         self._cleanup()
