@@ -80,7 +80,7 @@ class LiveEncoder:
 
     def close(self) -> None:
         """Finish: ffmpeg flushes the last fragment and exits (killed if it hangs)."""
-        self._audio.close(timeout=0)
+        self._audio.end()
         try:
             self._proc.stdin.close()
         except OSError:
@@ -90,5 +90,5 @@ class LiveEncoder:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        self._audio.close()
+        self._audio.wait()
         self._stderr.close()

@@ -146,7 +146,8 @@ class InputPipe:
     An anonymous pipe, not a named FIFO: ffmpeg opens it at once (a FIFO's open blocks until a
     writer comes, so a parent killed before then left its ffmpeg blocked forever), and ffmpeg sees
     the end of the input when this process closes it or dies. Spawn the child with
-    ``pass_fds=pipe.pass_fds``, then call ``started()`` (or ``discard()`` if the spawn failed).
+    ``pass_fds=pipe.pass_fds``, then call ``started()`` (or ``discard()`` if the spawn failed);
+    ``end()`` when all is put, ``wait()`` for it to be written.
     A write after the child died fails at once (EPIPE), which ends the thread."""
 
     def __init__(self, name: str):
@@ -171,10 +172,13 @@ class InputPipe:
         """Queue ``data`` for the child (never blocks)."""
         self._queue.put(data)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """End the input after what was queued, and wait up to ``timeout`` s for the thread to be
-        done (it is at once where the child is dead)."""
+    def end(self) -> None:
+        """End the input after what was queued (never blocks)."""
         self._queue.put(None)
+
+    def wait(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` s for the thread to have written all and closed the pipe, after
+        ``end()`` (at once where the child is dead: its writes fail)."""
         self._thread.join(timeout)
 
     def _feed(self) -> None:

@@ -28,7 +28,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsync.errors import MediaError
-from lipsync.media.ffmpeg import ffmpeg_exe, grow_pipe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, log_stderr, stderr_tail
 from lipsync.media.video import AUDIO_OPTIONS, FrameInput, h264_options
 
 # The shortest segment: x264 gives a stream of 1 or 2 frames no B-frame delay, so its
@@ -84,20 +84,20 @@ class SegmentedMp4Writer(FrameInput):
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mp4-segment")
         self._audio_path = os.path.join(self._work, "audio.m4a")
-        self._audio_queue: queue.Queue[bytes | None] = queue.Queue()
+        self._audio = InputPipe("mp4-audio")
         try:
             self._audio_proc = self._start([
-                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0", *AUDIO_OPTIONS,
-                "-f", "mp4", self._audio_path])
+                "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._audio.url, *AUDIO_OPTIONS,
+                "-f", "mp4", self._audio_path], stdin=subprocess.DEVNULL, pass_fds=self._audio.pass_fds)
         except MediaError:
+            self._audio.discard()
             self._pool.shutdown(wait=False)
             shutil.rmtree(self._work, ignore_errors=True)
             raise
-        self._audio_thread = threading.Thread(target=self._feed_audio, name="mp4-audio", daemon=True)
-        self._audio_thread.start()
+        self._audio.started()
 
     def _put_audio(self, pcm: bytes) -> None:
-        self._audio_queue.put(pcm)
+        self._audio.put(pcm)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -192,8 +192,8 @@ class SegmentedMp4Writer(FrameInput):
             except TimeoutError:
                 self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
         self._check()
-        self._audio_queue.put(None)
-        self._audio_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._audio.end()
+        self._audio.wait(timeout=max(0.0, deadline - time.monotonic()))
         try:
             code = self._audio_proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -223,11 +223,11 @@ class SegmentedMp4Writer(FrameInput):
 
     # -- processes and failures ------------------------------------------------------
 
-    def _start(self, args: list[str], stdin=subprocess.PIPE) -> subprocess.Popen:
+    def _start(self, args: list[str], stdin=subprocess.PIPE, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
         log = tempfile.TemporaryFile()
         try:
-            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log, pass_fds=pass_fds)
         except OSError as exc:
             log.close()
             raise MediaError(f"cannot start ffmpeg ({cmd[0]}): {exc.strerror or exc}") from None
@@ -240,14 +240,6 @@ class SegmentedMp4Writer(FrameInput):
         with self._procs_lock:
             self._procs.discard(proc)
         proc.log.close()
-
-    def _feed_audio(self) -> None:
-        try:
-            while (chunk := self._audio_queue.get()) is not None:
-                self._audio_proc.stdin.write(chunk)
-            self._audio_proc.stdin.close()
-        except (OSError, ValueError):
-            pass  # ffmpeg went away; its exit status and stderr say why
 
     def _fail(self, proc: subprocess.Popen | None, what: str) -> None:
         """Record the first failure (with ffmpeg's sanitised stderr); the caller's thread raises it."""
@@ -277,9 +269,9 @@ class SegmentedMp4Writer(FrameInput):
                 proc.kill()
         for segment in self._segments:
             segment.frames.put(None)
-        self._audio_queue.put(None)
+        self._audio.end()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._audio_thread.join(timeout=5)
+        self._audio.wait()
         for proc in [*procs, self._audio_proc]:
             proc.wait()
             proc.log.close()

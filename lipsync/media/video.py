@@ -328,7 +328,7 @@ class Mp4Writer(FrameInput):
             self._abort()
             return
         start = time.perf_counter()
-        self._audio.close(timeout=0)  # the speech ends after what was queued (the thread goes on)
+        self._audio.end()
         deadline = time.monotonic() + self.timeout
         while self._video_thread.is_alive():
             try:
@@ -347,7 +347,7 @@ class Mp4Writer(FrameInput):
             code = self._proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, BrokenPipeError):
             self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
-        self._audio.close()
+        self._audio.wait()
         if code != 0:
             self._fail("ffmpeg failed to encode the video")
         os.replace(self._partial, self.path)
@@ -375,7 +375,8 @@ class Mp4Writer(FrameInput):
             self._proc.stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             pass
-        self._audio.close()  # ffmpeg is dead: the feeder's next write fails at once
+        self._audio.end()
+        self._audio.wait()  # ffmpeg is dead: the feeder's next write fails at once
         if self.live_path and os.path.exists(self.live_path):
             os.remove(self.live_path)
         self._cleanup()
