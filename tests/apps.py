@@ -27,6 +27,16 @@ def make_app(config: dict | None = None, **values):
     return create_app({"SETTINGS": settings, "SERVER": server, "LOAD_IN_BACKGROUND": False, **(config or {})})
 
 
+def no_model_settings(root, **more) -> dict:
+    """Settings values for an app whose files are all under ``root``, with no rate limits, the
+    built-in engine and the Haar detector, and no user model files (checkpoints, S3FD) found,
+    whatever this machine has installed; ``more`` overrides or adds values."""
+    return {"output_dir": str(root / "out"), "cache_dir": str(root / "cache"), "engine": "builtin",
+            "face_detector": "haar", "rate_limit": "off", "rate_limit_read": "off",
+            "checkpoint_dir": str(root / "none"), "checkpoint_path": str(root / "none" / "x.pt"),
+            "s3fd_path": str(root / "none" / "s3fd.pth"), **more}
+
+
 @contextmanager
 def unlimited_app(root, **values) -> Iterator:
     """A built-in-engine app with its files under ``root`` and no rate limits (tests send many

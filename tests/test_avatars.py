@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lipsync.server import close_app
-from tests.apps import make_app
+from tests.apps import make_app, no_model_settings
 from tests.conftest import fixture_path
 from tests.media import decoded_frames, probe
 
@@ -23,10 +23,7 @@ KEY_B = "a-very-long-test-key-number-two"
 
 
 def _settings(root) -> dict:
-    return {"output_dir": str(root / "out"), "cache_dir": str(root / "cache"), "engine": "builtin",
-            "face_detector": "haar", "rate_limit": "off", "rate_limit_read": "off",
-            "checkpoint_dir": str(root / "none"), "checkpoint_path": str(root / "none" / "x.pt"),
-            "s3fd_path": str(root / "none" / "s3fd.pth"), "max_avatars": 3}
+    return no_model_settings(root, max_avatars=3)
 
 
 @pytest.fixture(scope="module")

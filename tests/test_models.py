@@ -21,7 +21,7 @@ from lipsync.media.audio import load_audio, write_wav
 from lipsync.server import close_app
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
-from tests.apps import make_app
+from tests.apps import make_app, no_model_settings
 from tests.conftest import fixture_path
 from tests.media import decoded_frames
 
@@ -29,10 +29,8 @@ PARAMS = 36_298_035
 
 
 def _settings(root, checkpoints, **more) -> dict:
-    return {"output_dir": str(root / "out"), "cache_dir": str(root / "cache"), "engine": "auto",
-            "face_detector": "haar", "rate_limit": "off", "rate_limit_read": "off", "batch_size": 16,
-            "checkpoint_dir": str(checkpoints), "checkpoint_path": str(root / "none" / "x.pt"),
-            "s3fd_path": str(root / "none" / "s3fd.pth"), "idle_motion": False, **more}
+    return no_model_settings(root, **{"engine": "auto", "batch_size": 16, "checkpoint_dir": str(checkpoints),
+                                      "idle_motion": False, **more})
 
 
 @pytest.fixture(scope="module")

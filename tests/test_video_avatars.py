@@ -17,7 +17,7 @@ import pytest
 
 from lipsync.media.ffmpeg import ffmpeg_exe
 from lipsync.server import close_app
-from tests.apps import make_app
+from tests.apps import make_app, no_model_settings
 from tests.conftest import fixture_path
 from tests.media import decoded_audio, decoded_frames, probe
 
@@ -26,10 +26,7 @@ MAX_SECONDS = 8.0
 
 
 def _settings(root, **more) -> dict:
-    return {"output_dir": str(root / "out"), "cache_dir": str(root / "cache"), "engine": "builtin",
-            "face_detector": "haar", "rate_limit": "off", "rate_limit_read": "off",
-            "checkpoint_dir": str(root / "none"), "checkpoint_path": str(root / "none" / "x.pt"),
-            "s3fd_path": str(root / "none" / "s3fd.pth"), "max_avatar_seconds": MAX_SECONDS, **more}
+    return no_model_settings(root, max_avatar_seconds=MAX_SECONDS, **more)
 
 
 @pytest.fixture(scope="module")
