@@ -21,7 +21,7 @@ from lipsync.media.audio import load_audio, write_wav
 from lipsync.server import close_app
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
-from tests.apps import make_app, no_model_settings
+from tests.apps import make_app, no_model_settings, split_settings
 from tests.conftest import fixture_path
 from tests.media import decoded_frames
 
@@ -101,6 +101,23 @@ def test_every_checkpoint_is_a_model_and_builtin_is_always_there(client):
     assert gan["memory_mb"] > 100 and nogan["memory_mb"] > 100
     health = client.get("/api/health").get_json()
     assert health["models"] == ["gan", "nogan", "builtin"] and health["model"] == "gan"
+
+
+def test_a_model_loaded_after_others_were_freed_still_reports_what_it_holds(root, checkpoints):
+    """A process that loads models again (a reload, a second app) reuses the freed pages: the
+    memory a model holds must still be counted, not read as 0 MB from an unchanged RSS."""
+    import gc
+
+    from lipsync.engines.models import load_models
+    from lipsync.service import create_wav2lip
+
+    settings, _ = split_settings(**_settings(root, checkpoints))
+    for _ in range(2):
+        models = load_models(settings, create_wav2lip)
+        sizes = {m["name"]: m["memory_mb"] for m in (model.public(models.default) for model in models.models.values())}
+        assert sizes["gan"] > 100 and sizes["nogan"] > 100, sizes
+        del models
+        gc.collect()
 
 
 def test_each_model_chosen_by_name_gives_its_own_frames_the_same_as_alone(client, speech, root, checkpoints,

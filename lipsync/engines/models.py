@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from lipsync.engines.base import Engine
 from lipsync.errors import CheckpointError, InvalidInputError
+from lipsync.memory import release_memory
 from lipsync.settings import Settings
 
 log = logging.getLogger("lipsync")
@@ -177,7 +178,10 @@ def load_models(settings: Settings, build_wav2lip=None) -> ModelSet:
 
 
 def _memory_in_use() -> int:
-    """This process's resident memory plus what PyTorch holds on CUDA devices, in bytes."""
+    """This process's resident memory plus what PyTorch holds on CUDA devices, in bytes. Memory
+    freed earlier (a previous model's, a request's) is given back to the OS first: otherwise a
+    model loaded into those still-resident pages would seem to cost nothing."""
+    release_memory()
     rss = 0
     try:
         with open("/proc/self/statm") as f:
