@@ -4,7 +4,7 @@
                                              [--avatar IMG] [--audio WAV] [--seconds 10] [--runs 3]
                                              [--device auto|cpu|cuda] [--concurrency N]
                                              [--precision P] [--mouth-only] [--backend B] [--tree DIR]
-                                           [--stream] [--encoder auto|x264|openh264] [--profile]
+                                           [--stream] [--encoder auto|x264|openh264] [--profile] [--timeline]
 
 Prints per-stage times (median of the runs), the real-time factor
 (processing time / speech duration; < 1 is faster than real time) and the
@@ -19,7 +19,9 @@ code before a change, for before/after numbers); the engine options
 ``--random-checkpoint`` a tree with ``lipsync.engines.wav2lip.model.save_random_checkpoint``
 (with an older one, pass ``--checkpoint``). ``--stream`` asks for the live copy as a streamed
 job does and reports ``first_frame``: the time until it holds a playable fragment. ``--encoder``
-picks the H.264 encoder (``VIDEO_ENCODER``); ``--profile`` prints a cProfile of one more request.
+picks the H.264 encoder (``VIDEO_ENCODER``); ``--profile`` prints a cProfile of one more request,
+``--timeline`` when each stage of one more request ran (engine calls, waits on the GPU, every
+segment's encoder, the join), in ms from the request's start.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def main() -> int:
     p.add_argument("--label", default="", help="a name for this configuration in the output")
     p.add_argument("--profile", action="store_true",
                    help="after the runs, one more under cProfile: where the request's own thread spends its time")
+    p.add_argument("--timeline", action="store_true",
+                   help="after the runs, one more with its stages timed: when each ran, in which thread")
+    p.add_argument("--torch-profile", action="store_true",
+                   help="after the runs, one more under torch.profiler: the GPU kernels and torch ops it ran")
     p.add_argument("--stream", action="store_true",
                    help="ask for the live copy too (as a streamed job) and time its first playable fragment")
     args = p.parse_args()
@@ -158,6 +164,10 @@ def main() -> int:
         concurrent = _concurrent(service, args, recording, tmp) if args.concurrency > 1 else None
         if args.profile:
             _profile(service, args, recording, os.path.join(tmp, "profiled.mp4"))
+        if args.timeline:
+            _timeline(service, args, recording, os.path.join(tmp, "timed.mp4"))
+        if args.torch_profile:
+            _torch_profile(service, args, recording, os.path.join(tmp, "torch-profiled.mp4"))
         info = service.describe()
 
     stages = sorted({k for r in runs for k in r.timings})
@@ -183,6 +193,8 @@ def main() -> int:
     print(f"real-time factor: {total_s / duration:.3f}  ({duration / total_s:.1f}x real time)")
     print(f"frames per second (whole request): {frames / total_s:.1f}")
     print(f"fastest run: {min(r.timings['total'] for r in runs):.1f} ms")
+    if info.get("device") == "cuda":
+        print(f"GPU memory: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated")
     if concurrent:
         walls = concurrent["walls"]
         wall = statistics.median(walls)
@@ -237,6 +249,102 @@ def _profile(service, args, recording: bytes | None, out: str) -> None:
     profiler.disable()
     print("profile of one request (own time, top 25):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+# (module, class or None, function): the stages --timeline times, where the tree has them.
+TIMED = (
+    ("lipsync.media.audio", None, "melspectrogram"),
+    ("lipsync.engines.wav2lip.engine", "Wav2LipEngine", "_render_cuda"),
+    ("lipsync.engines.wav2lip.engine", "Wav2LipEngine", "_predict"),
+    ("lipsync.engines.builtin.engine", "BuiltinEngine", "_render_batch"),
+    ("lipsync.media.gpu_frames", "GpuFrames", "_i420"),
+    ("lipsync.media.segments", "SegmentedMp4Writer", "_encode"),
+    ("lipsync.media.segments", "SegmentedMp4Writer", "_finish"),
+    ("lipsync.media.segments", "SegmentedMp4Writer", "_put"),
+    ("lipsync.media.video", "Mp4Writer", "_put"),
+)
+
+
+def _timeline(service, args, recording: bytes | None, out: str) -> None:
+    """One request with the stages of ``TIMED`` (and every wait on a CUDA event) wrapped: prints
+    each stage's calls as first start .. last end (ms from the request's start), how many, and
+    their summed time; segment encoders one line each."""
+    import functools
+    import importlib
+
+    events: list[tuple[str, float, float]] = []
+    undo = []
+
+    def wrap(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                if name == "_encode":  # one line per segment
+                    events.append((f"{label}[{getattr(a[1], 'index', '?')}]", t, time.perf_counter()))
+                elif name == "wait" and hasattr(a[0], "args"):  # which ffmpeg was waited for
+                    events.append((f"ffmpeg wait {os.path.basename(str(a[0].args[-1]))}", t, time.perf_counter()))
+                else:
+                    events.append((label, t, time.perf_counter()))
+
+        setattr(owner, name, timed)
+        undo.append((owner, name, original))
+
+    for module, cls, name in TIMED:
+        try:
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            getattr(owner, name)
+        except (ImportError, AttributeError):
+            continue
+        wrap(owner, name, f"{cls + '.' if cls else ''}{name}")
+    import subprocess
+
+    wrap(subprocess.Popen, "wait", "ffmpeg wait")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            wrap(torch.cuda.Event, "synchronize", "wait for GPU (Event.synchronize)")
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    try:
+        service.generate(out, text=args.text, language=args.language, recording=recording)
+    finally:
+        end = time.perf_counter()
+        for owner, name, original in undo:
+            setattr(owner, name, original)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for label, t0, t1 in events:
+        groups.setdefault(label, []).append((t0, t1))
+    print(f"timeline of one request ({(end - start) * 1000:.0f} ms), ms from its start:")
+    for label, spans in sorted(groups.items(), key=lambda kv: min(t0 for t0, _ in kv[1])):
+        first, last = min(t0 for t0, _ in spans), max(t1 for _, t1 in spans)
+        busy = sum(t1 - t0 for t0, t1 in spans)
+        print(f"  {label:<40} {(first - start) * 1000:7.0f} .. {(last - start) * 1000:7.0f}"
+              f"  x{len(spans):<5} sum {busy * 1000:7.0f}")
+
+
+def _torch_profile(service, args, recording: bytes | None, out: str) -> None:
+    """One request under ``torch.profiler`` (CPU and CUDA): prints the ops with the most GPU
+    time, then those with the most CPU time (the request's thread launching them)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        service.generate(out, text=args.text, language=args.language, recording=recording)
+    table = prof.key_averages()
+    if torch.cuda.is_available():
+        print("torch ops and kernels by GPU time:")
+        print(table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print("torch ops by CPU time:")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
 
 
 def _engine_options(options: dict) -> None:

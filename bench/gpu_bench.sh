@@ -80,9 +80,9 @@ row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
 row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
 row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
-echo "== 3. where the request's thread spends its time (40.7 s, 1084x1246, Wav2Lip, after) =="
-python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --profile 2>&1 \
-  | grep -v -i warning | tee "$OUT/profile.txt"
+echo "== 3. when each stage of one request runs (40.7 s, 1084x1246, Wav2Lip, after) =="
+python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --timeline 2>&1 \
+  | grep -v -i warning | tee "$OUT/timeline.txt"
 
 echo; echo "================ summary ================"
 cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt" "$OUT/codecs.txt"
