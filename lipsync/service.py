@@ -396,21 +396,25 @@ class LipsyncService:
                                         mouth_open=audio.frame_loudness(samples, wanted, fps, rate),
                                         first=writer.frames)
                 speech = Speech(samples, rate, speech.phonemes)
-                patches = (engine.render(avatar, speech, fps, on_device=True) if on_device
-                           else engine.render(avatar, speech, fps))
+                # The writer's order: a segmented one takes the frames of all its segments in turn.
+                order = writer.frame_order(wanted)
+                in_turn = None if np.array_equal(order, np.arange(wanted)) else order
+                patches = (engine.render(avatar, speech, fps, on_device=True, order=in_turn) if on_device
+                           else engine.render(avatar, speech, fps, order=in_turn))
                 try:
                     while done < wanted:
                         t = time.perf_counter()
                         batch = next(patches)[: wanted - done]
                         engine_s += time.perf_counter() - t
                         t, encode_before = time.perf_counter(), writer.encode_seconds
+                        numbers = order[done:done + len(batch)]
                         if gpu is not None:
-                            for frame in gpu.frames(batch, done, motion):
+                            for frame in gpu.frames(batch, numbers, motion):
                                 writer.write_i420(frame)
                         else:
-                            for k, frame in enumerate(video.composite(avatar, [batch])):
+                            for number, frame in zip(numbers, video.composite(avatar, [batch])):
                                 if motion is not None:
-                                    frame = apply_idle(frame, rig, motion, done + k, out=moved)
+                                    frame = apply_idle(frame, rig, motion, int(number), out=moved)
                                 writer.write(frame)
                         composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                         done += len(batch)

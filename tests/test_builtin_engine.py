@@ -414,6 +414,15 @@ def test_real_espeak_speech_closes_on_bilabials(engine, prepared, language, text
 # ---------------------------------------------------------------- sharing
 
 
+def test_frames_asked_for_in_another_order_are_the_same_frames(engine, prepared, rendered, speech):
+    """A segmented MP4 writer asks for frames interleaved: each is the frame time order gives."""
+    name = next(iter(prepared))
+    want = rendered[name]
+    order = np.random.default_rng(0).permutation(len(want))[:-3]
+    got = np.concatenate(list(engine.render(prepared[name], speech, FPS, order=order)))
+    assert np.array_equal(got, want[order])
+
+
 def test_render_is_pure_and_safe_to_share_between_threads(engine, prepared, speech, rendered):
     av = prepared["kennedy_low.jpg"]
     state = av.state

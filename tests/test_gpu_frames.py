@@ -133,6 +133,20 @@ def test_gpu_frames_equal_the_cpu_path(device, idle):
     assert max(diff) == 0, f"max difference per frame: {diff}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_frames_in_another_order_are_the_same_frames(device):
+    """Frames asked for by number (a segmented writer's interleaved order): each is the frame
+    time order gives, idle motion included."""
+    avatar, rig = _avatar()
+    n = 40
+    track = idle_track(n, 25, seed=5, face_height=rig.face_height)
+    patches = _patches(avatar, n, seed=3)
+    want = list(GpuFrames(avatar, device, rig).frames(patches, 0, track))
+    order = np.random.default_rng(3).permutation(n)
+    got = list(GpuFrames(avatar, device, rig).frames(patches[order], order, track))
+    assert all(np.array_equal(g, want[i]) for g, i in zip(got, order))
+
+
 def test_gpu_frames_without_a_mask_or_motion_are_the_avatar():
     avatar, _ = _avatar(240)
     blank = PreparedAvatar(image=avatar.image, box=avatar.box, region=avatar.region,

@@ -17,7 +17,7 @@ import pytest
 
 from lipsync.errors import MediaError
 from lipsync.media import audio
-from lipsync.media.segments import MIN_SEGMENT_FRAMES, SegmentedMp4Writer
+from lipsync.media.segments import MIN_SEGMENT_FRAMES, SegmentedMp4Writer, interleaved
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
 from tests.conftest import fixture_path
@@ -108,6 +108,77 @@ def test_segmented_frames_are_those_of_one_stream(tmp_path, encoder):
     _write(out, 120, encoder=encoder)
     errors = [np.abs(f.astype(int) - _frame(i)).mean() for i, f in enumerate(decoded_frames(out))]
     assert max(errors) < 3.0
+
+
+def test_interleaved_takes_each_segment_in_turn_in_time_order():
+    assert interleaved([3, 2, 2]).tolist() == [0, 3, 5, 1, 4, 6, 2]
+    assert interleaved([4]).tolist() == [0, 1, 2, 3]
+
+
+def _keyframes(path) -> list[int]:
+    with av.open(str(path)) as container:
+        packets = sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts)
+    return [i for i, p in enumerate(packets) if p.is_keyframe]
+
+
+def _write_planned(path, blocks, workers: int = 3, encoder: str = "openh264") -> list[np.ndarray]:
+    """Write blocks of frames: ("order", n) as the writer's frame_order asks, ("time", n) in
+    time order. Returns each planned block's order."""
+    orders = []
+    total = sum(n for _, n in blocks)
+    with SegmentedMp4Writer(str(path), W, H, 25, workers=workers, encoder=encoder) as writer:
+        writer.write_audio(np.zeros(int(round(total * audio.SAMPLE_RATE / 25)), np.float32))
+        for kind, n in blocks:
+            first = writer.frames
+            order = writer.frame_order(n) if kind == "order" else np.arange(n)
+            orders.append(order)
+            for i in order:
+                writer.write(_frame(first + int(i)))
+    return orders
+
+
+@pytest.mark.parametrize("n", [100, 160, 233])
+def test_frames_written_in_the_planned_order_join_into_time_order(tmp_path, n, encoder):
+    """Two keyframe intervals or more are cut into equal segments (one per encoder) taken in
+    turn; the MP4 holds every frame once, in time order, evenly spaced, a keyframe at every
+    segment's start and at most 3 s apart."""
+    out = tmp_path / "out.mp4"
+    order, = _write_planned(out, [("order", n)], workers=3, encoder=encoder)
+    assert sorted(order.tolist()) == list(range(n)) and order.tolist() != list(range(n))
+    info = probe(out)
+    assert info["frames"] == n and info["fps"] == 25 and abs(info["audio_duration"] - n / 25) <= 1 / 25
+    assert [_number(f) for f in decoded_frames(out)] == list(range(n))
+    pts, dts = _timestamps(out)
+    assert len(set(np.diff(pts).tolist())) == 1 and len(set(np.diff(dts).tolist())) == 1
+    segments = min(3, n // 50)
+    starts = [k * n // segments for k in range(segments)]  # equal sizes (to a frame)
+    keys = _keyframes(out)
+    assert all(any(abs(k - s) <= 1 for k in keys) for s in starts)
+    assert max(np.diff([*keys, n])) <= 75
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_planned_and_time_ordered_frames_mix(tmp_path):
+    """A few frames in time order, a plan (which goes on with their short segment), more in time
+    order, a plan too short to cut (time order), another plan: one video, every frame once."""
+    out = tmp_path / "out.mp4"
+    blocks = [("time", 3), ("order", 110), ("time", 30), ("order", 10), ("order", 100)]
+    orders = _write_planned(out, blocks, workers=2)
+    assert orders[3].tolist() == list(range(10))
+    total = sum(n for _, n in blocks)
+    assert probe(out)["frames"] == total
+    assert [_number(f) for f in decoded_frames(out)] == list(range(total))
+    pts, _ = _timestamps(out)
+    assert len(set(np.diff(pts).tolist())) == 1
+
+
+def test_a_plan_left_unfinished_is_an_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="not written"):
+        with SegmentedMp4Writer(str(tmp_path / "out.mp4"), W, H, 25, workers=2) as writer:
+            writer.write_audio(np.zeros(16000, np.float32))
+            for i in writer.frame_order(120)[:70]:
+                writer.write(_frame(int(i)))
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("written", [0, 3, 60])

@@ -146,6 +146,19 @@ def test_short_clip_frame_count(engine, avatar, samples, fps):
     assert sizes[0] == BATCH
 
 
+def test_frames_asked_for_in_another_order_are_the_same_frames(engine, avatar, samples):
+    """A segmented MP4 writer asks for frames interleaved: each is the frame time order gives,
+    and an order naming a frame twice or past the end is refused."""
+    clip = Speech(samples[40000:40000 + 16000])
+    want = np.concatenate(list(engine.render(avatar, clip, 25)))
+    order = np.random.default_rng(1).permutation(len(want))[:-2]
+    got = np.concatenate(list(engine.render(avatar, clip, 25, order=order)))
+    assert np.array_equal(got, want[order])
+    for bad in ([0, 0], [len(want)]):
+        with pytest.raises(ValueError, match="each at most once"):
+            next(engine.render(avatar, clip, 25, order=np.array(bad)))
+
+
 @pytest.mark.slow
 def test_full_speech_gives_one_frame_per_video_frame(engine, avatar, samples):
     batches = list(engine.render(avatar, Speech(samples), 25))

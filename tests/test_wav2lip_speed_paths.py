@@ -223,7 +223,7 @@ def test_gpu_style_render_matches_the_cpu_render(checkpoint, image, speech, mout
     """The CUDA path's post-processing (pad, decode, torch resize, uint8) run on the CPU."""
     engine = Wav2LipEngine(checkpoint, device="cpu", batch_size=8, backend="torch", mouth_only=mouth_only)
     avatar, want = _frames(engine, image, speech)
-    windows = audio.mel_windows(audio.melspectrogram(speech.samples), 25)
+    windows = torch.from_numpy(audio.mel_windows(audio.melspectrogram(speech.samples), 25)).unsqueeze(1)
     got = np.concatenate([engine._render_cuda(windows[i:i + 8], avatar.state, avatar.region.height,
                                               avatar.region.width).numpy() for i in range(0, len(windows), 8)])
     assert got.shape == want.shape

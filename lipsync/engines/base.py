@@ -59,12 +59,14 @@ class Engine(Protocol):
         ...
 
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
-               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
+               crops: Iterator[np.ndarray] | None = None, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Yield the redrawn region for each video frame, in batches.
 
         Each item is (n, region.height, region.width, 3) uint8 BGR; together
         they hold exactly ``lipsync.media.audio.frame_count(len(speech.samples), fps)``
-        frames. ``crops`` (video avatars): the region of each frame's own picture,
+        frames, or with ``order`` the frames it names (indices), in its order (as an MP4
+        writer's ``frame_order`` gives it; None: all, in time order). ``crops`` (video
+        avatars, time order only): the region of each frame's own picture,
         (region.height, region.width, 3) uint8 BGR with the face where it is on the
         prepared frame, one per frame in order; the engine draws on those instead of
         on ``avatar.image``, and reads one only when it renders that frame.
@@ -74,6 +76,17 @@ class Engine(Protocol):
     def describe(self) -> dict:
         """What health reports: ``{"engine", "checkpoint", "version", "device"}``."""
         ...
+
+
+def check_order(order: np.ndarray | None, count: int, crops) -> None:
+    """Raise ``ValueError`` unless ``order`` (``Engine.render``'s) is None or names frames of
+    the ``count`` there are, each at most once, and comes without ``crops``."""
+    if order is None:
+        return
+    if crops is not None:
+        raise ValueError("a video avatar's frames are drawn in time order")
+    if len(order) and (np.min(order) < 0 or np.max(order) >= count or len(np.unique(order)) != len(order)):
+        raise ValueError(f"order must name frames of the {count} there are, each at most once")
 
 
 def batches(count: int, size: int, first: int) -> Iterator[tuple[int, int]]:

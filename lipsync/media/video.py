@@ -204,6 +204,12 @@ class FrameInput:
         self.frames = 0
         self.audio_samples = 0
 
+    def frame_order(self, count: int) -> np.ndarray:
+        """The order to write the next ``count`` frames in: (count,) offsets from the next frame.
+        Time order here; a writer that encodes segments at once may want them interleaved
+        (``lipsync.media.segments``)."""
+        return np.arange(count)
+
     def write_audio(self, samples: np.ndarray) -> None:
         """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
         self.audio_samples += len(samples)

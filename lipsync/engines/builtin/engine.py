@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lipsync.engines.base import PreparedAvatar, batches
+from lipsync.engines.base import PreparedAvatar, batches, check_order
 from lipsync.engines.builtin.drive import MouthTrack, mouth_track
 from lipsync.engines.builtin.mouth import MouthRenderer, MouthShape, locate_mouth
 from lipsync.errors import InvalidInputError
@@ -62,7 +62,8 @@ class BuiltinEngine:
         return mouth_track(speech, fps, frame_count(len(speech.samples), fps))
 
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
-               crops: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
+               crops: Iterator[np.ndarray] | None = None, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """``Engine.render``: the mouth state of each frame (``track``) drawn, in ``order``."""
         renderer: MouthRenderer = avatar.state
         if not isinstance(renderer, MouthRenderer):
             raise TypeError("avatar was not prepared by the builtin engine")
@@ -74,6 +75,10 @@ class BuiltinEngine:
         qo = np.rint(np.clip(track.open, 0, 1) * OPEN_LEVELS).astype(np.int64)
         qw = np.rint(np.clip(track.wide, -1, 1) * (WIDE_LEVELS / 2)).astype(np.int64)
         qw[qo == 0] = 0  # a shut mouth is the untouched avatar
+        check_order(order, n, crops)
+        if order is not None:
+            qo, qw = qo[order], qw[order]
+            n = len(order)
         if crops is not None:
             yield from self._render_frames(renderer, qo, qw, crops)
             return

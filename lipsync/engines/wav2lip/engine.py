@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lipsync.devices import resolve_device
-from lipsync.engines.base import PreparedAvatar, Region, batches
+from lipsync.engines.base import PreparedAvatar, Region, batches, check_order
 from lipsync.engines.blend import polygon_mask, smoothstep
 from lipsync.engines.wav2lip import onnx_backend
 from lipsync.engines.wav2lip.model import FACE_SIZE, StillFaceDecoder, Wav2Lip, load_checkpoint, mouth_rows_start
@@ -400,10 +400,12 @@ class Wav2LipEngine:
         return self.device if self.device.type == "cuda" and self._eager else None
 
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
-               crops: Iterator[np.ndarray] | None = None, on_device: bool = False) -> Iterator[np.ndarray]:
+               crops: Iterator[np.ndarray] | None = None, on_device: bool = False,
+               order: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Yield (n, region.height, region.width, 3) uint8 BGR batches, one frame per mel window.
 
-        Exactly ``audio.frame_count(len(speech.samples), fps)`` frames in all.
+        Exactly ``audio.frame_count(len(speech.samples), fps)`` frames in all, or those
+        ``order`` names, in its order (``Engine.render``).
         ``speech`` must be 16 kHz; raises ``InvalidInputError`` otherwise. With ``crops``
         (a video avatar) every frame's own face is the model's input, as in Wav2Lip's
         inference on a video: the whole model runs per frame (the face encoder too).
@@ -421,14 +423,22 @@ class Wav2LipEngine:
         expected = audio.frame_count(len(samples), fps)
         if len(windows) != expected:  # both come from the same mel length; guard the contract
             raise RuntimeError(f"mel windows ({len(windows)}) disagree with frame_count ({expected})")
+        check_order(order, len(windows), crops)
+        if order is not None:
+            windows = windows[order]
         height, width = avatar.region.height, avatar.region.width
+        on_gpu = crops is None and self.device.type == "cuda" and self._eager
+        if on_gpu:  # every window uploaded at once: one copy, no per-batch staging
+            with torch.inference_mode():
+                all_mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
+                all_mel = all_mel.pin_memory().to(self.device, self._dtype, non_blocking=True)
         for start, stop in batches(len(windows), self.batch_size, first=GRAPH_BUCKET):
             chunk = windows[start:stop]
             if crops is not None:
                 yield self._render_frames(chunk, [next(crops) for _ in chunk], height, width)
                 continue
-            if self.device.type == "cuda" and self._eager:
-                patches = self._render_cuda(chunk, state, height, width)
+            if on_gpu:
+                patches = self._render_cuda(all_mel[start:stop], state, height, width)
                 yield patches if on_device else patches.cpu().numpy()
                 continue
             faces96 = self._predict(chunk, state)  # (b, 96, 96, 3) float32 in [0, 255]
@@ -480,20 +490,16 @@ class Wav2LipEngine:
             pred = self._model(mel.to(self.device, self._dtype), faces_t)[:count].float() * 255.0
             return resize_faces_torch(pred, height, width).cpu().numpy()
 
-    def _render_cuda(self, windows: np.ndarray, state: _Wav2LipState, height: int, width: int) -> torch.Tensor:
-        """CUDA: decode, resize, round and convert on the GPU: uint8 patches, still on the GPU."""
-        count = len(windows)
-        mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
-        if self._graphs is not None:
-            # Pad to a multiple of GRAPH_BUCKET frames: a handful of graphs serve every request length.
-            padded = min(self.batch_size, -(-count // GRAPH_BUCKET) * GRAPH_BUCKET)
-            if padded > count:
-                mel = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)])
+    def _render_cuda(self, mel: torch.Tensor, state: _Wav2LipState, height: int, width: int) -> torch.Tensor:
+        """CUDA: decode, resize, round and convert on the GPU: uint8 patches, still on the GPU.
+        ``mel``: (b, 1, 80, 16) windows on the GPU in the engine's dtype."""
+        count = len(mel)
         with self._lock, torch.inference_mode():
-            if self.device.type == "cuda":
-                mel = mel.pin_memory()
-            mel = mel.to(self.device, self._dtype, non_blocking=True)
             if self._graphs is not None:
+                # Pad to a multiple of GRAPH_BUCKET frames: a handful of graphs serve every request length.
+                padded = min(self.batch_size, -(-count // GRAPH_BUCKET) * GRAPH_BUCKET)
+                if padded > count:
+                    mel = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)])
                 pred = self._graphs(mel, state)
             else:
                 pred = self._decoder(mel, *state.constants)
