@@ -401,6 +401,9 @@ class LipsyncService:
                 in_turn = None if np.array_equal(order, np.arange(wanted)) else order
                 patches = (engine.render(avatar, speech, fps, on_device=True, order=in_turn) if on_device
                            else engine.render(avatar, speech, fps, order=in_turn))
+                # A batch's frames on the GPU, handed on once the next batch is queued behind them (the
+                # GPU stays busy meanwhile); the first at once (a stream's first fragment).
+                queued = None
                 try:
                     while done < wanted:
                         t = time.perf_counter()
@@ -409,8 +412,14 @@ class LipsyncService:
                         t, encode_before = time.perf_counter(), writer.encode_seconds
                         numbers = order[done:done + len(batch)]
                         if gpu is not None:
-                            for frame in gpu.frames(batch, numbers, motion):
+                            launched = gpu.launch(batch, numbers, motion)
+                            for frame in gpu.ready(queued or []):
                                 writer.write_i420(frame)
+                            queued = launched
+                            if done == 0:
+                                for frame in gpu.ready(queued):
+                                    writer.write_i420(frame)
+                                queued = None
                         else:
                             for number, frame in zip(numbers, video.composite(avatar, [batch])):
                                 if motion is not None:
@@ -419,6 +428,11 @@ class LipsyncService:
                         composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                         done += len(batch)
                         report("lipsync", min(1.0, (index + done / wanted) / pieces.count))
+                    if queued is not None:
+                        t, encode_before = time.perf_counter(), writer.encode_seconds
+                        for frame in gpu.ready(queued):
+                            writer.write_i420(frame)
+                        composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                 finally:
                     patches.close()
             report("encode", 0.0)

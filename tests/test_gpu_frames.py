@@ -154,3 +154,33 @@ def test_gpu_frames_without_a_mask_or_motion_are_the_avatar():
     frames = list(GpuFrames(blank, "cpu").frames(_patches(blank, 3, seed=4)))
     want = cv2.cvtColor(avatar.image, cv2.COLOR_BGR2YUV_I420)
     assert len(frames) == 3 and all(np.array_equal(f, want) for f in frames)
+
+
+@pytest.mark.slow
+def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path, monkeypatch):
+    """The request's own loop on the GPU path (GpuFrames here on the CPU device: the code CUDA
+    runs, each batch's frames handed on once the next is queued, segments fed in turn) against
+    the CPU path: every decoded frame the same, idle motion on."""
+    if not OPENCV_4:
+        pytest.skip(f"OpenCV {cv2.__version__} is not the pinned 4.x: its remap is not the reference")
+    from lipsync.service import LipsyncService
+    from lipsync.settings import Settings
+    from tests.media import decoded_frames, probe
+
+    wav = open(fixture_path("kennedy_speech_16k.wav"), "rb").read()
+    videos = {}
+    for path in ("cpu", "gpu_frames"):
+        settings = Settings(engine="builtin", face_detector="haar", device="cpu", encode_workers=3,
+                            output_dir=str(tmp_path / path), cache_dir=str(tmp_path / "cache"),
+                            avatar_path=str(fixture_path("avatar.jpg")), max_output_height=360, idle_motion=True)
+        service = LipsyncService(settings).load()
+        assert service.status == "ready", service.error
+        if path == "gpu_frames":
+            monkeypatch.setattr(service, "_on_gpu", lambda: torch.device("cpu"))
+        out = tmp_path / f"{path}.mp4"
+        service.generate(str(out), recording=wav)
+        videos[path] = (probe(out), list(decoded_frames(out)))
+    (cpu_info, cpu), (gpu_info, gpu) = videos["cpu"], videos["gpu_frames"]
+    assert gpu_info["frames"] == cpu_info["frames"] == len(gpu) == len(cpu) == 176
+    different = [i for i, (a, b) in enumerate(zip(cpu, gpu)) if not np.array_equal(a, b)]
+    assert not different, f"frames that differ: {different[:10]}"

@@ -127,13 +127,21 @@ class GpuFrames:
         ((n, region.height, region.width, 3) uint8 BGR, on any device): frames ``index`` ..
         ``index + n - 1`` of ``track``, or the n frames of ``track`` an array ``index`` names
         (None: no idle motion)."""
+        yield from self.ready(self.launch(patches, index, track))
+
+    def launch(self, patches: np.ndarray | torch.Tensor, index: int | np.ndarray = 0,
+               track: IdleTrack | None = None) -> list[tuple[torch.Tensor, torch.cuda.Event | None]]:
+        """``frames`` in two halves: queue the work on the device and return at once, with the
+        frames' pinned host buffers, chunk by chunk, and the event after which each holds them
+        (None on the CPU); ``ready`` waits and yields the frames. A caller that queues its next
+        batch before taking this one's frames keeps the GPU busy while it hands them on."""
         patches = self._upload(torch.as_tensor(patches))
         n = len(patches)
         numbers = np.arange(index, index + n) if np.isscalar(index) else np.asarray(index)
         # The idle motion's terms of every frame, uploaded once: a copy from pageable host memory
         # would wait for the GPU to finish all queued work, chunk after chunk.
         motion = self._motion(numbers, track) if self.rig is not None and track is not None else None
-        pending = None  # the chunk copied to the host while the next one is computed
+        chunks = []
         for start in range(0, n, self.chunk):
             end = min(n, start + self.chunk)
             planes = self._i420(patches[start:end], None if motion is None else (motion[0][start:end],
@@ -145,11 +153,14 @@ class GpuFrames:
             done = torch.cuda.Event() if self._pin else None
             if done is not None:
                 done.record()
-            if pending is not None:
-                yield from _ready(*pending)
-            pending = host, done
-        if pending is not None:
-            yield from _ready(*pending)
+            chunks.append((host, done))
+        return chunks
+
+    @staticmethod
+    def ready(chunks: list[tuple[torch.Tensor, torch.cuda.Event | None]]) -> Iterator[np.ndarray]:
+        """The frames of ``launch``'s chunks, each chunk once the device has copied it."""
+        for host, done in chunks:
+            yield from _ready(host, done)
 
     def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` on the device; from the host through pinned memory, without waiting for the GPU."""
