@@ -294,8 +294,8 @@ class SegmentedMp4Writer(FrameInput):
         stream = "concat:" + "|".join(os.path.basename(s.path) for s in self._segments)
         # Probing the stream no further than its first packet (the codec's parameters are in
         # it): 40-50 ms less for 40 s at 1084x1246.
-        join = self._start(["-probesize", "32", "-analyzeduration", "0", "-f", "mpegts", "-i", stream, "-i", os.path.basename(self._audio_path),
-                            "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
+        join = self._start(["-probesize", "32", "-analyzeduration", "0", "-f", "mpegts", "-i", stream,
+                            "-i", os.path.basename(self._audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
                             # TS packets carry no duration: each frame's (the last one's too) in 1/90 kHz
                             "-bsf:v", f"setts=pts=PTS:dts=DTS:duration={round(90000 / self.fps)}",
                             "-movflags", "+faststart", "-f", "mp4", os.path.basename(joined)],
