@@ -932,7 +932,8 @@ def test_a_live_conversation_plays_speaks_idles_and_is_interrupted(open_page):
 def test_chromium_plays_a_segment_joined_mp4_to_its_end(open_page, server, tmp_path, encoder):
     """An MP4 encoded in segments by several encoder processes (either H.264 encoder) and joined
     without re-encoding (what machines of 8+ cores make, lipsync.media.segments) plays in Chromium:
-    every frame, no stall at a join, its whole duration."""
+    every frame, no stall at a join, its whole duration. Its first frames come in time order, the
+    rest as the writer plans them (segments fed in turn)."""
     from lipsync.media import audio, ffmpeg
     from lipsync.media.segments import SegmentedMp4Writer
     from lipsync.media.video import H264_ENCODERS
@@ -942,14 +943,20 @@ def test_chromium_plays_a_segment_joined_mp4_to_its_end(open_page, server, tmp_p
     page = open_page("en-US")
     if page.evaluate("(t) => document.createElement('video').canPlayType(t)", H264_AAC) == "":
         skip_or_fail("this Chromium cannot decode H.264/AAC MP4")
-    frames, fps = 137, 25  # two joins (50-frame segments) and a tail
+    frames, fps = 187, 25  # a 50-frame segment, a 37-frame one planned on with 100, and another 50
+
+    def frame(i: int) -> np.ndarray:
+        picture = np.full((240, 320, 3), 40, np.uint8)
+        picture[:, (i * 2) % 320:(i * 2) % 320 + 20] = (0, 200, 255)  # a moving bar
+        return picture
+
     path = server.app.config["SETTINGS"].output_dir + "/segmented.mp4"
     with SegmentedMp4Writer(path, 320, 240, fps, workers=3, encoder=encoder) as writer:
         writer.write_audio(np.zeros(frames * audio.SAMPLE_RATE // fps, np.float32))
-        for i in range(frames):
-            frame = np.full((240, 320, 3), 40, np.uint8)
-            frame[:, (i * 2) % 320:(i * 2) % 320 + 20] = (0, 200, 255)  # a moving bar
-            writer.write(frame)
+        for i in range(87):
+            writer.write(frame(i))
+        for i in writer.frame_order(frames - 87):
+            writer.write(frame(87 + int(i)))
     data = open(path, "rb").read()
     # The page's own origin (its CSP allows no other): the file as a blob URL made in the page.
     page.evaluate("""(bytes) => { const v = document.getElementById('player');
