@@ -256,7 +256,6 @@ TIMED = (
     ("lipsync.media.audio", None, "melspectrogram"),
     ("lipsync.engines.wav2lip.engine", "Wav2LipEngine", "_render_cuda"),
     ("lipsync.engines.wav2lip.engine", "Wav2LipEngine", "_predict"),
-    ("lipsync.engines.builtin.engine", "BuiltinEngine", "_render_batch"),
     ("lipsync.media.gpu_frames", "GpuFrames", "_i420"),
     ("lipsync.media.segments", "SegmentedMp4Writer", "_encode"),
     ("lipsync.media.segments", "SegmentedMp4Writer", "_finish"),

@@ -413,13 +413,9 @@ class LipsyncService:
                         numbers = order[done:done + len(batch)]
                         if gpu is not None:
                             launched = gpu.launch(batch, numbers, motion)
-                            for frame in gpu.ready(queued or []):
+                            handed, queued = (launched, None) if done == 0 else (queued, launched)
+                            for frame in gpu.ready(handed or []):
                                 writer.write_i420(frame)
-                            queued = launched
-                            if done == 0:
-                                for frame in gpu.ready(queued):
-                                    writer.write_i420(frame)
-                                queued = None
                         else:
                             for number, frame in zip(numbers, video.composite(avatar, [batch])):
                                 if motion is not None:

@@ -69,7 +69,7 @@ class _Segment:
         self.keyint = keyint
         self.frames: queue.Queue[np.ndarray | None] = queue.Queue()
         self.count = 0
-        self.last = 0  # in a plan, not its last segment: the count at which it is complete
+        self.complete_at = 0  # in a plan, but its last segment: the count that completes it
         self.future: Future | None = None
 
 
@@ -153,8 +153,8 @@ class SegmentedMp4Writer(FrameInput):
                 keyint = math.ceil(size / max(1, round(size / self._keyint)))
                 planned.append(self._new_segment(start, keyint))
             start += size
-            planned[-1].last = planned[-1].count + size
-        planned[-1].last = 0
+            planned[-1].complete_at = planned[-1].count + size
+        planned[-1].complete_at = 0
         self._current = planned[-1]  # the last one: time order (or a short plan) may go on with it
         owner = np.repeat(np.arange(segments), sizes)
         order = interleaved(sizes)
@@ -197,7 +197,7 @@ class SegmentedMp4Writer(FrameInput):
             self._routed += 1
             segment.frames.put(data)
             segment.count += 1
-            if segment.count == segment.last:
+            if segment.count == segment.complete_at:
                 segment.frames.put(None)
         elif self._current is not None and self._current.count >= self._segment_frames:
             # Time order, a full segment: the next one starts once it has MIN_SEGMENT_FRAMES

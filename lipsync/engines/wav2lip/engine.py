@@ -427,7 +427,7 @@ class Wav2LipEngine:
         if order is not None:
             windows = windows[order]
         height, width = avatar.region.height, avatar.region.width
-        on_gpu = crops is None and self.device.type == "cuda" and self._eager
+        on_gpu = crops is None and self.patch_device is not None
         if on_gpu:  # every window uploaded at once: one copy, no per-batch staging
             with torch.inference_mode():
                 all_mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)
