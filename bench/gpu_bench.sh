@@ -49,8 +49,8 @@ BOX=420,137,885,602
 RUNS=3
 [ "$QUICK" = quick ] && RUNS=1
 
-echo "== 0. GpuFrames = the CPU path (tests/test_gpu_frames.py on CUDA) =="
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
+echo "== 0. GpuFrames and the built-in engine on the GPU = the CPU path (tests on CUDA) =="
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py tests/test_builtin_on_device.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
 
 echo "== 1. frames without a model: CPU vs GPU, equality; encoders and layouts (40.7 s at 1084x1246) =="
 python3 bench/bench_frames.py --height 1246 --seconds 40.7 --encoders x264,openh264 --layouts 1x0,16x1,8x2 --runs 1 \

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from lipsync.errors import LipsyncError
 
 if TYPE_CHECKING:
     import torch
+
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present wherever the NVIDIA kernel driver is loaded
 
 
 def resolve_device(device: str) -> torch.device:
@@ -28,3 +32,17 @@ def resolve_device(device: str) -> torch.device:
                                code="device_unavailable")
         return torch.device(device)
     raise LipsyncError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", code="invalid_settings")
+
+
+def cuda_device(device: str) -> torch.device | None:
+    """The torch CUDA device ``device`` (a ``DEVICE`` setting) resolves to; None for a CPU, or
+    where torch is not installed. Imports torch only where an NVIDIA driver is loaded."""
+    if device == "cpu":
+        return None
+    if "torch" not in sys.modules and not os.path.exists(NVIDIA_DRIVER):
+        return None  # no NVIDIA driver: no CUDA, and no reason to import torch (~200 MB) to learn it
+    try:
+        resolved = resolve_device(device)
+    except (ImportError, LipsyncError):
+        return None
+    return resolved if resolved.type == "cuda" else None

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 import zlib
@@ -28,6 +27,7 @@ import numpy as np
 from lipsync.avatars.library import DEFAULT_ID as DEFAULT_AVATAR
 from lipsync.avatars.library import AvatarLibrary, AvatarRecord
 from lipsync.avatars.video import RegisteredVideo, looks_like_video, register_video
+from lipsync.devices import cuda_device
 from lipsync.engines.base import Engine, PreparedAvatar
 from lipsync.engines.models import ModelSet, load_models
 from lipsync.errors import InvalidInputError, LipsyncError, PayloadTooLargeError
@@ -457,7 +457,7 @@ class LipsyncService:
     def _on_gpu(self):
         """The CUDA device frames are made on, when there is one and ``DEVICE`` allows it (else None)."""
         if self._gpu is None:
-            self._gpu = _cuda_device(self.settings.device) or False
+            self._gpu = cuda_device(self.settings.device) or False
         return self._gpu or None
 
     def _frames_on_gpu(self, avatar: PreparedAvatar, rig):
@@ -535,25 +535,6 @@ class LipsyncService:
         root = os.path.join(self.settings.output_dir, "tmp")
         os.makedirs(root, exist_ok=True)
         return root
-
-
-NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present wherever the NVIDIA kernel driver is loaded
-
-
-def _cuda_device(device: str):
-    """The torch CUDA device ``device`` (a ``DEVICE`` setting) resolves to; None for a CPU, or
-    where torch is not installed."""
-    if device == "cpu":
-        return None
-    if "torch" not in sys.modules and not os.path.exists(NVIDIA_DRIVER):
-        return None  # no NVIDIA driver: no CUDA, and no reason to import torch (~200 MB) to learn it
-    try:
-        from lipsync.devices import resolve_device
-
-        resolved = resolve_device(device)
-    except (ImportError, LipsyncError):
-        return None
-    return resolved if resolved.type == "cuda" else None
 
 
 def _ms_since(start: float) -> float:

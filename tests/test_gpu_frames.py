@@ -18,7 +18,8 @@ from lipsync.engines.wav2lip.engine import paste_mask
 from lipsync.faces.box import FaceBox
 from lipsync.faces.landmarks import face_landmarks
 from lipsync.media import video
-from lipsync.media.gpu_frames import GpuFrames, i420, remap_linear
+from lipsync.media.gpu_frames import GpuFrames
+from lipsync.media.torch_image import i420, remap_linear
 from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
 from tests.conftest import fixture_path
 
@@ -158,14 +159,23 @@ def test_gpu_frames_without_a_mask_or_motion_are_the_avatar():
 
 @pytest.mark.slow
 def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path, monkeypatch):
-    """The request's own loop on the GPU path (GpuFrames here on the CPU device: the code CUDA
-    runs, each batch's frames handed on once the next is queued, segments fed in turn) against
-    the CPU path: every decoded frame the same, idle motion on."""
+    """The request's own loop on the GPU path (GpuFrames and the built-in engine's mouth states
+    here on the CPU device: the code CUDA runs, each batch's frames handed on once the next is
+    queued, segments fed in turn) against the CPU path: the same decoded frames, idle motion on."""
     if not OPENCV_4:
         pytest.skip(f"OpenCV {cv2.__version__} is not the pinned 4.x: its remap is not the reference")
+    from lipsync.engines.builtin.device_mouth import DeviceMouth
     from lipsync.service import LipsyncService
     from lipsync.settings import Settings
     from tests.media import decoded_frames, probe
+
+    drawn = []
+
+    def counted(draw):
+        def spy(self, states):
+            drawn.append(len(states))
+            return draw(self, states)
+        return spy
 
     wav = open(fixture_path("kennedy_speech_16k.wav"), "rb").read()
     videos = {}
@@ -175,12 +185,18 @@ def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path
                             avatar_path=str(fixture_path("avatar.jpg")), max_output_height=360, idle_motion=True)
         service = LipsyncService(settings).load()
         assert service.status == "ready", service.error
-        if path == "gpu_frames":
+        if path == "gpu_frames":  # the frames and the mouth states (BuiltinEngine.device) made by torch
             monkeypatch.setattr(service, "_on_gpu", lambda: torch.device("cpu"))
+            monkeypatch.setattr(service.models.engine("builtin"), "device", torch.device("cpu"))
+            monkeypatch.setattr(DeviceMouth, "draw", counted(DeviceMouth.draw))
         out = tmp_path / f"{path}.mp4"
         service.generate(str(out), recording=wav)
         videos[path] = (probe(out), list(decoded_frames(out)))
     (cpu_info, cpu), (gpu_info, gpu) = videos["cpu"], videos["gpu_frames"]
+    assert drawn, "the mouth states were not drawn by torch"
     assert gpu_info["frames"] == cpu_info["frames"] == len(gpu) == len(cpu) == 176
-    different = [i for i, (a, b) in enumerate(zip(cpu, gpu)) if not np.array_equal(a, b)]
-    assert not different, f"frames that differ: {different[:10]}"
+    # A painted pixel may be 1/255 apart (device_mouth: exp rounds differently), which the encoder
+    # may spread over its block; a frame handed on with the wrong number differs everywhere.
+    apart = [float(np.abs(a.astype(np.int16) - b).mean()) for a, b in zip(cpu, gpu)]
+    different = [i for i, d in enumerate(apart) if d > 0]
+    assert max(apart) < 0.02 and len(different) <= 4, f"frames that differ: {different[:10]} by {max(apart):.3f}"

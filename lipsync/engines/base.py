@@ -58,8 +58,13 @@ class Engine(Protocol):
         looks for it."""
         ...
 
+    #: The torch device ``render(..., on_device=True)`` leaves its batches on as uint8 tensors
+    #: (the GPU frames are made on), or None: its batches are always NumPy arrays.
+    patch_device = None
+
     def render(self, avatar: PreparedAvatar, speech: Speech, fps: float,
-               crops: Iterator[np.ndarray] | None = None, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
+               crops: Iterator[np.ndarray] | None = None, on_device: bool = False,
+               order: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Yield the redrawn region for each video frame, in batches.
 
         Each item is (n, region.height, region.width, 3) uint8 BGR; together
@@ -69,7 +74,9 @@ class Engine(Protocol):
         avatars, time order only): the region of each frame's own picture,
         (region.height, region.width, 3) uint8 BGR with the face where it is on the
         prepared frame, one per frame in order; the engine draws on those instead of
-        on ``avatar.image``, and reads one only when it renders that frame.
+        on ``avatar.image``, and reads one only when it renders that frame. ``on_device``
+        (a photo, an engine whose ``patch_device`` is not None): the batches are uint8 torch
+        tensors on that device, the same frames.
         """
         ...
 

@@ -153,6 +153,7 @@ def load_models(settings: Settings, build_wav2lip=None) -> ModelSet:
     builds one Wav2Lip engine (the service's ``create_wav2lip``). Raises ``CheckpointError``
     (``ENGINE=wav2lip`` without a checkpoint, an unknown ``DEFAULT_MODEL``, a checkpoint that
     cannot be loaded)."""
+    from lipsync.devices import cuda_device
     from lipsync.engines.builtin.engine import BuiltinEngine
 
     checkpoints = {} if settings.engine == "builtin" else find_checkpoints(settings)
@@ -172,7 +173,9 @@ def load_models(settings: Settings, build_wav2lip=None) -> ModelSet:
                       memory_bytes=max(0, _memory_in_use() - before))
         log.info("model %s loaded from %s (%s, %.0f MB)", name, path, model.layout, model.memory_bytes / 2**20)
         models.append(model)
-    models.append(Model(name=BUILTIN, engine=BuiltinEngine(), description="The built-in engine: no weights, "
+    # Its mouth states are drawn on the GPU the service makes its frames on, when there is one.
+    builtin = BuiltinEngine(device=cuda_device(settings.device))
+    models.append(Model(name=BUILTIN, engine=builtin, description="The built-in engine: no weights, "
                         "animates the photo's own lips (fast on a CPU)."))
     return ModelSet(models, default)
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lipsync.engines.base import PreparedAvatar
+from lipsync.media.torch_image import i420, remap_linear
 from lipsync.media.video import _mask_box
 from lipsync.motion.idle import IdleRig, IdleTrack, motion_terms
 
@@ -34,54 +35,6 @@ from lipsync.motion.idle import IdleRig, IdleTrack, motion_terms
 # 1084x1246 on the H200 (6.3 GiB at its peak).
 CHUNK, MAX_CHUNK = 16, 64
 BYTES_PER_PIXEL = 256
-
-# cv2's RGB -> YUV420p fixed point (ITU-R BT.601, limited range; modules/imgproc color_yuv).
-_SHIFT = 20
-_CRY, _CGY, _CBY = 269484, 528482, 102760
-_CRU, _CGU, _CBU = -155188, -305135, 460324
-_CGV, _CBV = -385875, -74448
-
-
-def i420(frames: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 BGR, H and W even -> (B, H * 3 // 2, W) uint8 I420, exactly as
-    ``cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)`` for each frame."""
-    n, h, w, _ = frames.shape
-    bgr = frames.to(torch.int32)
-    b, g, r = bgr[..., 0], bgr[..., 1], bgr[..., 2]
-    half = 1 << (_SHIFT - 1)
-    y = (_CRY * r + _CGY * g + _CBY * b + (half + (16 << _SHIFT))) >> _SHIFT
-    b, g, r = b[:, ::2, ::2], g[:, ::2, ::2], r[:, ::2, ::2]
-    u = (_CRU * r + _CGU * g + _CBU * b + (half + (128 << _SHIFT))) >> _SHIFT
-    v = (_CBU * r + _CGV * g + _CBV * b + (half + (128 << _SHIFT))) >> _SHIFT
-    out = torch.empty((n, h * 3 // 2, w), dtype=torch.uint8, device=frames.device)
-    out[:, :h] = y.clamp_(0, 255)
-    chroma = out[:, h:].view(n, 2, h // 2, w // 2)
-    chroma[:, 0] = u.clamp_(0, 255)
-    chroma[:, 1] = v.clamp_(0, 255)
-    return out
-
-
-def remap_linear(src: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) -> torch.Tensor:
-    """(B, h, w, 3) uint8 sampled at float32 (B, h, w) maps: ``cv2.remap(src, map_x, map_y,
-    INTER_LINEAR, borderMode=BORDER_REPLICATE)`` for 8-bit images, bit for bit."""
-    n, h, w, c = src.shape
-    qx = torch.round(map_x * 32).to(torch.int32)  # cvRound(x * INTER_TAB_SIZE): half to even
-    qy = torch.round(map_y * 32).to(torch.int32)
-    x0, fx = qx >> 5, qx & 31
-    y0, fy = qy >> 5, qy & 31
-    x1, y1 = (x0 + 1).clamp_(0, w - 1), (y0 + 1).clamp_(0, h - 1)
-    x0, y0 = x0.clamp_(0, w - 1), y0.clamp_(0, h - 1)
-    flat = src.reshape(n, h * w, c).to(torch.int32)
-
-    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        index = (yi * w + xi).reshape(n, h * w, 1).expand(n, h * w, c)
-        return torch.gather(flat, 1, index).reshape(n, h, w, c)
-
-    gx, gy = (32 - fx).unsqueeze(-1), (32 - fy).unsqueeze(-1)
-    fx, fy = fx.unsqueeze(-1), fy.unsqueeze(-1)
-    total = tap(y0, x0) * (gx * gy) + tap(y0, x1) * (fx * gy) + tap(y1, x0) * (gx * fy) + tap(y1, x1) * (fx * fy)
-    return ((total + 512) >> 10).clamp_(0, 255).to(torch.uint8)
-
 
 def _ready(host: torch.Tensor, done) -> Iterator[np.ndarray]:
     if done is not None:

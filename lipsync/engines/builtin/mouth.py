@@ -482,6 +482,23 @@ class MouthShape:
     opening: tuple | None
 
 
+@dataclass(frozen=True)
+class MouthState:
+    """One mouth state before it meets the pixels: ``open`` in [0, 1], ``wide`` in [-1, 1]; ``k``
+    the sideways factor (map_x = X + k * side), ``drop``/``lift`` the lower/upper lip's travel
+    (px); per mouth column (``mx1`` .. ``mx2``) the opening's upper and lower edges ``yu``,
+    ``yl`` and the row ``ys`` between them where the warp changes from lip to jaw (float32 px)."""
+
+    open: float
+    wide: float
+    k: float
+    drop: float
+    lift: float
+    yu: np.ndarray
+    yl: np.ndarray
+    ys: np.ndarray
+
+
 class MouthRenderer:
     """Per-avatar precomputation and the per-frame mouth drawing (see module doc)."""
 
@@ -596,6 +613,25 @@ class MouthRenderer:
     def shape(self, open_: float, wide: float) -> MouthShape | None:
         """Everything about one mouth state that does not depend on the picture (the warp and
         the painted opening), for ``draw``; None for the mouth at rest."""
+        state = self.state(open_, wide)
+        if state is None:
+            return None
+        k = state.k
+        map_x = self.base_x + k * self.side if k != 0.0 else self.base_x
+        if k != 0.0 and self.side_band is not None:
+            low, up = self._fields_moved_sideways(map_x)
+        else:
+            low, up = self.low, self.up
+        # One remap: above the middle of the opening the upper-lip field, below it the jaw.
+        below = self.base_y >= self._split(state.ys)
+        map_y = np.where(below, self.base_y - state.drop * low, self.base_y + state.lift * up).astype(np.float32)
+        opening = self._opening(state.yu, state.yl, state.open, state.wide) if state.open > 0.0 else None
+        return MouthShape(map_x=map_x, map_y=map_y, opening=opening)
+
+    def state(self, open_: float, wide: float) -> MouthState | None:
+        """One mouth state's scalars and the opening's edges per mouth column (``MouthState``):
+        what ``shape`` turns into maps and paint, here and on a GPU (``device.DeviceMouth``).
+        None for the mouth at rest."""
         o = float(np.clip(open_, 0.0, 1.0))
         w = float(np.clip(wide, -1.0, 1.0))
         if o <= 0.0 and w == 0.0:
@@ -603,11 +639,6 @@ class MouthRenderer:
         drop = o * self.max_drop
         lift = o * self.max_lift
         k = -w * (MAX_SPREAD if w > 0 else MAX_ROUND)  # > 0 squeezes (rounded), < 0 spreads
-        map_x = self.base_x + k * self.side if k != 0.0 else self.base_x
-        if k != 0.0 and self.side_band is not None:
-            low, up = self._fields_moved_sideways(map_x)
-        else:
-            low, up = self.low, self.up
         # Opening edges per column, in output coordinates.
         cols = np.arange(self.mx1, self.mx2, dtype=np.float32)
         line_row = np.clip(np.round(self.line[self.mx1:self.mx2]).astype(np.int64), 0, self.base_y.shape[0] - 1)
@@ -616,11 +647,7 @@ class MouthRenderer:
         line = np.interp(src_x, np.arange(self.line.size), self.line).astype(np.float32)
         yu = line - lift * lens
         yl = line + drop * lens
-        ys = 0.5 * (yu + yl)
-        # One remap: above the middle of the opening the upper-lip field, below it the jaw.
-        below = self.base_y >= self._split(ys)
-        map_y = np.where(below, self.base_y - drop * low, self.base_y + lift * up).astype(np.float32)
-        return MouthShape(map_x=map_x, map_y=map_y, opening=self._opening(yu, yl, lens, o, w) if o > 0.0 else None)
+        return MouthState(open=o, wide=w, k=k, drop=drop, lift=lift, yu=yu, yl=yl, ys=0.5 * (yu + yl))
 
     def draw(self, shape: MouthShape | None, source: np.ndarray) -> np.ndarray:
         """``shape`` drawn on ``source`` ((region.height, region.width, 3) uint8 BGR); a new array."""
@@ -653,16 +680,23 @@ class MouthRenderer:
         split[self.mx1:self.mx2] = ys
         return split[None, :]
 
-    def _opening(self, yu, yl, lens, o: float, w: float = 0.0):
-        """The painted inside of the mouth: (r1, r2, alpha (r2-r1, cols, 1), alpha * colour), rows
-        r1..r2 of the mouth's columns; None when the lips barely part."""
-        gap = yl - yu
-        if float(gap.max()) <= 0.05:
+    def opening_rows(self, yu: np.ndarray, yl: np.ndarray) -> tuple[int, int] | None:
+        """The region rows (r1, r2) the opening between edges ``yu`` and ``yl`` is painted on;
+        None when the lips barely part."""
+        if float((yl - yu).max()) <= 0.05:
             return None
         r1 = int(max(0, np.floor(yu.min() - 2)))
         r2 = int(min(self.base_y.shape[0], np.ceil(yl.max() + 3)))
-        if r2 <= r1:
+        return (r1, r2) if r2 > r1 else None
+
+    def _opening(self, yu, yl, o: float, w: float = 0.0):
+        """The painted inside of the mouth: (r1, r2, alpha (r2-r1, cols, 1), alpha * colour), rows
+        r1..r2 of the mouth's columns; None when the lips barely part."""
+        rows = self.opening_rows(yu, yl)
+        if rows is None:
             return None
+        r1, r2 = rows
+        gap = yl - yu
         Y = np.arange(r1, r2, dtype=np.float32)[:, None]
         aa = self.aa
         du = Y - yu[None, :]  # px below the upper lip edge
