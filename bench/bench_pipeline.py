@@ -13,9 +13,10 @@ frames per second of the whole request. Audio is given (TTS excluded) unless
 random weights (the published weights run at the same speed).
 ``--concurrency N`` then runs N requests at once, --runs times, and prints
 the wall time per round and the throughput (seconds of video made per
-second). ``--tree DIR`` imports ``lipsync`` from another checkout (e.g. the
-code before a change, for before/after numbers); the engine options
-(--precision, --mouth-only, --backend) need this tree's engine, and
+second); ``--processes N`` the same with one request in each of N processes, each with
+its own service (as ``GUNICORN_WORKERS=N`` serves them on one machine). ``--tree DIR``
+imports ``lipsync`` from another checkout (e.g. the code before a change, for before/after
+numbers); the engine options (--precision, --mouth-only, --backend) need this tree's engine, and
 ``--random-checkpoint`` a tree with ``lipsync.engines.wav2lip.model.save_random_checkpoint``
 (with an older one, pass ``--checkpoint``). ``--stream`` asks for the live copy as a streamed
 job does and reports ``first_frame``: the time until it holds a playable fragment. ``--encoder``
@@ -93,6 +94,8 @@ def main() -> int:
     p.add_argument("--device", help="auto, cpu or cuda (default: DEVICE or auto)")
     p.add_argument("--batch-size", type=int, help="Wav2Lip frames per model call")
     p.add_argument("--concurrency", type=int, default=1, help="requests at once (default 1)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also N requests at once in N processes, a service each (default 1: not run)")
     p.add_argument("--precision", help="Wav2Lip engine precision: auto, fp32, fp16, int8")
     p.add_argument("--backend", help="Wav2Lip CPU runtime: auto, torch, onnxruntime")
     p.add_argument("--mouth-only", action="store_true", help="compute only the rows the blend mask shows")
@@ -162,6 +165,7 @@ def main() -> int:
             if i:
                 runs.append(result)
         concurrent = _concurrent(service, args, recording, tmp) if args.concurrency > 1 else None
+        processes = _processes(settings, engine_options, args, recording, tmp) if args.processes > 1 else None
         if args.profile:
             _profile(service, args, recording, os.path.join(tmp, "profiled.mp4"))
         if args.timeline:
@@ -202,12 +206,19 @@ def main() -> int:
               f"{args.concurrency} x {duration:.1f} s (best {min(walls) * 1000:.0f} ms) -> "
               f"{args.concurrency * duration / wall:.1f}x real time throughput; "
               f"per-request server time median {statistics.median(concurrent['totals']):.0f} ms")
+    if processes:
+        wall = statistics.median(processes["walls"])
+        print(f"{args.processes} requests at once in {args.processes} processes: median wall {wall * 1000:.0f} ms "
+              f"per round (best {min(processes['walls']) * 1000:.0f} ms) -> "
+              f"{args.processes * duration / wall:.1f}x real time throughput; "
+              f"per-request server time median {statistics.median(processes['totals']):.0f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"label": args.label, "engine": info["engine"], "device": info["device"], "width": w,
                        "height": h, "speech_s": duration, "frames": frames, "stages_ms": median,
                        "rtf": total_s / duration, "fps": frames / total_s, "info": info,
-                       "concurrency": args.concurrency, "concurrent": concurrent}, f, indent=2, default=str)
+                       "concurrency": args.concurrency, "concurrent": concurrent,
+                       "processes": args.processes, "in_processes": processes}, f, indent=2, default=str)
     return 0
 
 
@@ -390,6 +401,59 @@ def _concurrent(service, args, recording: bytes | None, tmp: str) -> dict:
         for i in range(args.concurrency):
             os.remove(os.path.join(tmp, f"c{round_}-{i}.mp4"))
     return {"walls": walls, "totals": totals}
+
+
+def _processes(settings, engine_options: dict, args, recording: bytes | None, tmp: str) -> dict:
+    """``args.processes`` requests at once, one in each of as many processes (a service each, warmed
+    by one request first), ``args.runs`` rounds; a round's wall time runs from the first start to
+    the last finish."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    n = args.processes
+    barrier, results = context.Barrier(n + 1), context.Queue()
+    children = [context.Process(target=_process_worker, daemon=True,
+                                args=(i, settings, engine_options, args.text, args.language, recording, tmp,
+                                      args.runs, barrier, results))
+                for i in range(n)]
+    for child in children:
+        child.start()
+    for _ in range(args.runs + 1):  # the services loaded, then every round started together
+        barrier.wait()
+    done = [results.get() for _ in range(n * args.runs)]
+    for child in children:
+        child.join()
+    if any(isinstance(item, str) for item in done):
+        raise RuntimeError(next(item for item in done if isinstance(item, str)))
+    walls = [max(end for r, _, end, _ in done if r == k) - min(start for r, start, _, _ in done if r == k)
+             for k in range(args.runs)]
+    return {"walls": walls, "totals": [total for *_, total in done]}
+
+
+def _process_worker(i: int, settings, engine_options: dict, text, language, recording, tmp: str, rounds: int,
+                    barrier, results) -> None:
+    """One process of ``_processes``: its own service; one warm-up request, then ``rounds`` requests,
+    each started when every process is ready; puts (round, start, end, server ms) per request (wall
+    clock, comparable across processes), or the error's text."""
+    try:
+        if engine_options:
+            _engine_options(engine_options)
+        service = LipsyncService(settings).load()
+        if service.status != "ready":
+            raise RuntimeError(f"service failed to load: {service.error}")
+        service.generate(os.path.join(tmp, f"p{i}-warm.mp4"), text=text, language=language, recording=recording)
+    except Exception as exc:  # noqa: BLE001 - reported by the parent
+        results.put(f"process {i}: {exc!r}")
+        for _ in range(rounds + 1):
+            barrier.wait()
+        return
+    barrier.wait()
+    for k in range(rounds):
+        barrier.wait()
+        start = time.time()
+        result = service.generate(os.path.join(tmp, f"p{i}-{k}.mp4"), text=text, language=language,
+                                  recording=recording)
+        results.put((k, start, time.time(), result.timings["total"]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # with python3 + torch (CUDA) + numpy + opencv, no network needed:
 #
 #     bash bench/gpu_bench.sh [quick]
+#     STEPS="tests builtin-40s-1246 profile" bash bench/gpu_bench.sh   # only these parts (names below)
 #
 # Needs, next to the code (both ignored by git, see docs/PERFORMANCE.md "Repeating the GPU benchmark"):
 #   .benchdata/avatar.jpg, .benchdata/kennedy_speech_16k.wav   the shared fixtures (or LIPSYNC_FIXTURES=DIR)
@@ -45,17 +46,20 @@ fi
   ${FFMPEG_BINARY:-ffmpeg} -hide_banner -version | head -1
 } 2>&1 | tee "$OUT/machine.txt"
 
+# want NAME: is part NAME asked for (STEPS unset: every part)
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+
 BOX=420,137,885,602
 RUNS=3
 [ "$QUICK" = quick ] && RUNS=1
 
-echo "== 0. GpuFrames and the built-in engine on the GPU = the CPU path (tests on CUDA) =="
+want tests && echo "== 0. GpuFrames and the built-in engine on the GPU = the CPU path (tests on CUDA) ==" &&
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py tests/test_builtin_on_device.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
 
-echo "== 1. frames without a model: CPU vs GPU, equality; encoders and layouts (40.7 s at 1084x1246) =="
+want frames && echo "== 1. frames without a model: CPU vs GPU, equality; encoders and layouts (40.7 s at 1084x1246) ==" &&
 python3 bench/bench_frames.py --height 1246 --seconds 40.7 --encoders x264,openh264 --layouts 1x0,16x1,8x2 --runs 1 \
   2>&1 | tee "$OUT/frames.txt"
-echo "== 1b. the encoders' CPU time, size and quality (10 s at 1084x1246, one thread each) =="
+want codecs && echo "== 1b. the encoders' CPU time, size and quality (10 s at 1084x1246, one thread each) ==" &&
 python3 bench/bench_codecs.py --height 1246 --seconds 10 2>&1 | tee "$OUT/codecs.txt"
 
 # One random-weights checkpoint for every run (published weights run at the same speed); made by
@@ -66,6 +70,7 @@ common="--checkpoint $CKPT --device cuda --runs $RUNS --face-box $BOX"
 # row NAME ARGS...: the issue's row, before (the tree in .benchdata/head) then after, one after the other
 row() {
   name=$1; shift
+  want "$name" || return 0
   for label in before after; do
     tree=""; [ $label = before ] && tree="--tree .benchdata/head"
     [ $label = before ] && [ ! -d .benchdata/head/lipsync ] && continue
@@ -77,15 +82,20 @@ row() {
 echo "== 2. the issue's rows, before / after =="
 row w2l-40s-1246 --engine wav2lip --seconds 40.7 --max-height 1246
 row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
-row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
+row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4 --processes 4
 row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
-echo "== 3. when each stage of one request runs (40.7 s, 1084x1246, Wav2Lip, after) =="
+want timeline && echo "== 3. when each stage of one request runs (40.7 s, 1084x1246, Wav2Lip, after) ==" &&
 python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --timeline 2>&1 \
   | grep -v -i warning | tee "$OUT/timeline.txt"
+for engine in wav2lip builtin; do
+  want profile && echo "== 4. the GPU's kernels in one request (40.7 s, 1084x1246, $engine, after) ==" &&
+  python3 bench/bench_pipeline.py $common --engine $engine --seconds 40.7 --max-height 1246 --runs 1 --torch-profile 2>&1 \
+    | grep -v -i warning | tee "$OUT/torch-profile-$engine.txt"
+done
 
 echo; echo "================ summary ================"
-cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt" "$OUT/codecs.txt"
+cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt" "$OUT/codecs.txt" 2>/dev/null
 for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
