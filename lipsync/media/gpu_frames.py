@@ -7,9 +7,12 @@ with the same arithmetic, so the frames are the same:
 
 * the blend ``patch * mask + (base * (1 - mask) + 0.5)`` in float32, truncated, as ``composite``;
 * the idle remap's maps added up in the same order as ``apply_idle``'s ``cv2.scaleAdd``s (each
-  a fused multiply-add rounded to float32: done in float64, where the product is exact, then
-  rounded), then sampled as ``cv2.remap(INTER_LINEAR, BORDER_REPLICATE)`` samples 8-bit images:
-  coordinates rounded to 1/32 pixel, integer weights, ``(sum + 512) >> 10``;
+  a fused multiply-add rounded to float32: ``addcmul`` of float32 maps and float64 fields, which
+  torch computes in float64, where the product is exact, and rounds once to float32 as it
+  stores; a field only where it is not zero, and not at all where no frame of the chunk uses
+  it, as ``apply_idle`` skips it: adding 0 changes nothing), then sampled as
+  ``cv2.remap(INTER_LINEAR, BORDER_REPLICATE)`` samples 8-bit images (``torch_image.remap_linear``:
+  coordinates rounded to 1/32 pixel, integer weights, ``(sum + 512) >> 10``);
 * BT.601 limited-range I420 with OpenCV's integer coefficients, chroma from the top-left pixel
   of each 2x2 block (as ``cv2.cvtColor(COLOR_BGR2YUV_I420)``).
 
@@ -71,8 +74,11 @@ class GpuFrames:
             rig = self.rig
             xx, yy = rig.grid
             hx, hy = rig.head_grid
+            self._grid = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32) for a in (xx, yy)]
             self._fields = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float64)
-                            for a in (xx, yy, hx, hy, rig.head, rig.chest, rig.blink_field, rig.brow_field)]
+                            for a in (hx, hy, rig.head)]
+            # The fields of map_y's last three terms, each only inside its bounding box (None: all 0).
+            self._extra = [self._nonzero(field) for field in (rig.chest, rig.blink_field, rig.brow_field)]
 
     def frames(self, patches: np.ndarray | torch.Tensor, index: int | np.ndarray = 0,
                track: IdleTrack | None = None) -> Iterator[np.ndarray]:
@@ -97,8 +103,8 @@ class GpuFrames:
         chunks = []
         for start in range(0, n, self.chunk):
             end = min(n, start + self.chunk)
-            planes = self._i420(patches[start:end], None if motion is None else (motion[0][start:end],
-                                                                                   motion[1][start:end]))
+            planes = self._i420(patches[start:end], None if motion is None else (
+                motion[0][start:end], motion[1][start:end], motion[2][start:end].any(axis=0)))
             # Pinned host memory (torch caches and reuses it once the frames are encoded): the copy
             # runs while the GPU goes on with the next chunk.
             host = torch.empty(planes.shape, dtype=torch.uint8, pin_memory=self._pin)
@@ -123,16 +129,27 @@ class GpuFrames:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=self._pin)
 
-    def _motion(self, numbers: np.ndarray, track: IdleTrack) -> tuple[torch.Tensor, torch.Tensor]:
+    def _motion(self, numbers: np.ndarray, track: IdleTrack) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Frames ``numbers`` of ``track``: their terms (n, 7, 1, 1) float64 as ``cv2.scaleAdd``
-        takes them (float32 values), and (n,) bool: does the frame move at all (one upload)."""
+        takes them (float32 values), (n,) bool: does the frame move at all (one upload), and on
+        the host (n, 7) bool: which terms are not 0."""
         terms = np.array([motion_terms(self.rig, track, int(i)) for i in numbers], np.float64).reshape(-1, 7)
         # cv2.scaleAdd takes its factor as float32
         packed = np.concatenate([terms.astype(np.float32).astype(np.float64), terms.any(axis=1, keepdims=True)], 1)
         uploaded = self._upload(torch.from_numpy(packed))
-        return uploaded[:, :7, None, None], uploaded[:, 7] != 0
+        return uploaded[:, :7, None, None], uploaded[:, 7] != 0, terms != 0
 
-    def _i420(self, patches: torch.Tensor, motion: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _nonzero(self, field: np.ndarray) -> tuple[tuple[int, int, int, int], torch.Tensor] | None:
+        """``field``'s bounding box of non-zero values (y1, y2, x1, x2) and the field inside it,
+        float64 on the device; None when it is 0 everywhere."""
+        rows, cols = np.nonzero(field)
+        if rows.size == 0:
+            return None
+        y1, y2, x1, x2 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        inside = np.ascontiguousarray(field[y1:y2, x1:x2])
+        return (y1, y2, x1, x2), torch.from_numpy(inside).to(self.device, torch.float64)
+
+    def _i420(self, patches: torch.Tensor, motion: tuple | None) -> torch.Tensor:
         n = len(patches)
         frames = self.image.unsqueeze(0).repeat(n, 1, 1, 1)
         if self._box is not None:
@@ -145,21 +162,23 @@ class GpuFrames:
             self._idle(frames, *motion)
         return i420(frames)
 
-    def _idle(self, frames: torch.Tensor, k: torch.Tensor, moving: torch.Tensor) -> None:
+    def _idle(self, frames: torch.Tensor, k: torch.Tensor, moving: torch.Tensor, used: np.ndarray) -> None:
         """``apply_idle`` on each of ``frames`` in place, moved by ``k`` (``_motion``'s terms of
-        each frame) where ``moving``."""
+        each frame) where ``moving``; ``used`` (7,) bool: which terms any of the frames has."""
         n = len(frames)
-        a, b, ex, ey, chest, lids, brows = k.unbind(1)
-        xx, yy, hx, hy, head, chest_f, blink_f, brow_f = self._fields
-
-        def fma(acc: torch.Tensor, field: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-            # float32(acc + field * factor) with one rounding, like cv2.scaleAdd's fused multiply-add
-            return (acc.to(torch.float64) + field * factor).to(torch.float32)
-
-        map_x = fma(fma(fma(xx.to(torch.float32).expand(n, -1, -1), hx, a), hy, b), head, ex)
-        map_y = fma(fma(fma(yy.to(torch.float32).expand(n, -1, -1), hy, a), hx, -b), head, ey)
-        for field, factor in ((chest_f, chest), (blink_f, lids), (brow_f, brows)):
-            map_y = fma(map_y, field, factor)
+        a, b, ex, ey, *extra = k.unbind(1)
+        xx, yy = self._grid
+        hx, hy, head = self._fields
+        # Each addcmul: float32(acc + field * factor), the product exact in float64, one rounding
+        # (cv2.scaleAdd's fused multiply-add), computed as it is stored into the float32 map.
+        map_x = torch.addcmul(xx, hx, a, out=torch.empty((n, *xx.shape), dtype=torch.float32, device=self.device))
+        map_x.addcmul_(hy, b).addcmul_(head, ex)
+        map_y = torch.addcmul(yy, hy, a, out=torch.empty_like(map_x))
+        map_y.addcmul_(hx, -b).addcmul_(head, ey)
+        for nonzero, factor, in_use in zip(self._extra, extra, used[4:]):
+            if nonzero is not None and in_use:
+                (y1, y2, x1, x2), field = nonzero
+                map_y[:, y1:y2, x1:x2].addcmul_(field, factor)
         r = self.rig.region
         region = frames[:, r.y1:r.y2, r.x1:r.x2]
         moved = remap_linear(region.contiguous(), map_x, map_y)
