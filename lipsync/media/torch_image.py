@@ -16,6 +16,7 @@ _SHIFT = 20
 _CRY, _CGY, _CBY = 269484, 528482, 102760
 _CRU, _CGU, _CBU = -155188, -305135, 460324
 _CGV, _CBV = -385875, -74448
+_LANE, _LANE_MASK = 21, (1 << 21) - 1  # remap_linear's packed channels
 
 
 def i420(frames: torch.Tensor) -> torch.Tensor:
@@ -47,13 +48,16 @@ def remap_linear(src: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) ->
     y0, fy = qy >> 5, qy & 31
     x1, y1 = (x0 + 1).clamp_(0, w - 1), (y0 + 1).clamp_(0, h - 1)
     x0, y0 = x0.clamp_(0, w - 1), y0.clamp_(0, h - 1)
-    flat = src.reshape(n, h * w, c).to(torch.int32)
+    # The three channels of a pixel in one int64, 21 bits apart: a channel's weighted sum is at
+    # most 255 * 1024 < 2**18, so the four taps add up without one channel reaching the next,
+    # and each tap is one gather instead of three.
+    pixels = src.to(torch.int64)
+    packed = (pixels[..., 0] | (pixels[..., 1] << _LANE) | (pixels[..., 2] << 2 * _LANE)).reshape(n, h * w)
 
     def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        index = (yi * w + xi).reshape(n, h * w, 1).expand(n, h * w, c)
-        return torch.gather(flat, 1, index).reshape(n, h, w, c)
+        return torch.gather(packed, 1, (yi.to(torch.int64) * w + xi).reshape(n, h * w)).reshape(n, h, w)
 
-    gx, gy = (32 - fx).unsqueeze(-1), (32 - fy).unsqueeze(-1)
-    fx, fy = fx.unsqueeze(-1), fy.unsqueeze(-1)
+    gx, gy = 32 - fx, 32 - fy
     total = tap(y0, x0) * (gx * gy) + tap(y0, x1) * (fx * gy) + tap(y1, x0) * (gx * fy) + tap(y1, x1) * (fx * fy)
-    return ((total + 512) >> 10).clamp_(0, 255).to(torch.uint8)
+    lanes = torch.stack([(total >> (_LANE * k)) & _LANE_MASK for k in range(c)], -1)
+    return ((lanes + 512) >> 10).to(torch.uint8)  # weights sum to 1024: at most 255
