@@ -56,6 +56,8 @@ RUNS=3
 want tests && echo "== 0. GpuFrames and the built-in engine on the GPU = the CPU path (tests on CUDA) ==" &&
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_frames.py tests/test_builtin_on_device.py 2>&1 | tail -3 | tee "$OUT/test_gpu_frames.txt"
 
+want ops && echo "== 0b. remap_linear and i420 on the GPU: round 3's code vs this tree's (same bits) ==" &&
+python3 bench/bench_gpu_ops.py 2>&1 | tee "$OUT/ops.txt"
 want frames && echo "== 1. frames without a model: CPU vs GPU, equality; encoders and layouts (40.7 s at 1084x1246) ==" &&
 python3 bench/bench_frames.py --height 1246 --seconds 40.7 --encoders x264,openh264 --layouts 1x0,16x1,8x2 --runs 1 \
   2>&1 | tee "$OUT/frames.txt"
@@ -95,7 +97,7 @@ for engine in wav2lip builtin; do
 done
 
 echo; echo "================ summary ================"
-cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/frames.txt" "$OUT/codecs.txt" 2>/dev/null
+cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/ops.txt" "$OUT/frames.txt" "$OUT/codecs.txt" 2>/dev/null
 for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done

@@ -16,25 +16,26 @@ _SHIFT = 20
 _CRY, _CGY, _CBY = 269484, 528482, 102760
 _CRU, _CGU, _CBU = -155188, -305135, 460324
 _CGV, _CBV = -385875, -74448
-_LANE, _LANE_MASK = 21, (1 << 21) - 1  # remap_linear's packed channels
 
 
 def i420(frames: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 BGR, H and W even -> (B, H * 3 // 2, W) uint8 I420, exactly as
     ``cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)`` for each frame."""
     n, h, w, _ = frames.shape
-    bgr = frames.to(torch.int32)
-    b, g, r = bgr[..., 0], bgr[..., 1], bgr[..., 2]
     half = 1 << (_SHIFT - 1)
-    y = (_CRY * r + _CGY * g + _CBY * b + (half + (16 << _SHIFT))) >> _SHIFT
-    b, g, r = b[:, ::2, ::2], g[:, ::2, ::2], r[:, ::2, ::2]
-    u = (_CRU * r + _CGU * g + _CBU * b + (half + (128 << _SHIFT))) >> _SHIFT
-    v = (_CBU * r + _CGV * g + _CBV * b + (half + (128 << _SHIFT))) >> _SHIFT
+
+    def plane(bgr: torch.Tensor, cr: int, cg: int, cb: int, offset: int) -> torch.Tensor:
+        # int32 fixed point, one pass per term (add with alpha), read straight from the uint8 pixels
+        acc = bgr[..., 2].to(torch.int32).mul_(cr)
+        acc.add_(bgr[..., 1], alpha=cg).add_(bgr[..., 0], alpha=cb).add_(half + (offset << _SHIFT))
+        return acc.bitwise_right_shift_(_SHIFT).clamp_(0, 255)
+
     out = torch.empty((n, h * 3 // 2, w), dtype=torch.uint8, device=frames.device)
-    out[:, :h] = y.clamp_(0, 255)
+    out[:, :h] = plane(frames, _CRY, _CGY, _CBY, 16)
+    corners = frames[:, ::2, ::2]
     chroma = out[:, h:].view(n, 2, h // 2, w // 2)
-    chroma[:, 0] = u.clamp_(0, 255)
-    chroma[:, 1] = v.clamp_(0, 255)
+    chroma[:, 0] = plane(corners, _CRU, _CGU, _CBU, 128)
+    chroma[:, 1] = plane(corners, _CBU, _CGV, _CBV, 128)
     return out
 
 
@@ -48,16 +49,19 @@ def remap_linear(src: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) ->
     y0, fy = qy >> 5, qy & 31
     x1, y1 = (x0 + 1).clamp_(0, w - 1), (y0 + 1).clamp_(0, h - 1)
     x0, y0 = x0.clamp_(0, w - 1), y0.clamp_(0, h - 1)
-    # The three channels of a pixel in one int64, 21 bits apart: a channel's weighted sum is at
-    # most 255 * 1024 < 2**18, so the four taps add up without one channel reaching the next,
-    # and each tap is one gather instead of three.
-    pixels = src.to(torch.int64)
-    packed = (pixels[..., 0] | (pixels[..., 1] << _LANE) | (pixels[..., 2] << 2 * _LANE)).reshape(n, h * w)
+    row0, row1 = y0 * w, y1 * w
+    flat = src.reshape(n, h * w, c)
 
-    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        return torch.gather(packed, 1, (yi.to(torch.int64) * w + xi).reshape(n, h * w)).reshape(n, h, w)
+    def tap(row: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:  # uint8, as the image holds it
+        index = (row + xi).reshape(n, h * w, 1).expand(n, h * w, c)
+        return torch.gather(flat, 1, index).reshape(n, h, w, c)
 
+    # OpenCV's integer weights (1/32 steps, summing to 1024) and sum, in float32: every product
+    # (at most 255 * 1024) and sum is an integer below 2**24, so exact, and each step of the sum
+    # is one addcmul over the pixels instead of a multiply and an add.
+    fx, fy = fx.to(torch.float32).unsqueeze(-1), fy.to(torch.float32).unsqueeze(-1)
     gx, gy = 32 - fx, 32 - fy
-    total = tap(y0, x0) * (gx * gy) + tap(y0, x1) * (fx * gy) + tap(y1, x0) * (gx * fy) + tap(y1, x1) * (fx * fy)
-    lanes = torch.stack([(total >> (_LANE * k)) & _LANE_MASK for k in range(c)], -1)
-    return ((lanes + 512) >> 10).to(torch.uint8)  # weights sum to 1024: at most 255
+    total = tap(row0, x0) * (gx * gy)
+    total.addcmul_(tap(row0, x1), fx * gy).addcmul_(tap(row1, x0), gx * fy).addcmul_(tap(row1, x1), fx * fy)
+    # (sum + 512) >> 10: the division by 1024 is exact and the conversion truncates (>= 0).
+    return total.add_(512).mul_(1 / 1024).to(torch.uint8)
