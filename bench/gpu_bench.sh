@@ -84,13 +84,13 @@ row() {
 echo "== 2. the issue's rows, before / after =="
 row w2l-40s-1246 --engine wav2lip --seconds 40.7 --max-height 1246
 row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
-row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4 --processes 4
+row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
 row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
 want timeline && echo "== 3. when each stage of one request runs (40.7 s, 1084x1246, Wav2Lip, after) ==" &&
 python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --timeline 2>&1 \
   | grep -v -i warning | tee "$OUT/timeline.txt"
-for engine in wav2lip builtin; do
+for engine in ${PROFILE_ENGINES:-wav2lip builtin}; do
   want profile && echo "== 4. the GPU's kernels in one request (40.7 s, 1084x1246, $engine, after) ==" &&
   python3 bench/bench_pipeline.py $common --engine $engine --seconds 40.7 --max-height 1246 --runs 1 --torch-profile 2>&1 \
     | grep -v -i warning | tee "$OUT/torch-profile-$engine.txt"
