@@ -98,6 +98,9 @@ done
 
 echo; echo "================ summary ================"
 cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/ops.txt" "$OUT/frames.txt" "$OUT/codecs.txt" 2>/dev/null
+for f in "$OUT"/torch-profile-*.txt; do
+  [ -f "$f" ] && grep -h -E "^engine:|  total|Self CUDA time total" "$f" | sed "s|^|$(basename "$f" .txt): |"
+done
 for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
