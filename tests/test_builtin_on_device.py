@@ -24,7 +24,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # OpenCV 4 (the pinned one) is the reference; OpenCV 5 (the GPU machine's image) samples
 # differently, so there the GPU is compared with the same code on torch's CPU device.
 OPENCV_4 = cv2.__version__.startswith("4.")
-# exp and non-integer powers round differently in torch and NumPy: a painted pixel may be one
+# exp rounds differently in torch and NumPy (device_mouth): a painted pixel may be one
 # level apart; more than this share of them would be a different formula, not rounding.
 MAX_SHARE_APART = 1e-4
 

@@ -9,8 +9,8 @@ source)`` gives for each state, with the same arithmetic:
   to 1/32 pixel, float weights; ``map_y`` switching from lip to jaw at the opening's middle),
   then the photo sampled as ``cv2.remap`` samples 8-bit images (``torch_image.remap_linear``);
 * the painted opening with the same formulas, each step in the precision NumPy gives it (float32
-  or float64); only ``exp`` and non-integer powers round differently, so a painted pixel may be
-  one level (1/255) apart.
+  or float64; NumPy's ``x ** 0.5`` is its ``sqrt``, and the per-column powers are NumPy's own);
+  only ``exp`` rounds differently, so a painted pixel may be one level (1/255) apart.
 
 Per state, the scalars and the opening's edges per mouth column (``MouthRenderer.state``: a few
 hundred numbers) are worked out on the host by the CPU path's own code and uploaded in one copy
@@ -143,7 +143,7 @@ class DeviceMouth:
         yu, yl = yu[:, None, :], yl[:, None, :]
         du, dl, g = rows - yu, yl - rows, yl - yu                         # float32, as NumPy's
         alpha = (du / aa + 0.5).clamp(0, 1) * (dl / aa + 0.5).clamp(0, 1)
-        alpha = alpha * (g / (2.0 * aa)).clamp(0.0, 1.0) ** 0.5
+        alpha = alpha * (g / (2.0 * aa)).clamp(0.0, 1.0).sqrt()
         inside = (rows >= first[:, None, None]) & (rows < last[:, None, None])
         alpha = torch.where(inside, alpha, 0.0)
         t, tongue_profile, teeth_profile, teeth_light, corners = self.columns
