@@ -39,15 +39,16 @@ def tune_malloc(arenas: int = 2) -> None:
         pass
 
 
-def release_memory() -> None:
+def release_memory(wait: bool = False) -> None:
     """Give the memory freed by a finished render back to the OS.
 
     A render allocates and frees hundreds of MB of frame buffers; glibc keeps freed memory in its
     heaps (and raises its mmap threshold), so without this the process stays at its peak size
     long after the load is gone. ``malloc_trim(0)`` returns every free page; it takes about a
     millisecond. The server calls it after renders and jobs, the service after avatar decodes;
-    a call while another trim runs returns at once."""
-    if _malloc_trim is not None and _trim_lock.acquire(blocking=False):
+    a call while another trim runs returns at once, unless ``wait`` (a measurement that needs
+    the trim done: it trims again after the other one)."""
+    if _malloc_trim is not None and _trim_lock.acquire(blocking=wait):
         try:
             _malloc_trim(0)
         finally:

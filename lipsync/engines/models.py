@@ -34,6 +34,7 @@ log = logging.getLogger("lipsync")
 BUILTIN = "builtin"
 NOT_CHECKPOINTS = (".json", ".md", ".txt", ".yaml", ".yml", ".sha256", ".part", ".tmp")
 MAX_DESCRIPTION_CHARS = 200
+WEIGHT_BYTES = {"fp16": 2, "int8": 1}  # bytes a weight takes by engine precision (else fp32: 4)
 
 
 @dataclass(frozen=True)
@@ -167,10 +168,14 @@ def load_models(settings: Settings, build_wav2lip=None) -> ModelSet:
 
         before = _memory_in_use()
         engine = build_wav2lip(settings, path)
+        grown = _memory_in_use() - before
         info = describe_checkpoint(path)
-        model = Model(name=name, engine=engine, checkpoint=path, layout=info["layout"],
-                      params=int(info["parameters"] or 0), description=description(path),
-                      memory_bytes=max(0, _memory_in_use() - before))
+        params = int(info["parameters"] or 0)
+        # At least its weights, in the precision it runs: the resident memory can miss them when
+        # other threads free memory while it loads (a server's renders, a test suite's).
+        weights = params * WEIGHT_BYTES.get(engine.describe().get("precision"), 4)
+        model = Model(name=name, engine=engine, checkpoint=path, layout=info["layout"], params=params,
+                      description=description(path), memory_bytes=max(grown, weights))
         log.info("model %s loaded from %s (%s, %.0f MB)", name, path, model.layout, model.memory_bytes / 2**20)
         models.append(model)
     # Its mouth states are drawn on the GPU the service makes its frames on, when there is one.
@@ -184,7 +189,7 @@ def _memory_in_use() -> int:
     """This process's resident memory plus what PyTorch holds on CUDA devices, in bytes. Memory
     freed earlier (a previous model's, a request's) is given back to the OS first: otherwise a
     model loaded into those still-resident pages would seem to cost nothing."""
-    release_memory()
+    release_memory(wait=True)
     rss = 0
     try:
         with open("/proc/self/statm") as f:
