@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lipsync.engines.base import PreparedAvatar
-from lipsync.media.torch_image import i420, remap_linear
+from lipsync.media.torch_image import i420, remap_linear, upload
 from lipsync.media.video import _mask_box
 from lipsync.motion.idle import IdleRig, IdleTrack, motion_terms
 
@@ -94,7 +94,7 @@ class GpuFrames:
         frames' pinned host buffers, chunk by chunk, and the event after which each holds them
         (None on the CPU); ``ready`` waits and yields the frames. A caller that queues its next
         batch before taking this one's frames keeps the GPU busy while it hands them on."""
-        patches = self._upload(torch.as_tensor(patches))
+        patches = upload(torch.as_tensor(patches), self.device)
         n = len(patches)
         numbers = np.arange(index, index + n) if np.isscalar(index) else np.asarray(index)
         # The idle motion's terms of every frame, uploaded once: a copy from pageable host memory
@@ -121,14 +121,6 @@ class GpuFrames:
         for host, done in chunks:
             yield from _ready(host, done)
 
-    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` on the device; from the host through pinned memory, without waiting for the GPU."""
-        if tensor.device == self.device:
-            return tensor
-        if self._pin and tensor.device.type == "cpu":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=self._pin)
-
     def _motion(self, numbers: np.ndarray, track: IdleTrack) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Frames ``numbers`` of ``track``: their terms (n, 7, 1, 1) float64 as ``cv2.scaleAdd``
         takes them (float32 values), (n,) bool: does the frame move at all (one upload), and on
@@ -136,16 +128,16 @@ class GpuFrames:
         terms = np.array([motion_terms(self.rig, track, int(i)) for i in numbers], np.float64).reshape(-1, 7)
         # cv2.scaleAdd takes its factor as float32
         packed = np.concatenate([terms.astype(np.float32).astype(np.float64), terms.any(axis=1, keepdims=True)], 1)
-        uploaded = self._upload(torch.from_numpy(packed))
+        uploaded = upload(packed, self.device)
         return uploaded[:, :7, None, None], uploaded[:, 7] != 0, terms != 0
 
     def _nonzero(self, field: np.ndarray) -> tuple[tuple[int, int, int, int], torch.Tensor] | None:
         """``field``'s bounding box of non-zero values (y1, y2, x1, x2) and the field inside it,
         float64 on the device; None when it is 0 everywhere."""
-        rows, cols = np.nonzero(field)
-        if rows.size == 0:
+        box = _mask_box(np.abs(field))
+        if box is None:
             return None
-        y1, y2, x1, x2 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        y1, y2, x1, x2 = box
         inside = np.ascontiguousarray(field[y1:y2, x1:x2])
         return (y1, y2, x1, x2), torch.from_numpy(inside).to(self.device, torch.float64)
 

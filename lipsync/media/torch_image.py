@@ -9,6 +9,7 @@ where frames are made on a GPU (``lipsync.media.gpu_frames``, the built-in engin
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # cv2's RGB -> YUV420p fixed point (ITU-R BT.601, limited range; modules/imgproc color_yuv).
@@ -65,3 +66,16 @@ def remap_linear(src: torch.Tensor, map_x: torch.Tensor, map_y: torch.Tensor) ->
     total.addcmul_(tap(row0, x1), fx * gy).addcmul_(tap(row1, x0), gx * fy).addcmul_(tap(row1, x1), fx * fy)
     # (sum + 512) >> 10: the division by 1024 is exact and the conversion truncates (>= 0).
     return total.add_(512).mul_(1 / 1024).to(torch.uint8)
+
+
+def upload(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``data`` on ``device`` (as it is when already there). To a CUDA device from the host
+    through pinned memory, without waiting for the GPU's queued work (a copy from pageable memory
+    would); read-only NumPy arrays are copied first (torch cannot wrap them)."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.require(data, requirements=["C", "W"]))
+    if tensor.device == device:
+        return tensor
+    pin = device.type == "cuda" and tensor.device.type == "cpu"
+    if pin:
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=pin)

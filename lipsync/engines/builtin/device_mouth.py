@@ -24,7 +24,7 @@ import torch
 
 from lipsync.engines.blend import smoothstep
 from lipsync.engines.builtin.mouth import MouthRenderer, MouthState
-from lipsync.media.torch_image import remap_linear
+from lipsync.media.torch_image import remap_linear, upload
 
 _SCALARS = 8  # per state: k, drop, lift, rim, tongue, teeth amounts, first/last painted row
 
@@ -47,13 +47,12 @@ class DeviceMouth:
     def __init__(self, renderer: MouthRenderer, device: torch.device | str):
         self.renderer = r = renderer
         self.device = torch.device(device)
-        self._pin = self.device.type == "cuda"
         g = r.geometry
-        self.source = self._upload(r.source)
-        self.base_x, self.base_y = self._upload(r.base_x), self._upload(r.base_y)
-        self.side = self._upload(r.side)
-        self.fields = self._upload(np.stack([r.low, r.up]))  # (2, h, w): jaw, upper lip
-        self.line = self._upload(r.line)
+        self.source = upload(r.source, self.device)
+        self.base_x, self.base_y = upload(r.base_x, self.device), upload(r.base_y, self.device)
+        self.side = upload(r.side, self.device)
+        self.fields = upload(np.stack([r.low, r.up]), self.device)  # (2, h, w): jaw, upper lip
+        self.line = upload(r.line, self.device)
         # Per mouth column, as ``MouthRenderer._opening`` computes them (float32).
         t = (np.arange(r.mx1, r.mx2, dtype=np.float32) - r.cx) / g.half_width
         at = np.abs(t)
@@ -64,15 +63,9 @@ class DeviceMouth:
             0.8 + 0.2 * np.clip(1.0 - at / 0.72, 0, 1),                 # the teeth's light
             1.0 - 0.45 * np.clip(at, 0, 1) ** 2,                        # darker towards the corners
         ]).astype(np.float32)
-        self.columns = self._upload(columns)[:, None, None, :]          # (5, 1, 1, cols)
+        self.columns = upload(columns, self.device)[:, None, None, :]          # (5, 1, 1, cols)
         colours = np.stack([r.dark, r.inner, 0.7 * r.inner, r.rim, r.tongue, r.teeth]).astype(np.float32)
-        self.colours = self._upload(colours)                            # (6, 3)
-
-    def _upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))  # a copy of read-only fields
-        if self._pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=self._pin)
+        self.colours = upload(colours, self.device)                            # (6, 3)
 
     def draw(self, states: list[MouthState | None]) -> torch.Tensor:
         """(n, region.height, region.width, 3) uint8 BGR on the device: ``states[i]`` (from
@@ -90,7 +83,7 @@ class DeviceMouth:
             packed[i, :_SCALARS] = (state.k, state.drop, state.lift, smoothstep(0.1, 0.5, state.open),
                                     smoothstep(0.35, 0.85, state.open) * 0.75, teeth, *(rows or (0, 0)))
             packed[i, _SCALARS:] = np.concatenate([state.yu, state.yl, state.ys])
-        values = self._upload(packed)
+        values = upload(packed, self.device)
         # Python floats meet NumPy's float32 arrays as float32: the same here.
         k, drop, lift = (values[:, j].to(torch.float32)[:, None, None] for j in range(3))
         yu, yl, ys = values[:, _SCALARS:].to(torch.float32).view(n, 3, cols).unbind(1)

@@ -630,7 +630,7 @@ class MouthRenderer:
 
     def state(self, open_: float, wide: float) -> MouthState | None:
         """One mouth state's scalars and the opening's edges per mouth column (``MouthState``):
-        what ``shape`` turns into maps and paint, here and on a GPU (``device.DeviceMouth``).
+        what ``shape`` turns into maps and paint, here and on a GPU (``device_mouth.DeviceMouth``).
         None for the mouth at rest."""
         o = float(np.clip(open_, 0.0, 1.0))
         w = float(np.clip(wide, -1.0, 1.0))
