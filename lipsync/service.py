@@ -38,7 +38,7 @@ from lipsync.media import audio, ffmpeg, frames, video
 from lipsync.media.frames import LoopedFrames
 from lipsync.media.segments import SegmentedMp4Writer
 from lipsync.memory import release_memory
-from lipsync.motion.idle import apply_idle, idle_track, prepare_idle
+from lipsync.motion.idle import apply_idle, idle_track, map_buffers, prepare_idle
 from lipsync.settings import Settings
 from lipsync.tts.base import Speech, validate_request
 from lipsync.tts.text import split_sentences
@@ -364,6 +364,7 @@ class LipsyncService:
         footage = avatar.video
         rig = avatar.idle if idle_seed is not None and footage is None else None
         moved = np.empty_like(avatar.image) if rig is not None else None
+        maps = map_buffers(rig) if rig is not None else None
         # A video avatar plays at its own frame rate (e.g. 30000/1001), a photo at FPS.
         fps, rate = (footage.fps if footage is not None else self.settings.fps), audio.SAMPLE_RATE
         segments: list[tuple[float, float]] = []
@@ -419,7 +420,7 @@ class LipsyncService:
                         else:
                             for number, frame in zip(numbers, video.composite(avatar, [batch])):
                                 if motion is not None:
-                                    frame = apply_idle(frame, rig, motion, int(number), out=moved)
+                                    frame = apply_idle(frame, rig, motion, int(number), out=moved, maps=maps)
                                 writer.write(frame)
                         composite_s += time.perf_counter() - t - (writer.encode_seconds - encode_before)
                         done += len(batch)

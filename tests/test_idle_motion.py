@@ -208,3 +208,31 @@ def test_eyebrows_rise_a_touch_on_some_stressed_syllables_and_leave_the_eyes_alo
     shifts = [np.abs(column[brow_row - 15 + k:brow_row + 15 + k] - moved[brow_row - 15:brow_row + 15]).mean()
               for k in range(0, 8)]
     assert 0.6 * BROW_RAISE * box.height <= int(np.argmin(shifts)) <= 1.4 * BROW_RAISE * box.height + 1
+
+
+def test_a_frame_is_the_same_drawn_into_a_new_array_into_reused_buffers_or_in_place():
+    """The service reuses one output frame and one pair of map buffers for all of a request's
+    frames; the live session too. Every frame must come out as if drawn on its own, and the
+    source frame stay untouched unless it is the output."""
+    from lipsync.motion.idle import apply_idle, map_buffers
+
+    image = cv2.imread(str(fixture_path("avatar.jpg")))
+    image = cv2.resize(image, (626, 720), interpolation=cv2.INTER_AREA)
+    box = FaceLocator(detector="haar").locate(image)
+    rig = prepare_idle(image, box, face_landmarks(image, box))
+    track = idle_track(125, FPS, seed=4, face_height=box.height,
+                       mouth_open=np.abs(np.sin(np.arange(125) / 3.0)))
+    original = image.copy()
+    out, maps = np.empty_like(image), map_buffers(rig)
+    moved_frames = 0
+    for i in range(0, 125, 3):
+        alone = apply_idle(image, rig, track, i)
+        reused = apply_idle(image, rig, track, i, out=out, maps=maps)
+        in_place = apply_idle(image.copy(), rig, track, i, out=None, maps=maps)
+        own = image.copy()
+        drawn = apply_idle(own, rig, track, i, out=own)
+        assert reused is out and drawn is own
+        assert np.array_equal(alone, reused) and np.array_equal(alone, in_place) and np.array_equal(alone, drawn)
+        assert np.array_equal(image, original)
+        moved_frames += not np.array_equal(alone, image)
+    assert moved_frames >= 30  # the motion is there: the comparisons are of moved frames

@@ -37,7 +37,7 @@ from lipsync.errors import LipsyncError
 from lipsync.live.encoder import LiveEncoder
 from lipsync.live.fmp4 import Segment, codecs
 from lipsync.media import audio, video
-from lipsync.motion.idle import apply_idle, idle_track
+from lipsync.motion.idle import apply_idle, idle_track, map_buffers
 from lipsync.tts.base import Speech
 from lipsync.tts.language import resolve_language
 from lipsync.tts.text import complete_length, split_sentences
@@ -252,6 +252,7 @@ class LiveSession:
         idle_from = 0
         current = None   # (utterance, frames iterator, samples, motion)
         moved = np.empty_like(avatar.image) if rig is not None else None
+        maps = map_buffers(rig) if rig is not None else None
         try:
             while not self.closed.is_set():
                 k = self.frames
@@ -276,7 +277,7 @@ class LiveSession:
                     i = k - utterance.start_frame
                     frame = next(frames)
                     if motion is not None:
-                        frame = apply_idle(frame, rig, motion, i, out=moved)
+                        frame = apply_idle(frame, rig, motion, i, out=moved, maps=maps)
                     base = utterance.start_frame * rate // self.fps
                     sound = samples[n0 - base:n1 - base]
                     if len(sound) < n1 - n0:
@@ -292,7 +293,7 @@ class LiveSession:
                             if rig is not None else None
                     frame = avatar.image
                     if idle_motion is not None:
-                        frame = apply_idle(frame, rig, idle_motion, k - idle_from, out=moved)
+                        frame = apply_idle(frame, rig, idle_motion, k - idle_from, out=moved, maps=maps)
                     self._encoder.write(frame, np.zeros(n1 - n0, np.float32))
                 self.frames = k + 1
         except Exception as exc:  # noqa: BLE001 - reported to the client; the session ends

@@ -298,9 +298,18 @@ def motion_terms(rig: IdleRig, track: IdleTrack, i: int) -> tuple[float, ...]:
     return a, b, ex, ey, chest, lids, brows
 
 
-def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: np.ndarray | None = None) -> np.ndarray:
+def map_buffers(rig: IdleRig) -> tuple[np.ndarray, np.ndarray]:
+    """Two (h, w) float32 arrays of ``rig``'s region for ``apply_idle(maps=)``: one caller's own
+    (a request's; the rig is shared), so the maps are not allocated anew for every frame."""
+    h, w = rig.head.shape
+    return np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+
+
+def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: np.ndarray | None = None,
+               maps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Frame ``i`` of the video with the idle motion drawn (``frame`` is not modified; the
-    result is ``out`` when given, else a new array)."""
+    result is ``out`` when given, else a new array). ``maps`` (``map_buffers(rig)``) are
+    overwritten with the frame's maps; without them they are allocated for this call."""
     result = out if out is not None else frame.copy()
     if out is not None and out is not frame:
         np.copyto(result, frame)
@@ -310,16 +319,25 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
         return result
     xx, yy = rig.grid
     hx, hy = rig.head_grid
-    # map = grid + head * (affine - identity), as OpenCV multiply-adds over precomputed terms.
-    map_x = cv2.scaleAdd(hx, a, xx)
-    map_x = cv2.scaleAdd(hy, b, map_x)
-    map_x = cv2.scaleAdd(rig.head, ex, map_x)
-    map_y = cv2.scaleAdd(hy, a, yy)
-    map_y = cv2.scaleAdd(hx, -b, map_y)
-    map_y = cv2.scaleAdd(rig.head, ey, map_y)
+    map_x, map_y = maps if maps is not None else map_buffers(rig)
+    # map = grid + head * (affine - identity), as OpenCV multiply-adds over precomputed terms
+    # (in place: the same values as into new arrays, without a page-faulted allocation each).
+    cv2.scaleAdd(hx, a, xx, dst=map_x)
+    cv2.scaleAdd(hy, b, map_x, dst=map_x)
+    cv2.scaleAdd(rig.head, ex, map_x, dst=map_x)
+    cv2.scaleAdd(hy, a, yy, dst=map_y)
+    cv2.scaleAdd(hx, -b, map_y, dst=map_y)
+    cv2.scaleAdd(rig.head, ey, map_y, dst=map_y)
     for field, k in ((rig.chest, chest), (rig.blink_field, lids), (rig.brow_field, brows)):
         if k != 0.0:
-            map_y = cv2.scaleAdd(field, k, map_y)
-    patch = np.ascontiguousarray(frame[r.y1:r.y2, r.x1:r.x2])
-    result[r.y1:r.y2, r.x1:r.x2] = cv2.remap(patch, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            cv2.scaleAdd(field, k, map_y, dst=map_y)
+    # Sampled from ``frame`` straight into ``result``'s region (a view OpenCV writes in place);
+    # only when they are one array does the region need a copy first.
+    source = frame[r.y1:r.y2, r.x1:r.x2]
+    if result is frame:
+        source = source.copy()
+    target = result[r.y1:r.y2, r.x1:r.x2]
+    moved = cv2.remap(source, map_x, map_y, cv2.INTER_LINEAR, dst=target, borderMode=cv2.BORDER_REPLICATE)
+    if moved is not target and not np.shares_memory(moved, target):  # an OpenCV that would not write in place
+        target[...] = moved
     return result
