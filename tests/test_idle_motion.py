@@ -228,11 +228,11 @@ def test_a_frame_is_the_same_drawn_into_a_new_array_into_reused_buffers_or_in_pl
     for i in range(0, 125, 3):
         alone = apply_idle(image, rig, track, i)
         reused = apply_idle(image, rig, track, i, out=out, maps=maps)
-        in_place = apply_idle(image.copy(), rig, track, i, out=None, maps=maps)
+        new_with_maps = apply_idle(image.copy(), rig, track, i, out=None, maps=maps)
         own = image.copy()
         drawn = apply_idle(own, rig, track, i, out=own)
         assert reused is out and drawn is own
-        assert np.array_equal(alone, reused) and np.array_equal(alone, in_place) and np.array_equal(alone, drawn)
+        assert np.array_equal(alone, reused) and np.array_equal(alone, new_with_maps) and np.array_equal(alone, drawn)
         assert np.array_equal(image, original)
         moved_frames += not np.array_equal(alone, image)
     assert moved_frames >= 30  # the motion is there: the comparisons are of moved frames

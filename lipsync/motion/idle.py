@@ -338,6 +338,6 @@ def apply_idle(frame: np.ndarray, rig: IdleRig, track: IdleTrack, i: int, out: n
         source = source.copy()
     target = result[r.y1:r.y2, r.x1:r.x2]
     moved = cv2.remap(source, map_x, map_y, cv2.INTER_LINEAR, dst=target, borderMode=cv2.BORDER_REPLICATE)
-    if moved is not target and not np.shares_memory(moved, target):  # an OpenCV that would not write in place
+    if not np.shares_memory(moved, target):  # an OpenCV that would not write into the view
         target[...] = moved
     return result
