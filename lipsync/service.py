@@ -417,6 +417,10 @@ class LipsyncService:
                             handed, queued = (launched, None) if done == 0 else (queued, launched)
                             for frame in gpu.ready(handed or []):
                                 writer.write_i420(frame)
+                        elif motion is None and width % 2 == 0 and height % 2 == 0:
+                            # A still head: only the mouth's box is converted to I420 (the same bytes).
+                            for frame in video.composite_i420(avatar, [batch]):
+                                writer.write_i420(frame)
                         else:
                             for number, frame in zip(numbers, video.composite(avatar, [batch])):
                                 if motion is not None:

@@ -110,6 +110,40 @@ def test_composite_changes_only_the_masked_region():
         assert (frame[35:45, 30:50] == 255).all()
 
 
+@pytest.mark.parametrize("region, box", [
+    (Region(21, 31, 61, 51), (2, 16, 4, 32)),     # odd corners (33..47, 25..53): grown to whole chroma samples
+    (Region(40, 30, 80, 60), (0, 30, 0, 40)),     # the box touches the frame's right and bottom edges
+    (Region(0, 0, 80, 60), (0, 60, 0, 80)),       # the whole frame
+])
+def test_composite_i420_is_the_composited_frame_converted(region, box):
+    """The still-head path converts only the mouth's box: the same bytes as converting each whole frame."""
+    rng = np.random.default_rng(sum(box))
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((region.height, region.width, 1), np.float32)
+    y1, y2, x1, x2 = box
+    mask[y1:y2, x1:x2] = rng.uniform(0.05, 1.0, (y2 - y1, x2 - x1, 1))
+    avatar = PreparedAvatar(image=image, box=FaceBox(region.x1, region.y1, region.x2, region.y2), region=region,
+                            mask=mask)
+    patches = rng.integers(0, 256, (4, region.height, region.width, 3), dtype=np.uint8)
+    batches = [patches[:2], patches[2:]]
+    want = [cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420) for frame in video.composite(avatar, batches)]
+    got = list(video.composite_i420(avatar, batches))
+    assert len(got) == 4
+    for g, w in zip(got, want):
+        assert g.shape == (90, 80) and np.array_equal(g, w)
+    # A new array per frame: a writer keeps each one while the next is made.
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(got) for b in got[i + 1:])
+
+
+def test_composite_i420_with_an_empty_mask_gives_the_avatar():
+    image = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    avatar = PreparedAvatar(image=image, box=FaceBox(10, 10, 30, 30), region=Region(10, 10, 30, 30),
+                            mask=np.zeros((20, 20, 1), np.float32))
+    frames = list(video.composite_i420(avatar, [np.zeros((3, 20, 20, 3), np.uint8)]))
+    assert len(frames) == 3
+    assert all(np.array_equal(f, cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)) for f in frames)
+
+
 def test_composite_output_round_trips_through_the_encoder(tmp_path, encoder):
     """What the viewer sees is what we composited (up to H.264 loss)."""
     image = np.full((96, 128, 3), 90, np.uint8)
