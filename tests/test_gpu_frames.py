@@ -200,3 +200,60 @@ def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path
     apart = [float(np.abs(a.astype(np.int16) - b).mean()) for a, b in zip(cpu, gpu)]
     different = [i for i, d in enumerate(apart) if d > 0]
     assert max(apart) < 0.02 and len(different) <= 4, f"frames that differ: {different[:10]} by {max(apart):.3f}"
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["builtin"] + (["wav2lip"] if torch.cuda.is_available() else []))
+def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_path, monkeypatch, engine):
+    """Four requests on one service at once, each with different speech, through the GPU path
+    (CUDA where there is one, with the Wav2Lip engine's CUDA graphs too; else torch's CPU device):
+    each MP4 is byte for byte the one the same request gives alone. Frames of one request in
+    another's video, or a shared buffer overwritten too early, would change the bytes."""
+    import threading
+    import wave
+
+    from lipsync.engines.wav2lip.model import save_random_checkpoint
+    from lipsync.media.audio import pcm_wav
+    from lipsync.service import LipsyncService
+    from lipsync.settings import Settings
+
+    cuda = torch.cuda.is_available()
+    with wave.open(str(fixture_path("kennedy_speech_16k.wav"))) as w:  # 16 kHz mono 16-bit
+        pcm = w.readframes(w.getnframes())
+    # 2.5 s of the speech from 1.5, 3, 4.5 and 6 s: four different requests
+    recordings = [pcm_wav(pcm[int(start * 32000):int((start + 2.5) * 32000)]) for start in (1.5, 3.0, 4.5, 6.0)]
+    extra = {}
+    if engine == "wav2lip":
+        extra["checkpoint_path"] = save_random_checkpoint(str(tmp_path / "random.pth"), seed=3)
+    settings = Settings(engine=engine, face_detector="haar", device="cuda" if cuda else "cpu", encode_workers=2,
+                        output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                        avatar_path=str(fixture_path("avatar.jpg")), max_output_height=360, idle_motion=True, **extra)
+    service = LipsyncService(settings).load()
+    assert service.status == "ready", service.error
+    if not cuda:  # the frames and the built-in engine's mouth states made by torch, as on a GPU
+        monkeypatch.setattr(service, "_on_gpu", lambda: torch.device("cpu"))
+        monkeypatch.setattr(service.models.engine("builtin"), "device", torch.device("cpu"))
+    alone = []
+    for i, recording in enumerate(recordings):
+        service.generate(str(tmp_path / f"alone{i}.mp4"), recording=recording)
+        alone.append((tmp_path / f"alone{i}.mp4").read_bytes())
+    assert len(set(alone)) == 4  # different speech, different videos
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def request(i: int) -> None:
+        try:
+            barrier.wait()
+            service.generate(str(tmp_path / f"together{i}.mp4"), recording=recordings[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        assert (tmp_path / f"together{i}.mp4").read_bytes() == alone[i], f"request {i} differs when made at once"
