@@ -208,8 +208,10 @@ def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path
 def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_path, monkeypatch, engine):
     """Four requests on one service at once, each with different speech, through the GPU path
     (CUDA where there is one, with the Wav2Lip engine's CUDA graphs too; else torch's CPU device):
-    each MP4 is byte for byte the one the same request gives alone. Frames of one request in
-    another's video, or a shared buffer overwritten too early, would change the bytes."""
+    each MP4 is byte for byte the one the same request gives alone. Two of them bring their own
+    avatar (prepared in the request, so its face features are made while the others run). Frames
+    of one request in another's video, or a shared buffer overwritten too early, would change the
+    bytes."""
     import threading
     import wave
 
@@ -234,9 +236,11 @@ def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_
     if not cuda:  # the frames and the built-in engine's mouth states made by torch, as on a GPU
         monkeypatch.setattr(service, "_on_gpu", lambda: torch.device("cpu"))
         monkeypatch.setattr(service.models.engine("builtin"), "device", torch.device("cpu"))
+    portrait = fixture_path("kennedy_low.jpg").read_bytes()
+    avatars = [None, None, portrait, portrait]
     alone = []
     for i, recording in enumerate(recordings):
-        service.generate(str(tmp_path / f"alone{i}.mp4"), recording=recording)
+        service.generate(str(tmp_path / f"alone{i}.mp4"), recording=recording, avatar_image=avatars[i])
         alone.append((tmp_path / f"alone{i}.mp4").read_bytes())
     assert len(set(alone)) == 4  # different speech, different videos
     errors = []
@@ -245,7 +249,7 @@ def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_
     def request(i: int) -> None:
         try:
             barrier.wait()
-            service.generate(str(tmp_path / f"together{i}.mp4"), recording=recordings[i])
+            service.generate(str(tmp_path / f"together{i}.mp4"), recording=recordings[i], avatar_image=avatars[i])
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
