@@ -228,7 +228,10 @@ def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_
     extra = {}
     if engine == "wav2lip":
         extra["checkpoint_path"] = save_random_checkpoint(str(tmp_path / "random.pth"), seed=3)
+    # The speech is given: a remote TTS that is never called (the GPU machine has no espeak-ng), and
+    # the face box too (its OpenCV 5 has no Haar cascades).
     settings = Settings(engine=engine, face_detector="haar", device="cuda" if cuda else "cpu", encode_workers=2,
+                        tts_provider="http", tts_api_url="http://127.0.0.1:9", face_box=(420, 137, 885, 602),
                         output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
                         avatar_path=str(fixture_path("avatar.jpg")), max_output_height=360, idle_motion=True, **extra)
     service = LipsyncService(settings).load()
@@ -236,8 +239,9 @@ def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_
     if not cuda:  # the frames and the built-in engine's mouth states made by torch, as on a GPU
         monkeypatch.setattr(service, "_on_gpu", lambda: torch.device("cpu"))
         monkeypatch.setattr(service.models.engine("builtin"), "device", torch.device("cpu"))
-    portrait = fixture_path("kennedy_low.jpg").read_bytes()
-    avatars = [None, None, portrait, portrait]
+    # The other avatar: avatar.jpg mirrored, a different picture with its face inside the same box.
+    mirrored = cv2.imencode(".jpg", cv2.flip(cv2.imread(str(fixture_path("avatar.jpg"))), 1))[1].tobytes()
+    avatars = [None, None, mirrored, mirrored]
     alone = []
     for i, recording in enumerate(recordings):
         service.generate(str(tmp_path / f"alone{i}.mp4"), recording=recording, avatar_image=avatars[i])
