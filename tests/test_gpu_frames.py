@@ -202,7 +202,6 @@ def test_a_request_with_its_frames_made_by_gpu_frames_is_the_same_video(tmp_path
     assert max(apart) < 0.02 and len(different) <= 4, f"frames that differ: {different[:10]} by {max(apart):.3f}"
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["builtin"] + (["wav2lip"] if torch.cuda.is_available() else []))
 def test_requests_at_once_on_the_gpu_path_are_the_videos_made_one_at_a_time(tmp_path, monkeypatch, engine):

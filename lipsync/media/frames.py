@@ -114,12 +114,16 @@ def planes(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return frame[:h], chroma[0], chroma[1]
 
 
-def i420_to_bgr(frame: np.ndarray, window: Rect) -> np.ndarray:
-    """(window.height, window.width, 3) uint8 BGR of ``window`` (even corners) of an I420 frame."""
+def window_planes(frame: np.ndarray, window: Rect) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of ``window`` (even corners) in the Y (h, w), U and V (h/2, w/2) planes of an I420 ``frame``."""
     y, u, v = planes(frame)
     cy1, cy2, cx1, cx2 = window.y1 // 2, window.y2 // 2, window.x1 // 2, window.x2 // 2
-    small = np.concatenate([y[window.y1:window.y2, window.x1:window.x2].ravel(),
-                            u[cy1:cy2, cx1:cx2].ravel(), v[cy1:cy2, cx1:cx2].ravel()])
+    return y[window.y1:window.y2, window.x1:window.x2], u[cy1:cy2, cx1:cx2], v[cy1:cy2, cx1:cx2]
+
+
+def i420_to_bgr(frame: np.ndarray, window: Rect) -> np.ndarray:
+    """(window.height, window.width, 3) uint8 BGR of ``window`` (even corners) of an I420 frame."""
+    small = np.concatenate([plane.ravel() for plane in window_planes(frame, window)])
     return cv2.cvtColor(small.reshape(window.height * 3 // 2, window.width), cv2.COLOR_YUV2BGR_I420)
 
 
@@ -127,15 +131,8 @@ def blend_i420(frame: np.ndarray, window: Rect, bgr: np.ndarray, mask: np.ndarra
     """Blend ``bgr`` (window-sized BGR) into ``window`` of the I420 ``frame``, in place:
     ``base + mask * (new - base)`` per plane, rounded. ``mask``: (h, w) float32 in [0, 1];
     ``chroma_mask``: the same at half size (``chroma_weights``)."""
-    h, w = window.height, window.width
     new = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2YUV_I420)  # (h * 3 // 2, w)
-    new_y = new[:h]
-    new_uv = new[h:].reshape(2, h // 2, w // 2)
-    y, u, v = planes(frame)
-    cy1, cy2, cx1, cx2 = window.y1 // 2, window.y2 // 2, window.x1 // 2, window.x2 // 2
-    for base, fresh, weight in ((y[window.y1:window.y2, window.x1:window.x2], new_y, mask),
-                                (u[cy1:cy2, cx1:cx2], new_uv[0], chroma_mask),
-                                (v[cy1:cy2, cx1:cx2], new_uv[1], chroma_mask)):
+    for base, fresh, weight in zip(window_planes(frame, window), planes(new), (mask, chroma_mask, chroma_mask)):
         old = base.astype(np.float32)
         np.copyto(base, old + weight * (fresh.astype(np.float32) - old) + 0.5, casting="unsafe")
 

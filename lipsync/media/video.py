@@ -26,7 +26,7 @@ from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.faces.box import Rect
 from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, has_encoder, log_stderr, stderr_tail
-from lipsync.media.frames import even_window, planes
+from lipsync.media.frames import even_window, planes, window_planes
 from lipsync.media.images import read_header
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs before decoding them fully
@@ -201,17 +201,12 @@ def composite_i420(avatar: PreparedAvatar, patches: Iterable[np.ndarray]) -> Ite
         return
     r = avatar.region
     window = even_window(Rect(r.x1 + box[2], r.y1 + box[0], r.x1 + box[3], r.y1 + box[1]), width, height)
-    wy1, wy2, wx1, wx2 = window.y1, window.y2, window.x1, window.x2
-    cy1, cy2, cx1, cx2 = wy1 // 2, wy2 // 2, wx1 // 2, wx2 // 2
-    h, w = window.height, window.width
     for frame in composite(avatar, patches):
-        small = cv2.cvtColor(np.ascontiguousarray(frame[wy1:wy2, wx1:wx2]), cv2.COLOR_BGR2YUV_I420)
+        small = cv2.cvtColor(np.ascontiguousarray(frame[window.y1:window.y2, window.x1:window.x2]),
+                             cv2.COLOR_BGR2YUV_I420)
         out = base.copy()
-        y, u, v = planes(out)
-        y[wy1:wy2, wx1:wx2] = small[:h]
-        chroma = small[h:].reshape(2, h // 2, w // 2)
-        u[cy1:cy2, cx1:cx2] = chroma[0]
-        v[cy1:cy2, cx1:cx2] = chroma[1]
+        for plane, converted in zip(window_planes(out, window), planes(small)):
+            plane[...] = converted
         yield out
 
 
