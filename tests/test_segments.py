@@ -8,6 +8,8 @@ segment's join shows in the decoded sequence; timestamps and durations are read 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import av
@@ -17,6 +19,7 @@ import pytest
 
 from lipsync.errors import MediaError
 from lipsync.media import audio
+from lipsync.media.ffmpeg import wait_exit
 from lipsync.media.segments import MIN_SEGMENT_FRAMES, SegmentedMp4Writer, interleaved
 from lipsync.service import LipsyncService
 from lipsync.settings import Settings
@@ -217,3 +220,18 @@ def test_the_service_makes_the_same_length_with_segments_or_one_stream(tmp_path)
     assert seg_info["audio_duration"] == pytest.approx(one_info["audio_duration"], abs=1e-3)
     assert abs(seg_info["audio_duration"] - seg_info["video_duration"]) <= 1 / 25
     assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(one_frames, seg_frames)) < 2.0
+
+
+def test_waiting_for_an_ffmpeg_gives_its_exit_code_and_times_out_as_popen_wait_does():
+    """``wait_exit`` (the join's and the encoders' wait): the exit code once the process ends,
+    ``TimeoutExpired`` (the process left running) when it does not end in time, and the code
+    again for a process already waited for."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"])
+    with pytest.raises(subprocess.TimeoutExpired):
+        wait_exit(proc, 0.05)
+    assert proc.poll() is None
+    assert wait_exit(proc, 30) == 3
+    assert wait_exit(proc, 0) == 3
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    assert wait_exit(done, 1) == 0

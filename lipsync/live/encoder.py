@@ -18,7 +18,7 @@ import numpy as np
 
 from lipsync.errors import MediaError
 from lipsync.live.fmp4 import FragmentReader, Segment
-from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, log_stderr, stderr_tail, wait_exit
 
 KEYFRAME_S = 1.0    # a late viewer waits at most this long for a picture
 FRAGMENT_S = 0.08   # two frames at 25 fps: the delay fragmenting adds
@@ -86,7 +86,7 @@ class LiveEncoder:
         except OSError:
             pass
         try:
-            self._proc.wait(timeout=10)
+            wait_exit(self._proc, 10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()

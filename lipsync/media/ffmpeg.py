@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import select
 import shutil
 import subprocess
 import threading
@@ -91,6 +92,29 @@ def run_ffmpeg(args: list[str], *, input: bytes | None = None, timeout: float = 
         paths = [a for a in args if os.sep in a]
         raise error(f"{what}: {stderr_tail(proc.stderr, paths=paths)}")
     return proc.stdout
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    """``proc.wait(timeout)`` that returns as ``proc`` exits; raises ``subprocess.TimeoutExpired``.
+
+    ``Popen.wait`` with a timeout checks in sleeps that double up to 50 ms, so it sees an exit
+    up to 50 ms late: a join that ended after 20 ms was seen after 32 on average, on the critical
+    path of every request (docs/PERFORMANCE.md, "Issue 14, seventh round"). A pidfd (Linux 5.3+)
+    becomes readable at the exit itself; elsewhere this is ``proc.wait(timeout)``."""
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, an old kernel, or already reaped by another wait
+        return proc.wait(timeout=timeout)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000.0):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 def log_stderr(what: str, returncode: int | None, stderr: bytes) -> None:

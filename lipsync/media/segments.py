@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsync.errors import MediaError
-from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, log_stderr, stderr_tail, wait_exit
 from lipsync.media.video import AUDIO_OPTIONS, FrameInput, h264_options
 
 # The shortest segment: x264 gives a stream of 1 or 2 frames no B-frame delay, so its
@@ -281,7 +281,7 @@ class SegmentedMp4Writer(FrameInput):
         self._audio.end()
         self._audio.wait(timeout=max(0.0, deadline - time.monotonic()))
         try:
-            code = self._audio_proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            code = wait_exit(self._audio_proc, max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
         if code != 0:
@@ -301,7 +301,7 @@ class SegmentedMp4Writer(FrameInput):
                             "-movflags", "+faststart", "-f", "mp4", os.path.basename(joined)],
                            stdin=subprocess.DEVNULL, cwd=self._work)
         try:
-            code = join.wait(timeout=max(1.0, deadline - time.monotonic()))
+            code = wait_exit(join, max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
         if code != 0:

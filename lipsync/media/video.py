@@ -25,7 +25,7 @@ import numpy as np
 from lipsync.engines.base import PreparedAvatar
 from lipsync.errors import InvalidInputError, MediaError
 from lipsync.faces.box import Rect
-from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, has_encoder, log_stderr, stderr_tail
+from lipsync.media.ffmpeg import InputPipe, ffmpeg_exe, grow_pipe, has_encoder, log_stderr, stderr_tail, wait_exit
 from lipsync.media.frames import even_window, planes, window_planes
 from lipsync.media.images import read_header
 
@@ -385,7 +385,7 @@ class Mp4Writer(FrameInput):
             self._fail("ffmpeg stopped while encoding")
         try:
             self._proc.stdin.close()
-            code = self._proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            code = wait_exit(self._proc, max(1.0, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, BrokenPipeError):
             self._fail(f"ffmpeg did not finish within {self.timeout:.0f} s")
         self._audio.wait()
