@@ -55,7 +55,9 @@ class GpuFrames:
         self.device = torch.device(device)
         self.avatar = avatar
         self.rig = rig
-        self.image = torch.from_numpy(avatar.image).to(self.device)
+        # Every constant goes up through pinned memory, without waiting: a copy from pageable
+        # memory waits for all the GPU's queued work, the other requests' frames included.
+        self.image = upload(avatar.image, self.device)
         self._pin = self.device.type == "cuda"
         self.chunk = CHUNK
         if self.device.type == "cuda":
@@ -68,15 +70,14 @@ class GpuFrames:
             r = avatar.region
             mask = np.ascontiguousarray(avatar.mask[y1:y2, x1:x2], dtype=np.float32)
             base = avatar.image[r.y1 + y1:r.y1 + y2, r.x1 + x1:r.x1 + x2].astype(np.float32)
-            self._mask = torch.from_numpy(mask).to(self.device)
-            self._keep = torch.from_numpy(base * (1.0 - mask) + 0.5).to(self.device)  # as composite's
+            self._mask = upload(mask, self.device)
+            self._keep = upload(base * (1.0 - mask) + 0.5, self.device)  # as composite's
         if self.rig is not None:
             rig = self.rig
             xx, yy = rig.grid
             hx, hy = rig.head_grid
-            self._grid = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32) for a in (xx, yy)]
-            self._fields = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float64)
-                            for a in (hx, hy, rig.head)]
+            self._grid = [upload(a, self.device).to(torch.float32) for a in (xx, yy)]
+            self._fields = [upload(a, self.device).to(torch.float64) for a in (hx, hy, rig.head)]
             # The fields of map_y's last three terms, each only inside its bounding box (None: all 0).
             self._extra = [self._nonzero(field) for field in (rig.chest, rig.blink_field, rig.brow_field)]
 
@@ -138,8 +139,7 @@ class GpuFrames:
         if box is None:
             return None
         y1, y2, x1, x2 = box
-        inside = np.ascontiguousarray(field[y1:y2, x1:x2])
-        return (y1, y2, x1, x2), torch.from_numpy(inside).to(self.device, torch.float64)
+        return (y1, y2, x1, x2), upload(field[y1:y2, x1:x2], self.device).to(torch.float64)
 
     def _i420(self, patches: torch.Tensor, motion: tuple | None) -> torch.Tensor:
         n = len(patches)
