@@ -22,7 +22,9 @@ numbers); the engine options (--precision, --mouth-only, --backend) need this tr
 job does and reports ``first_frame``: the time until it holds a playable fragment. ``--encoder``
 picks the H.264 encoder (``VIDEO_ENCODER``); ``--profile`` prints a cProfile of one more request,
 ``--timeline`` when each stage of one more request ran (engine calls, waits on the GPU, every
-segment's encoder, the join), in ms from the request's start.
+segment's encoder, the join), in ms from the request's start; with ``--concurrency N`` the
+timeline and ``--torch-profile`` cover N more requests at once, and each round of N reports
+the CPU seconds it used (the service's process and its ffmpegs).
 """
 
 from __future__ import annotations
@@ -206,6 +208,14 @@ def main() -> int:
               f"{args.concurrency} x {duration:.1f} s (best {min(walls) * 1000:.0f} ms) -> "
               f"{args.concurrency * duration / wall:.1f}x real time throughput; "
               f"per-request server time median {statistics.median(concurrent['totals']):.0f} ms")
+        own, ffmpeg = statistics.median(concurrent["cpu_own"]), statistics.median(concurrent["cpu_ffmpeg"])
+        pools = statistics.median(concurrent["cpu_pools"])
+        print(f"  CPU per round (median): service process {own:.2f} CPU-s (its lasting thread pools: torch, BLAS, "
+              f"CUDA {pools:.2f}), its ffmpegs {ffmpeg:.2f} CPU-s -> {(own + ffmpeg) / wall:.1f} of "
+              f"{os.cpu_count()} cores busy on average")
+        last = concurrent["busiest_pools"][-1]
+        if last:
+            print("  busiest lasting threads, last round: " + ", ".join(f"{name} {cpu:.2f}" for name, cpu in last))
     if processes:
         wall = statistics.median(processes["walls"])
         print(f"{args.processes} requests at once in {args.processes} processes: median wall {wall * 1000:.0f} ms "
@@ -324,7 +334,7 @@ def _timeline(service, args, recording: bytes | None, out: str) -> None:
         pass
     start = time.perf_counter()
     try:
-        service.generate(out, text=args.text, language=args.language, recording=recording)
+        _at_once(service, args, recording, _paths(out, args.concurrency))
     finally:
         end = time.perf_counter()
         for owner, name, original in undo:
@@ -332,7 +342,8 @@ def _timeline(service, args, recording: bytes | None, out: str) -> None:
     groups: dict[str, list[tuple[float, float]]] = {}
     for label, t0, t1 in events:
         groups.setdefault(label, []).append((t0, t1))
-    print(f"timeline of one request ({(end - start) * 1000:.0f} ms), ms from its start:")
+    what = "one request" if args.concurrency == 1 else f"{args.concurrency} requests at once (sums over all)"
+    print(f"timeline of {what} ({(end - start) * 1000:.0f} ms), ms from its start:")
     for label, spans in sorted(groups.items(), key=lambda kv: min(t0 for t0, _ in kv[1])):
         first, last = min(t0 for t0, _ in spans), max(t1 for _, t1 in spans)
         busy = sum(t1 - t0 for t0, t1 in spans)
@@ -348,8 +359,10 @@ def _torch_profile(service, args, recording: bytes | None, out: str) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        service.generate(out, text=args.text, language=args.language, recording=recording)
+        wall, _ = _at_once(service, args, recording, _paths(out, args.concurrency))
     table = prof.key_averages()
+    what = "one request" if args.concurrency == 1 else f"{args.concurrency} requests at once"
+    print(f"torch profile of {what}: {wall * 1000:.0f} ms wall (under the profiler)")
     if torch.cuda.is_available():
         print("torch ops and kernels by GPU time:")
         print(table.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
@@ -370,37 +383,104 @@ def _engine_options(options: dict) -> None:
     service_module.create_engine = create_engine
 
 
+def _at_once(service, args, recording: bytes | None, paths: list[str]) -> tuple[float, list]:
+    """One request per path in ``paths``, all started together (a barrier), each in its own
+    thread; returns (wall seconds from the first start to the last finish, the results)."""
+    results: list = [None] * len(paths)
+    errors: list = []
+    barrier = threading.Barrier(len(paths))
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = service.generate(paths[i], text=args.text, language=args.language, recording=recording)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"request-{i}") for i in range(len(paths))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    if errors:
+        raise errors[0]
+    return wall, results
+
+
+def _paths(out: str, count: int) -> list[str]:
+    """``out`` for one request, else ``count`` paths beside it."""
+    if count == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i}{ext}" for i in range(count)]
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, its finished child processes' (the ffmpegs')), user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _lasting_threads_cpu() -> dict[int, tuple[str, float]]:
+    """Thread id -> (name, CPU seconds used so far) of this process's threads but the main one
+    that are alive now (Linux; empty elsewhere). Between rounds those are the native pools that
+    outlive requests: torch's and BLAS's worker threads, CUDA's; the requests' own have ended."""
+    main = threading.main_thread().native_id
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    threads = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return threads
+    for tid in map(int, tasks):
+        if tid == main:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        threads[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return threads
+
+
+def _pools_used(before: dict, after: dict) -> tuple[float, list[tuple[str, float]]]:
+    """The lasting threads' CPU seconds between two ``_lasting_threads_cpu()``s, and the busiest few."""
+    used = sorted(((name, cpu - before.get(tid, (name, 0.0))[1]) for tid, (name, cpu) in after.items()),
+                  key=lambda item: -item[1])
+    return sum(cpu for _, cpu in used), [item for item in used[:4] if item[1] > 0]
+
+
 def _concurrent(service, args, recording: bytes | None, tmp: str) -> dict:
-    """``args.concurrency`` requests at once, ``args.runs`` rounds (after one warm-up round)."""
-    walls, totals = [], []
+    """``args.concurrency`` requests at once, ``args.runs`` rounds (after one warm-up round); with
+    each round's CPU seconds, the service's process and its ffmpegs apart (every ffmpeg of a
+    request has been waited for when the request returns), and of the process's the part its
+    lasting native thread pools used."""
+    walls, totals, cpu_own, cpu_ffmpeg, cpu_pools, busiest_pools = [], [], [], [], [], []
     for round_ in range(args.runs + 1):
-        results: list = [None] * args.concurrency
-        errors: list = []
-        barrier = threading.Barrier(args.concurrency)
-
-        def work(i: int, barrier=barrier, results=results, errors=errors, round_=round_) -> None:
-            try:
-                barrier.wait()
-                results[i] = service.generate(os.path.join(tmp, f"c{round_}-{i}.mp4"), text=args.text,
-                                              language=args.language, recording=recording)
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(args.concurrency)]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
-        if errors:
-            raise errors[0]
+        paths = [os.path.join(tmp, f"c{round_}-{i}.mp4") for i in range(args.concurrency)]
+        own0, children0 = _cpu_seconds()
+        pools0 = _lasting_threads_cpu()
+        wall, results = _at_once(service, args, recording, paths)
+        own1, children1 = _cpu_seconds()
+        pools, busiest = _pools_used(pools0, _lasting_threads_cpu())
         if round_:
             walls.append(wall)
             totals.extend(r.timings["total"] for r in results)
-        for i in range(args.concurrency):
-            os.remove(os.path.join(tmp, f"c{round_}-{i}.mp4"))
-    return {"walls": walls, "totals": totals}
+            cpu_own.append(own1 - own0)
+            cpu_ffmpeg.append(children1 - children0)
+            cpu_pools.append(pools)
+            busiest_pools.append(busiest)
+        for path in paths:
+            os.remove(path)
+    return {"walls": walls, "totals": totals, "cpu_own": cpu_own, "cpu_ffmpeg": cpu_ffmpeg, "cpu_pools": cpu_pools,
+            "busiest_pools": busiest_pools}
 
 
 def _processes(settings, engine_options: dict, args, recording: bytes | None, tmp: str) -> dict:
