@@ -197,3 +197,40 @@ def test_concurrent_renders_match_serial_ones(engine, avatar, samples):
     for got, want in zip(results, serial):
         assert got.shape == want.shape and np.array_equal(got, want)
     assert not np.array_equal(serial[0][:20], serial[1][:20])
+
+
+def test_the_model_runs_on_one_thread_whichever_thread_asks(engine, image, samples):
+    """Every call into the model (the face encoder at prepare, the decoder at render) runs on
+    the engine's own thread, also when two request threads ask at once. PyTorch keeps the cuDNN
+    kernels ``cudnn.benchmark`` chose per thread: from each request's thread a convolution was
+    timed again and could run another kernel, giving another video on a GPU (see
+    ``lipsync.engines.wav2lip.engine._EngineThread``)."""
+    threads_seen: set[int] = set()
+    modules = [module for module in (engine._model, engine._decoder) if module is not None]
+    hooks = [m.register_forward_pre_hook(lambda *_: threads_seen.add(threading.get_ident())) for m in modules]
+    hooks += [m.register_forward_pre_hook(lambda *_: threads_seen.add(threading.get_ident()))
+              for m in engine._model.modules() if isinstance(m, torch.nn.Conv2d)]
+    callers: list[int] = []
+    errors: list = []
+    start = threading.Barrier(2)
+
+    def work() -> None:
+        try:
+            callers.append(threading.get_ident())
+            start.wait()
+            avatar = engine.prepare(image, BOX)
+            list(engine.render(avatar, Speech(samples[24000:24000 + 8000]), 25))
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    try:
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(timeout=300)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not errors, errors
+    assert len(threads_seen) == 1 and not threads_seen & set(callers) and threading.get_ident() not in threads_seen

@@ -1,8 +1,12 @@
 """The Wav2Lip lip-sync engine: redraws the lower face of a still avatar.
 
 One engine is built per process and shared by all requests: the model is
-loaded once, never changed afterwards, and every call into it holds a lock,
-so concurrent ``render`` calls give exactly what serial ones give.
+loaded once, never changed afterwards, and every call into it runs on the
+engine's own thread, one at a time, so concurrent ``render`` calls give
+exactly what serial ones give. One thread, not a lock: PyTorch remembers the
+cuDNN kernels it benchmarked per thread (``cudnn.benchmark``), so the same
+convolution called from another request's thread was benchmarked again and
+could run another kernel, with other fp16 roundings (another video).
 
 Per avatar (``prepare``): the face box is padded (spec: bottom + 10 px,
 clipped), the crop resized to 96x96, the model's 6-channel input built and
@@ -32,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +163,31 @@ def resize_faces_torch(faces: torch.Tensor, height: int, width: int) -> torch.Te
     return out.clamp_(0.0, 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+class _EngineThread:
+    """Runs calls one at a time on one long-lived thread and waits for each (the engine's "lock").
+
+    ``cudnn.benchmark``'s choices live in a thread-local cache in PyTorch's cuDNN v8 path: run
+    from whichever request thread called, a convolution was timed again in every new thread,
+    and under load another kernel could win, so the same request gave other frames (seen on an
+    H100: four requests at once, two with an avatar of their own, up to 24 grey levels apart).
+    On one thread every call finds the kernels chosen once."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._ident: int | None = None
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` on the engine thread (at once when already there), in inference mode."""
+        if threading.get_ident() == self._ident:
+            return call()
+        return self._pool.submit(self._inference, call).result()
+
+    def _inference(self, call: Callable[[], Any]) -> Any:
+        self._ident = threading.get_ident()
+        with torch.inference_mode():
+            return call()
+
+
 class _CudaGraphDecoder:
     """A ``StillFaceDecoder`` replayed as one CUDA graph per batch size (fixed-shape static buffers).
 
@@ -165,7 +195,7 @@ class _CudaGraphDecoder:
     ``batch_size / GRAPH_BUCKET`` graphs are ever captured.
 
     The per-avatar constants are copied into the graph's static inputs when
-    the avatar changes; callers hold the engine lock.
+    the avatar changes; called on the engine's thread only.
     """
 
     def __init__(self, decoder: StillFaceDecoder, dtype: torch.dtype, memory_format):
@@ -289,7 +319,7 @@ class Wav2LipEngine:
         elif cuda:
             model = model.to(self.device, self._dtype)
         self._model = model.eval()
-        self._lock = threading.Lock()
+        self._thread = _EngineThread("wav2lip")
         self._graphs_ready = False  # every batch size's CUDA graph captured (at the first prepare)
 
     # -- Engine --------------------------------------------------------------
@@ -337,20 +367,21 @@ class Wav2LipEngine:
         constants: tuple = ()
         top = None
         if self._eager:
-            with self._lock, torch.inference_mode():
+            def encode() -> tuple:
                 features = tuple(self._model.encode_faces(faces))
                 if self.backend == "onnxruntime":
                     cpu_constants = self._decoder.constants([f.float() for f in features])
                     if self._ort is None:
                         self._build_ort(cpu_constants)
                 if self.backend == "onnxruntime":
-                    constants = tuple(self._ort.numpy_constants(cpu_constants))
-                else:
-                    constants = tuple(c.contiguous(memory_format=self._memory_format)
-                                      for c in self._decoder.constants(features))
-                if self.rows_from:
-                    top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
-                    top = top.to(self.device)
+                    return features, tuple(self._ort.numpy_constants(cpu_constants))
+                return features, tuple(c.contiguous(memory_format=self._memory_format)
+                                       for c in self._decoder.constants(features))
+
+            features, constants = self._thread.run(encode)
+            if self.rows_from:
+                top = torch.from_numpy(face[:self.rows_from].transpose(2, 0, 1)[None].astype(np.float32))
+                top = top.to(self.device)
         state = _Wav2LipState(faces=faces, features=features, crop=face, constants=constants, top=top)
         if self._graphs is not None and not self._graphs_ready:
             self._capture_graphs(state)
@@ -363,14 +394,16 @@ class Wav2LipEngine:
         first sentences) must not wait for."""
         buckets = -(-self.batch_size // GRAPH_BUCKET)
         sizes = sorted({min(self.batch_size, k * GRAPH_BUCKET) for k in range(1, buckets + 1)})
-        with self._lock, torch.inference_mode():
+        def capture() -> None:
             for size in sizes:
                 self._graphs(torch.zeros(size, 1, 80, 16, device=self.device, dtype=self._dtype), state)
             torch.cuda.synchronize(self.device)
+
+        self._thread.run(capture)
         self._graphs_ready = True
 
     def _build_ort(self, constants) -> None:
-        """Export (and for int8 quantise and check) the decoder for ONNX Runtime; called under the lock.
+        """Export (and for int8 quantise and check) the decoder for ONNX Runtime; on the engine's thread.
 
         int8 whose self-check error is above ``int8_max_error`` is replaced by
         fp32. When the back end was chosen automatically and building fails,
@@ -455,15 +488,18 @@ class Wav2LipEngine:
     def _predict(self, windows: np.ndarray, state: _Wav2LipState) -> np.ndarray:
         """(b, 80, 16) mel windows -> (b, 96, 96, 3) float32 BGR in [0, 255] (CPU)."""
         mel = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).unsqueeze(1)  # (b, 1, 80, 16)
-        with self._lock, torch.inference_mode():
+
+        def decode() -> np.ndarray:
             if not self._eager:
-                mel = mel.to(self.device, self._dtype)
-                pred = self._model(mel, state.faces.expand(mel.size(0), -1, -1, -1))
+                on_device = mel.to(self.device, self._dtype)
+                pred = self._model(on_device, state.faces.expand(mel.size(0), -1, -1, -1))
             elif self._ort is not None:
                 pred = torch.from_numpy(self._ort(mel.numpy(), state.constants))
             else:
                 pred = self._decoder(mel.to(self.device, self._dtype), *state.constants)
-            pred = (pred.float() * 255.0).permute(0, 2, 3, 1).cpu().numpy()
+            return (pred.float() * 255.0).permute(0, 2, 3, 1).cpu().numpy()
+
+        pred = self._thread.run(decode)
         if not self.rows_from:
             return np.ascontiguousarray(pred)
         full = np.empty((len(pred), FACE_SIZE, FACE_SIZE, 3), np.float32)
@@ -485,25 +521,30 @@ class Wav2LipEngine:
             if padded > count:
                 faces_t = torch.cat([faces_t, faces_t[-1:].expand(padded - count, -1, -1, -1)])
                 mel = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)])
-        with self._lock, torch.inference_mode():
-            faces_t = faces_t.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
-            pred = self._model(mel.to(self.device, self._dtype), faces_t)[:count].float() * 255.0
+
+        def run() -> np.ndarray:
+            faces = faces_t.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
+            pred = self._model(mel.to(self.device, self._dtype), faces)[:count].float() * 255.0
             return resize_faces_torch(pred, height, width).cpu().numpy()
+
+        return self._thread.run(run)
 
     def _render_cuda(self, mel: torch.Tensor, state: _Wav2LipState, height: int, width: int) -> torch.Tensor:
         """CUDA: decode, resize, round and convert on the GPU: uint8 patches, still on the GPU.
         ``mel``: (b, 1, 80, 16) windows on the GPU in the engine's dtype."""
         count = len(mel)
-        with self._lock, torch.inference_mode():
+
+        def run() -> torch.Tensor:
             if self._graphs is not None:
                 # Pad to a multiple of GRAPH_BUCKET frames: a handful of graphs serve every request length.
                 padded = min(self.batch_size, -(-count // GRAPH_BUCKET) * GRAPH_BUCKET)
-                if padded > count:
-                    mel = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)])
-                pred = self._graphs(mel, state)
+                windows = torch.cat([mel, mel[-1:].expand(padded - count, -1, -1, -1)]) if padded > count else mel
+                pred = self._graphs(windows, state)
             else:
                 pred = self._decoder(mel, *state.constants)
             pred = pred[:count].float() * 255.0
             if self.rows_from:
                 pred = torch.cat([state.top.expand(count, -1, -1, -1), pred], dim=2)
             return resize_faces_torch(pred, height, width)
+
+        return self._thread.run(run)
