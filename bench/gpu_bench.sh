@@ -102,5 +102,5 @@ for f in "$OUT"/torch-profile-*.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|Self CUDA time total" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
 for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
-  [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once" "$f" | sed "s|^|$(basename "$f" .txt): |"
+  [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once|CPU per" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
