@@ -13,8 +13,8 @@ exists; else the first checkpoint found (by name); else ``builtin``. ``ENGINE=bu
 loads no checkpoint at all (``builtin`` is then the only model); ``ENGINE=wav2lip`` needs at
 least one.
 
-Every model is built once and shared by all requests; each Wav2Lip engine guards its own
-device calls with its own lock, so two models may run at once, each still serialised.
+Every model is built once and shared by all requests; each Wav2Lip engine runs its device
+calls on its own thread, one at a time, so two models may run at once, each still serialised.
 """
 
 from __future__ import annotations
