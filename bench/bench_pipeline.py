@@ -210,8 +210,8 @@ def main() -> int:
               f"per-request server time median {statistics.median(concurrent['totals']):.0f} ms")
         own, ffmpeg = statistics.median(concurrent["cpu_own"]), statistics.median(concurrent["cpu_ffmpeg"])
         pools = statistics.median(concurrent["cpu_pools"])
-        print(f"  CPU per round (median): service process {own:.2f} CPU-s (its lasting thread pools: torch, BLAS, "
-              f"CUDA {pools:.2f}), its ffmpegs {ffmpeg:.2f} CPU-s -> {(own + ffmpeg) / wall:.1f} of "
+        print(f"  CPU per round (median): service process {own:.2f} CPU-s (its lasting native thread pools: torch, "
+              f"OpenCV, BLAS, CUDA {pools:.2f}), its ffmpegs {ffmpeg:.2f} CPU-s -> {(own + ffmpeg) / wall:.1f} of "
               f"{os.cpu_count()} cores busy on average")
         last = concurrent["busiest_pools"][-1]
         if last:
@@ -428,7 +428,8 @@ def _cpu_seconds() -> tuple[float, float]:
 def _lasting_threads_cpu() -> dict[int, tuple[str, float]]:
     """Thread id -> (name, CPU seconds used so far) of this process's threads but the main one
     that are alive now (Linux; empty elsewhere). Between rounds those are the native pools that
-    outlive requests: torch's and BLAS's worker threads, CUDA's; the requests' own have ended."""
+    outlive requests: torch's, OpenCV's and BLAS's worker threads, CUDA's; the requests' own
+    threads have ended. (A BLAS pool busy here while the requests do no BLAS work is spinning.)"""
     main = threading.main_thread().native_id
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     threads = {}
