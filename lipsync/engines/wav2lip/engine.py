@@ -394,6 +394,7 @@ class Wav2LipEngine:
         first sentences) must not wait for."""
         buckets = -(-self.batch_size // GRAPH_BUCKET)
         sizes = sorted({min(self.batch_size, k * GRAPH_BUCKET) for k in range(1, buckets + 1)})
+
         def capture() -> None:
             for size in sizes:
                 self._graphs(torch.zeros(size, 1, 80, 16, device=self.device, dtype=self._dtype), state)
