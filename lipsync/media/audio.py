@@ -171,7 +171,7 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
     spectrum = np.abs(np.fft.rfft(frames * _hann_window(), axis=1))  # (n_frames, 401)
     # mel_filters() @ spectrum.T, each filter over its own bins only, without BLAS: a dense
     # product woke BLAS's 16 threads per request, which then spun for tens of milliseconds and
-    # took 2.5 of the 6.6 CPU-s of four requests at once on a 16-core GPU machine (docs/PERFORMANCE.md,
+    # took 2.3-2.8 of the 6.2-6.9 CPU-s of four requests at once on a 16-core GPU machine (docs/PERFORMANCE.md,
     # "Issue 14, seventh round"). The zeros it skips add nothing: the same sums within 1e-16.
     mel = np.empty((N_MELS, len(spectrum)))
     for row, (start, stop, weights) in zip(mel, _mel_bands()):

@@ -98,8 +98,8 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     """``proc.wait(timeout)`` that returns as ``proc`` exits; raises ``subprocess.TimeoutExpired``.
 
     ``Popen.wait`` with a timeout checks in sleeps that double up to 50 ms, so it sees an exit
-    up to 50 ms late: a join that ended after 20 ms was seen after 32 on average, on the critical
-    path of every request (docs/PERFORMANCE.md, "Issue 14, seventh round"). A pidfd (Linux 5.3+)
+    up to 50 ms late, on the critical path of every request (four requests at once on an H100
+    waited 32 ms for each join; docs/PERFORMANCE.md, "Issue 14, seventh round"). A pidfd (Linux 5.3+)
     becomes readable at the exit itself; elsewhere this is ``proc.wait(timeout)``."""
     if proc.returncode is not None:
         return proc.returncode
