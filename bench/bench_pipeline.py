@@ -465,7 +465,7 @@ def _concurrent(service, args, recording: bytes | None, tmp: str) -> dict:
     lasting native thread pools used."""
     walls, totals, cpu_own, cpu_ffmpeg, cpu_pools, busiest_pools = [], [], [], [], [], []
     for round_ in range(args.runs + 1):
-        paths = [os.path.join(tmp, f"c{round_}-{i}.mp4") for i in range(args.concurrency)]
+        paths = _paths(os.path.join(tmp, f"c{round_}.mp4"), args.concurrency)
         own0, children0 = _cpu_seconds()
         pools0 = _lasting_threads_cpu()
         wall, results = _at_once(service, args, recording, paths)
