@@ -382,6 +382,8 @@ class LipsyncService:
                 samples = pad_to_frames(speech.samples, fps, rate)
                 segments.append((writer.audio_samples / rate, (writer.audio_samples + len(samples)) / rate))
                 writer.write_audio(samples)
+                if index == pieces.count - 1:  # the last piece (a skipped empty one: the writer's exit ends it)
+                    writer.end_audio()  # the sound can be finished while the frames are made
                 wanted = int(len(samples) * fps // rate)
                 if footage is not None:
                     seconds = self._render_video_piece(

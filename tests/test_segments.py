@@ -54,9 +54,13 @@ def encoder(request) -> str:
     return request.param
 
 
-def _write(path, n: int, fps=25, workers: int = 3, **options) -> None:
+def _write(path, n: int, fps=25, workers: int = 3, end_audio: bool = False, **options) -> None:
+    """``n`` numbered frames and as much silence; ``end_audio``: the speech ended before the frames
+    (as the service does after its last piece), else by the writer's exit."""
     with SegmentedMp4Writer(str(path), W, H, fps, workers=workers, **options) as writer:
         writer.write_audio(np.zeros(int(round(n * audio.SAMPLE_RATE / fps)), np.float32))
+        if end_audio:
+            writer.end_audio()
         for i in range(n):
             writer.write(_frame(i))
 
@@ -82,6 +86,27 @@ def test_segments_join_into_exactly_the_frames_written(tmp_path, n, encoder):
     assert abs(info["audio_duration"] - n / 25) <= 1 / 25
     assert moov_before_mdat(out)
     assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+@pytest.mark.parametrize("n", [2, 137])
+def test_speech_ended_before_the_frames_gives_the_same_mp4(tmp_path, n, encoder):
+    """The join started early (once the speech is encoded) makes the very file the join started
+    after the last frame makes."""
+    _write(tmp_path / "early.mp4", n, encoder=encoder, end_audio=True)
+    _write(tmp_path / "late.mp4", n, encoder=encoder)
+    assert (tmp_path / "early.mp4").read_bytes() == (tmp_path / "late.mp4").read_bytes()
+    assert [_number(f) for f in decoded_frames(tmp_path / "early.mp4")] == list(range(n))
+    assert sorted(os.listdir(tmp_path)) == ["early.mp4", "late.mp4"]
+
+
+def test_speech_after_its_end_is_an_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="end_audio"):
+        with SegmentedMp4Writer(str(tmp_path / "out.mp4"), W, H, 25, workers=2) as writer:
+            writer.write_audio(np.zeros(16000, np.float32))
+            writer.end_audio()
+            writer.write(_frame(0))
+            writer.write_audio(np.zeros(16000, np.float32))
+    assert os.listdir(tmp_path) == []
 
 
 def test_segments_keep_a_fractional_frame_rate(tmp_path, encoder):
@@ -184,15 +209,23 @@ def test_a_plan_left_unfinished_is_an_error_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("end_audio", [False, True])
 @pytest.mark.parametrize("written", [0, 3, 60])
-def test_a_failed_render_leaves_nothing(tmp_path, written):
+def test_a_failed_render_leaves_nothing(tmp_path, written, end_audio):
+    """Before or after the speech ended (the join's ffmpeg started, waiting for segments): every
+    ffmpeg ends, no file is left."""
     with pytest.raises(RuntimeError):
         with SegmentedMp4Writer(str(tmp_path / "out.mp4"), W, H, 25, workers=2) as writer:
             writer.write_audio(np.zeros(16000, np.float32))
+            if end_audio:
+                writer.end_audio()
+                writer._joiner.join(30)  # the speech encoded, the join's ffmpeg waiting on its stdin
+                assert writer._join.poll() is None
             for i in range(written):
                 writer.write(_frame(i))
             raise RuntimeError("engine crashed")
     assert os.listdir(tmp_path) == []
+    assert all(proc.poll() is not None for proc in [*writer._procs, writer._audio_proc])
 
 
 def test_an_ffmpeg_failure_is_a_media_error_and_leaves_nothing(tmp_path):

@@ -4,12 +4,16 @@ One x264 stream uses many cores only through frame threads, which wait on one an
 (each frame's motion search needs the rows above it in the frame before). Here the frames are
 cut into segments, each starting with a keyframe and encoded by its own ffmpeg (up to
 ``workers`` at once) into MPEG-TS, whose packets carry their own timestamps (the segment's
-start is its offset); the segments' bytes are read as one stream (ffmpeg's ``concat:``
-protocol) and copied into the MP4 with the speech (``-c copy``): one valid MP4, no frame added
+start is its offset); the segments' bytes are piped in time order as one stream into the join's
+ffmpeg and copied into the MP4 with the speech (``-c copy``): one valid MP4, no frame added
 or dropped at a join (tests/test_segments.py decodes every frame). The MP4 concat demuxer did
 the same join at 15 ms a segment (it probes each file: 0.32 s for 40 s at 1084x1246 on the
 H200's Xeon), the TS join takes one probe. The speech is encoded to AAC by one more ffmpeg from
-the first piece on, so the join only copies.
+the first piece on, so the join only copies. Once the speech has ended (``end_audio``: the service
+calls it after the last piece, the writer's exit at the latest) and its AAC is written, the join's
+ffmpeg is started, waiting for the segments on its stdin: after the last frame only the segments'
+bytes are piped to it, not a process started (its exec and set-up: 10-15 ms of CPU on this 2-core
+VM, on the critical path of every request).
 
 How the frames are cut: ``frame_order(count)`` plans the next ``count`` frames. Given at least
 two keyframe intervals, it cuts them into as many equal segments as encode at once and asks for
@@ -112,6 +116,8 @@ class SegmentedMp4Writer(FrameInput):
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="mp4-segment")
         self._audio_path = os.path.join(self._work, "audio.m4a")
         self._audio = InputPipe("mp4-audio")
+        self._joiner: threading.Thread | None = None  # starts the join once the speech is encoded
+        self._join: subprocess.Popen | None = None
         try:
             self._audio_proc = self._start([
                 "-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", self._audio.url, *AUDIO_OPTIONS,
@@ -169,6 +175,38 @@ class SegmentedMp4Writer(FrameInput):
 
     def _put_audio(self, pcm: bytes) -> None:
         self._audio.put(pcm)
+
+    def _end_audio(self) -> None:
+        self._audio.end()
+        self._joiner = threading.Thread(target=self._start_join, name="mp4-join", daemon=True)
+        self._joiner.start()
+
+    def _start_join(self) -> None:
+        """Wait for the speech's AAC, then start the join's ffmpeg: it reads the segments' MPEG-TS
+        on its stdin (``_finish`` pipes them) and copies them with the speech into the MP4 (the
+        joiner thread)."""
+        try:
+            code = wait_exit(self._audio_proc, self.timeout)
+        except subprocess.TimeoutExpired:
+            self._error = self._error or f"ffmpeg did not finish within {self.timeout:.0f} s"
+            return
+        if self._stopping.is_set():
+            return  # aborted: _abort killed the speech encoder
+        if code != 0:
+            self._fail(self._audio_proc, "ffmpeg failed to encode the speech")
+            return
+        try:
+            # Probing the stream no further than its first packet (the codec's parameters are in
+            # it): 40-50 ms less for 40 s at 1084x1246.
+            self._join = self._start([
+                "-probesize", "32", "-analyzeduration", "0", "-f", "mpegts", "-i", "pipe:0",
+                "-i", os.path.basename(self._audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
+                # TS packets carry no duration: each frame's (the last one's too) in 1/90 kHz
+                "-bsf:v", f"setts=pts=PTS:dts=DTS:duration={round(90000 / self.fps)}",
+                "-movflags", "+faststart", "-f", "mp4", "final.mp4"], cwd=self._work)
+            grow_pipe(self._join.stdin)
+        except MediaError as exc:  # no ffmpeg to start
+            self._error = self._error or exc.message
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -268,38 +306,31 @@ class SegmentedMp4Writer(FrameInput):
 
     def _finish(self) -> None:
         self._check_plan_done()
+        self.end_audio()  # the speech is complete: the join starts while the last frames encode
         if self._current is not None:
             self._put_held(self._current)
             self._current.frames.put(None)
         deadline = time.monotonic() + self.timeout
-        for segment in self._segments:
-            try:
-                segment.future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
-        self._check()
-        self._audio.end()
-        self._audio.wait(timeout=max(0.0, deadline - time.monotonic()))
-        try:
-            code = wait_exit(self._audio_proc, max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        self._joiner.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._joiner.is_alive():
             self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
-        if code != 0:
-            self._fail(self._audio_proc, "ffmpeg failed to encode the speech")
         self._check()
         if not self._segments:
             self._raise("no video frames were written")
-        # The segments' bytes as one MPEG-TS stream (file names of our own: no '|' in them).
-        joined = os.path.join(self._work, "final.mp4")
-        stream = "concat:" + "|".join(os.path.basename(s.path) for s in self._segments)
-        # Probing the stream no further than its first packet (the codec's parameters are in
-        # it): 40-50 ms less for 40 s at 1084x1246.
-        join = self._start(["-probesize", "32", "-analyzeduration", "0", "-f", "mpegts", "-i", stream,
-                            "-i", os.path.basename(self._audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
-                            # TS packets carry no duration: each frame's (the last one's too) in 1/90 kHz
-                            "-bsf:v", f"setts=pts=PTS:dts=DTS:duration={round(90000 / self.fps)}",
-                            "-movflags", "+faststart", "-f", "mp4", os.path.basename(joined)],
-                           stdin=subprocess.DEVNULL, cwd=self._work)
+        # The segments' bytes in time order as one MPEG-TS stream, each as soon as it is encoded.
+        join = self._join
+        try:
+            for segment in self._segments:
+                try:
+                    segment.future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
+                self._check()
+                with open(segment.path, "rb") as ts:
+                    join.stdin.write(ts.read())
+            join.stdin.close()
+        except OSError:  # the join went away (BrokenPipeError): its exit status and stderr say why
+            pass
         try:
             code = wait_exit(join, max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -308,7 +339,7 @@ class SegmentedMp4Writer(FrameInput):
             self._fail(join, "ffmpeg failed to join the video")
             self._check()
         self._pool.shutdown()
-        os.replace(joined, self.path)
+        os.replace(os.path.join(self._work, "final.mp4"), self.path)
 
     # -- processes and failures ------------------------------------------------------
 
@@ -353,11 +384,20 @@ class SegmentedMp4Writer(FrameInput):
     def _abort(self) -> None:
         """Kill every ffmpeg, let the pool threads drain and end, remove the working folder."""
         self._stopping.set()
+        if self._audio_proc.poll() is None:
+            self._audio_proc.kill()
+        if self._joiner is not None:  # it sees the speech encoder's exit and _stopping: no join after this
+            self._joiner.join()
         with self._procs_lock:
             procs = list(self._procs)
-        for proc in [*procs, self._audio_proc]:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+        if self._join is not None:
+            try:
+                self._join.stdin.close()
+            except OSError:
+                pass
         for segment in self._segments:
             segment.frames.put(None)
         self._audio.end()

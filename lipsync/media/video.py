@@ -220,8 +220,9 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 class FrameInput:
-    """What the MP4 writers take: ``write_audio``, ``write`` (BGR), ``write_i420``, counted in
-    ``frames``/``audio_samples``; the writer gives ``size``, ``_yuv``, ``_put`` and ``_put_audio``."""
+    """What the MP4 writers take: ``write_audio``, ``end_audio``, ``write`` (BGR), ``write_i420``,
+    counted in ``frames``/``audio_samples``; the writer gives ``size``, ``_yuv``, ``_put``,
+    ``_put_audio`` and ``_end_audio``."""
 
     _yuv = True
 
@@ -234,6 +235,7 @@ class FrameInput:
         self.encode_seconds = 0.0
         self.frames = 0
         self.audio_samples = 0
+        self.audio_ended = False
 
     def frame_order(self, count: int) -> np.ndarray:
         """The order to write the next ``count`` frames in: (count,) offsets from the next frame.
@@ -243,8 +245,17 @@ class FrameInput:
 
     def write_audio(self, samples: np.ndarray) -> None:
         """Append speech: (n,) float32 in [-1, 1] at ``sample_rate``. Never blocks."""
+        if self.audio_ended:
+            raise ValueError("the speech was ended (end_audio) before more was written")
         self.audio_samples += len(samples)
         self._put_audio((np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+
+    def end_audio(self) -> None:
+        """No more speech will come (the writer's exit implies it): a writer may finish the sound
+        while frames are still being written. Never blocks; again is a no-op."""
+        if not self.audio_ended:
+            self.audio_ended = True
+            self._end_audio()
 
     def write(self, frame: np.ndarray) -> None:
         """Append one (H, W, 3) uint8 BGR frame (copied: the caller may reuse its buffer at once)."""
@@ -270,6 +281,9 @@ class FrameInput:
         raise NotImplementedError
 
     def _put_audio(self, pcm: bytes) -> None:  # pragma: no cover - each writer has its own
+        raise NotImplementedError
+
+    def _end_audio(self) -> None:  # pragma: no cover - each writer has its own
         raise NotImplementedError
 
 
@@ -341,6 +355,9 @@ class Mp4Writer(FrameInput):
     def _put_audio(self, pcm: bytes) -> None:
         self._audio.put(pcm)
 
+    def _end_audio(self) -> None:
+        self._audio.end()
+
     def _put(self, data: np.ndarray) -> None:
         start = time.perf_counter()
         if self._video_error is not None:
@@ -369,7 +386,7 @@ class Mp4Writer(FrameInput):
             self._abort()
             return
         start = time.perf_counter()
-        self._audio.end()
+        self.end_audio()
         deadline = time.monotonic() + self.timeout
         while self._video_thread.is_alive():
             try:
