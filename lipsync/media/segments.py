@@ -319,17 +319,21 @@ class SegmentedMp4Writer(FrameInput):
             self._raise("no video frames were written")
         # The segments' bytes in time order as one MPEG-TS stream, each as soon as it is encoded.
         join = self._join
+        for segment in self._segments:
+            try:
+                segment.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
+            self._check()
+            with open(segment.path, "rb") as ts:
+                data = ts.read()
+            try:
+                join.stdin.write(data)
+            except OSError:  # the join went away (BrokenPipeError): its exit status and stderr say why
+                break
         try:
-            for segment in self._segments:
-                try:
-                    segment.future.result(timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
-                self._check()
-                with open(segment.path, "rb") as ts:
-                    join.stdin.write(ts.read())
             join.stdin.close()
-        except OSError:  # the join went away (BrokenPipeError): its exit status and stderr say why
+        except OSError:
             pass
         try:
             code = wait_exit(join, max(1.0, deadline - time.monotonic()))
