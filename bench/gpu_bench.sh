@@ -4,6 +4,7 @@
 #
 #     bash bench/gpu_bench.sh [quick]
 #     STEPS="tests builtin-40s-1246 profile" bash bench/gpu_bench.sh   # only these parts (names below)
+#     STEPS="w2l-10s-720-x4 x4-variants" bash bench/gpu_bench.sh       # the 4-at-once row and its levers
 #
 # Needs, next to the code (both ignored by git, see docs/PERFORMANCE.md "Repeating the GPU benchmark"):
 #   .benchdata/avatar.jpg, .benchdata/kennedy_speech_16k.wav   the shared fixtures (or LIPSYNC_FIXTURES=DIR)
@@ -87,6 +88,24 @@ row builtin-40s-1246 --engine builtin --seconds 40.7 --max-height 1246
 row w2l-10s-720-x4 --engine wav2lip --seconds 10 --max-height 720 --concurrency 4
 row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 
+# The 4-at-once row's levers, after: fewer segment encoders per request, openh264 with CAVLC (a copy
+# of this tree with only the entropy coder changed), and the round's timeline.
+if want x4-variants; then
+  x4="$common --engine wav2lip --seconds 10 --max-height 720 --concurrency 4"
+  rm -rf /tmp/cavlc-tree && mkdir -p /tmp/cavlc-tree && cp -r lipsync /tmp/cavlc-tree/ &&
+    sed -i 's/"-coder", "cabac"/"-coder", "cavlc"/' /tmp/cavlc-tree/lipsync/media/video.py
+  for variant in workers4 workers3 cavlc; do
+    echo "== 2b. 4 requests at once, after, $variant =="
+    case $variant in
+      workers*) run="env ENCODE_WORKERS=${variant#workers} python3 bench/bench_pipeline.py $x4" ;;
+      cavlc) run="python3 bench/bench_pipeline.py $x4 --tree /tmp/cavlc-tree" ;;
+    esac
+    $run --label "x4 $variant" 2>&1 | grep -v -i warning | tee "$OUT/x4-$variant.txt"
+  done
+  echo "== 2c. when each stage of 4 requests at once runs (after) =="
+  python3 bench/bench_pipeline.py $x4 --runs 1 --timeline 2>&1 | grep -v -i warning | tee "$OUT/x4-timeline.txt"
+fi
+
 want timeline && echo "== 3. when each stage of one request runs (40.7 s, 1084x1246, Wav2Lip, after) ==" &&
 python3 bench/bench_pipeline.py $common --engine wav2lip --seconds 40.7 --max-height 1246 --runs 1 --timeline 2>&1 \
   | grep -v -i warning | tee "$OUT/timeline.txt"
@@ -101,6 +120,6 @@ cat "$OUT/machine.txt" "$OUT/test_gpu_frames.txt" "$OUT/ops.txt" "$OUT/frames.tx
 for f in "$OUT"/torch-profile-*.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|Self CUDA time total" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
-for f in "$OUT"/*-before.txt "$OUT"/*-after.txt; do
+for f in "$OUT"/*-before.txt "$OUT"/*-after.txt "$OUT"/x4-*.txt; do
   [ -f "$f" ] && grep -h -E "^engine:|  total|lipsync|composite|  encode|first_frame|at once|CPU per" "$f" | sed "s|^|$(basename "$f" .txt): |"
 done
