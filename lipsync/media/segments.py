@@ -115,6 +115,7 @@ class SegmentedMp4Writer(FrameInput):
         self._work = tempfile.mkdtemp(prefix=".encode-", dir=os.path.dirname(os.path.abspath(path)))
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="mp4-segment")
         self._audio_path = os.path.join(self._work, "audio.m4a")
+        self._joined_path = os.path.join(self._work, "final.mp4")
         self._audio = InputPipe("mp4-audio")
         self._joiner: threading.Thread | None = None  # starts the join once the speech is encoded
         self._join: subprocess.Popen | None = None
@@ -188,7 +189,7 @@ class SegmentedMp4Writer(FrameInput):
         try:
             code = wait_exit(self._audio_proc, self.timeout)
         except subprocess.TimeoutExpired:
-            self._error = self._error or f"ffmpeg did not finish within {self.timeout:.0f} s"
+            self._error = self._error or self._too_slow()
             return
         if self._stopping.is_set():
             return  # aborted: _abort killed the speech encoder
@@ -203,7 +204,7 @@ class SegmentedMp4Writer(FrameInput):
                 "-i", os.path.basename(self._audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c", "copy",
                 # TS packets carry no duration: each frame's (the last one's too) in 1/90 kHz
                 "-bsf:v", f"setts=pts=PTS:dts=DTS:duration={round(90000 / self.fps)}",
-                "-movflags", "+faststart", "-f", "mp4", "final.mp4"], cwd=self._work)
+                "-movflags", "+faststart", "-f", "mp4", os.path.basename(self._joined_path)], cwd=self._work)
             grow_pipe(self._join.stdin)
         except MediaError as exc:  # no ffmpeg to start
             self._error = self._error or exc.message
@@ -313,7 +314,7 @@ class SegmentedMp4Writer(FrameInput):
         deadline = time.monotonic() + self.timeout
         self._joiner.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._joiner.is_alive():
-            self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
+            self._raise(self._too_slow())
         self._check()
         if not self._segments:
             self._raise("no video frames were written")
@@ -323,7 +324,7 @@ class SegmentedMp4Writer(FrameInput):
             try:
                 segment.future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
+                self._raise(self._too_slow())
             self._check()
             with open(segment.path, "rb") as ts:
                 data = ts.read()
@@ -338,12 +339,12 @@ class SegmentedMp4Writer(FrameInput):
         try:
             code = wait_exit(join, max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self._raise(f"ffmpeg did not finish within {self.timeout:.0f} s")
+            self._raise(self._too_slow())
         if code != 0:
             self._fail(join, "ffmpeg failed to join the video")
             self._check()
         self._pool.shutdown()
-        os.replace(os.path.join(self._work, "final.mp4"), self.path)
+        os.replace(self._joined_path, self.path)
 
     # -- processes and failures ------------------------------------------------------
 
@@ -384,6 +385,9 @@ class SegmentedMp4Writer(FrameInput):
 
     def _raise(self, message: str) -> None:
         raise MediaError(message)
+
+    def _too_slow(self) -> str:
+        return f"ffmpeg did not finish within {self.timeout:.0f} s"
 
     def _abort(self) -> None:
         """Kill every ffmpeg, let the pool threads drain and end, remove the working folder."""
