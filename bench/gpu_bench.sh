@@ -92,9 +92,13 @@ row w2l-10s-720-stream --engine wav2lip --seconds 10 --max-height 720 --stream
 # of this tree with only the entropy coder changed), and the round's timeline.
 if want x4-variants; then
   x4="$common --engine wav2lip --seconds 10 --max-height 720 --concurrency 4"
+  variants="workers4 workers3 cavlc"
   rm -rf /tmp/cavlc-tree && mkdir -p /tmp/cavlc-tree && cp -r lipsync /tmp/cavlc-tree/ &&
-    sed -i 's/"-coder", "cabac"/"-coder", "cavlc"/' /tmp/cavlc-tree/lipsync/media/video.py
-  for variant in workers4 workers3 cavlc; do
+    sed -i 's/"-coder", "cabac"/"-coder", "cavlc"/' /tmp/cavlc-tree/lipsync/media/video.py &&
+    grep -q '"-coder", "cavlc"' /tmp/cavlc-tree/lipsync/media/video.py ||
+    { echo "x4-variants: no CAVLC copy made (h264_options changed?): that variant is skipped" >&2
+      variants="workers4 workers3"; }
+  for variant in $variants; do
     echo "== 2b. 4 requests at once, after, $variant =="
     case $variant in
       workers*) run="env ENCODE_WORKERS=${variant#workers} python3 bench/bench_pipeline.py $x4" ;;
